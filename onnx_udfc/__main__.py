@@ -1,0 +1,3 @@
+from onnx_udfc.cli import main
+
+raise SystemExit(main())

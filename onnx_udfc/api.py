@@ -1,0 +1,189 @@
+"""The public Python API: ``compress`` and the composable passes it is made of.
+
+Example::
+
+    from onnx_udfc import api
+    model, report = api.compress("models/digits_cnn_bn.onnx", prune=0.3)
+    api.save(model, "digits_pruned.onnx")
+
+    # or step by step
+    model = api.load("models/digits_cnn_bn.onnx")
+    api.normalize(model)
+    analysis = api.analyse(model)
+    plan = api.plan(analysis, ratio=0.5, criterion="l2")
+    api.prune(analysis, plan)
+    api.check(model)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_udfc import io as _io
+from onnx_udfc import normalize as _normalize
+from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
+from onnx_udfc.graph import analyse as _analyse
+from onnx_udfc.metrics import count_params, layer_stats
+from onnx_udfc.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.report import Report, build_report
+from onnx_udfc.rewrite import apply_removal
+
+load = _io.load_model
+save = _io.save_model
+check = _io.check_model
+fold_batchnorm = _normalize.fold_batchnorm
+
+
+def normalize(model: onnx.ModelProto) -> dict[str, int]:
+    """Constants and Identity-aliased weights become initializers; shape arithmetic is folded.
+
+    >>> counts = normalize(model)   # {'constants': 40, 'identities': 0, 'folded': 40, ...}
+    """
+    return _normalize.normalize(model)
+
+
+@dataclass
+class Analysis:
+    """The channel analysis of a model with its groups."""
+
+    channels: ChannelAnalysis
+    groups: list[ChannelGroup]
+    shapes: dict
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.channels.model
+
+
+def analyse(model: onnx.ModelProto,
+            input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+    """Channel groups of a normalised model.
+
+    >>> a = analyse(model)
+    >>> [(g.size, g.prunable, g.coupled) for g in a.groups][:2]
+    """
+    shapes = _io.infer_shapes(model, input_shapes)
+    channels = _analyse(model, shapes)
+    return Analysis(channels, channels.groups(), shapes)
+
+
+def plan(analysis: Analysis, ratio: float = 0.0, **options) -> PrunePlan:
+    """Choose the channels to remove: ``ratio`` per group, plus :class:`PruneConfig` options
+    (``criterion``, ``exclude``, ``prune_coupled``, ``round_to``, ``group_ratios``).
+
+    >>> p = plan(a, 0.5, criterion="l2", exclude=[r"layer3"])
+    """
+    return make_plan(analysis.channels, analysis.groups, PruneConfig(ratio=ratio, **options))
+
+
+def prune(analysis: Analysis, pruning: PrunePlan) -> None:
+    """Physically remove the planned channels from the model (in place).
+
+    >>> prune(a, p); check(a.model)
+    """
+    apply_removal(analysis.channels, pruning.removed)
+
+
+@dataclass
+class CompressOptions:
+    prune: float = 0.0
+    criterion: str = "l1"
+    exclude: list[str] = field(default_factory=list)
+    prune_coupled: bool = False
+    round_to: int = 1
+    fold_bn: bool = False
+    input_shapes: dict[str, list[int]] | None = None
+
+
+def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
+             exclude: Sequence[str] = (), prune_coupled: bool = False, round_to: int = 1,
+             fold_bn: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
+             progress: Callable[[str], None] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
+    """Load, analyse, plan, prune and check; returns the compressed model and its report.
+
+    A ``ModelProto`` argument is copied, never modified. Raises :class:`UdfcError` on bad
+    input before anything is changed.
+
+    >>> model, report = compress("models/digits_cnn_bn.onnx", prune=0.3)
+    >>> report.params_after < report.params_before
+    True
+    """
+    options = CompressOptions(prune, criterion, list(exclude), prune_coupled, round_to, fold_bn,
+                              dict(input_shapes) if input_shapes else None)
+    PruneConfig(ratio=prune, criterion=criterion, exclude=list(exclude),
+                round_to=round_to).validate()
+    step = progress or (lambda _name: None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    step("load")
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    m = _io.load_model(model)
+    size_before = m.ByteSize()
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("analyse")
+    _normalize.normalize(m)
+    bn_stats = _normalize.fold_batchnorm(m) if fold_bn else {}
+    analysis = analyse(m, options.input_shapes)
+    layers_before = layer_stats(m, analysis.shapes)
+    params_before = count_params(m)
+    timings["analyse"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("plan")
+    pruning = plan(analysis, prune, criterion=criterion, exclude=list(exclude),
+                   prune_coupled=prune_coupled, round_to=round_to)
+    energy = removed_energy(analysis.channels, pruning.removed)
+    timings["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("rewrite")
+    apply_removal(analysis.channels, pruning.removed)
+    timings["rewrite"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("check")
+    _io.check_model(m)
+    timings["check"] = time.perf_counter() - t
+
+    report = build_report(
+        options=options, analysis=analysis, plan=pruning, layers_before=layers_before,
+        layers_after=layer_stats(m, analysis.shapes), params_before=params_before,
+        params_after=count_params(m), size_before=size_before, size_after=m.ByteSize(),
+        predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings)
+    return m, report
+
+
+def removed_energy(channels: ChannelAnalysis, removed: np.ndarray) -> dict[str, float]:
+    """Per producer: the share of its filters' squared l2 norm that pruning removes.
+
+    With plain pruning (no compensation) this is the predicted relative reconstruction error of
+    the layer's pre-activation output for white inputs.
+    """
+    root = channels.roots()
+    out = {}
+    for p in channels.producers:
+        total = float((p.l2 ** 2).sum())
+        gone = removed[root[p.slots]]
+        out[p.node.name or p.tensor] = float((p.l2[gone] ** 2).sum()) / total if total else 0.0
+    return out
+
+
+def save_compressed(model: onnx.ModelProto, path: str | os.PathLike, *,
+                    source: str | os.PathLike | None = None,
+                    external_data: bool | None = None) -> int:
+    """Save atomically and return the size on disk in bytes (model plus external data)."""
+    out = _io.save_model(model, path, source=source, external_data=external_data)
+    data = out.with_name(out.name + ".data")
+    return out.stat().st_size + (data.stat().st_size if data.exists() and external_data else 0)

@@ -1,0 +1,183 @@
+"""Command line: ``onnx-udfc inspect | compress | verify``.
+
+Errors print one line to stderr and exit with status 2; nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnx_udfc import __version__
+from onnx_udfc.errors import UdfcError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnx-udfc",
+        description="Data-free structured pruning of ONNX models.")
+    p.add_argument("--version", action="version", version=f"onnx-udfc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    common.add_argument("-v", "--verbose", action="store_true", help="print more detail")
+    common.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxD",
+                        help="fix a dynamic input shape, e.g. input:1x3x224x224")
+
+    ins = sub.add_parser("inspect", parents=[common],
+                         help="list channel groups, what is prunable and why not")
+    ins.add_argument("model")
+    ins.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
+
+    c = sub.add_parser("compress", parents=[common], help="prune a model")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--prune", type=float, default=0.0, metavar="R",
+                   help="share of channels to remove from every prunable group, in [0, 1)")
+    c.add_argument("--criterion", choices=["l1", "l2"], default="l1")
+    c.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave nodes whose name matches untouched (repeatable)")
+    c.add_argument("--prune-coupled", action="store_true",
+                   help="also prune channel groups tied by residual connections")
+    c.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="round kept channel counts to a multiple of N")
+    c.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNormalization into the preceding Conv/Gemm")
+    c.add_argument("--report", metavar="FILE.json", help="write the JSON report")
+    c.add_argument("--external-data", action="store_true",
+                   help="store weights in OUTPUT.data (automatic above 2 GiB)")
+    c.add_argument("--no-verify", action="store_true",
+                   help="skip the ONNX Runtime comparison with the original")
+    c.add_argument("--data", metavar="FILE.npz", help="inputs (and labels) for verification")
+    c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+
+    v = sub.add_parser("verify", parents=[common],
+                       help="compare two models' outputs in ONNX Runtime")
+    v.add_argument("original")
+    v.add_argument("compressed")
+    v.add_argument("--data", metavar="FILE.npz",
+                   help="preprocessed inputs named like the model inputs, optional 'labels'")
+    v.add_argument("--batch", type=int, default=8,
+                   help="batch size for generated inputs of dynamic models")
+    v.add_argument("--limit", type=int, help="use at most this many samples from --data")
+    v.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    v.add_argument("--json", metavar="FILE", help="write the comparison as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"inspect": _inspect, "compress": _compress, "verify": _verify}[args.command](args)
+    except UdfcError as exc:
+        print(f"onnx-udfc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnx-udfc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _inspect(args) -> int:
+    from onnx_udfc import api
+    from onnx_udfc.io import parse_input_shapes
+    from onnx_udfc.metrics import count_params, layer_stats, total_macs
+
+    model = api.load(args.model)
+    api.normalize(model)
+    analysis = api.analyse(model, parse_input_shapes(args.input_shape))
+    layers = layer_stats(model, analysis.shapes)
+    groups = [{
+        "id": g.id, "channels": g.size, "prunable": g.prunable, "coupled": g.coupled,
+        "producers": g.producers, "fixed_reasons": g.reasons()} for g in analysis.groups]
+    info = {"params": count_params(model), "macs": total_macs(layers),
+            "flops": 2 * total_macs(layers), "groups": groups,
+            "unsupported": [{"node": n, "reason": r} for n, r in analysis.channels.unsupported],
+            "layers": [layer.to_dict() for layer in layers]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1))
+    if not args.quiet:
+        print(f"{args.model}: {info['params']:,} params, {info['flops']:,} FLOPs per sample, "
+              f"{len(groups)} channel groups")
+        print(f"{'id':>4} {'chan':>6} {'prun':>6} {'coupled':>7}  producers / why fixed")
+        for g in groups:
+            who = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")
+            why = "" if not g["fixed_reasons"] else "  [" + "; ".join(
+                g["fixed_reasons"][: (None if args.verbose else 1)]) + "]"
+            print(f"{g['id']:>4} {g['channels']:>6} {g['prunable']:>6} "
+                  f"{'yes' if g['coupled'] else 'no':>7}  {who or '-'}{why}")
+        for u in info["unsupported"]:
+            print(f"unsupported: {u['node']}: {u['reason']}")
+    return 0
+
+
+def _compress(args) -> int:
+    from onnx_udfc import api
+    from onnx_udfc.io import parse_input_shapes
+    from onnx_udfc.report import Progress
+    from onnx_udfc.verify import verify
+
+    out = Path(args.output)
+    src = Path(args.model)
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise UdfcError(f"{out}: output path is the input model; choose another path")
+    if out.parent and not out.parent.is_dir():
+        raise UdfcError(f"{out}: output directory '{out.parent}' does not exist")
+    stages = ["load", "analyse", "plan", "rewrite", "check", "save"] + \
+        ([] if args.no_verify else ["verify"])
+    progress = Progress(stages, args.quiet)
+    try:
+        model, report = api.compress(
+            args.model, prune=args.prune, criterion=args.criterion, exclude=args.exclude,
+            prune_coupled=args.prune_coupled, round_to=args.round_to, fold_bn=args.fold_bn,
+            input_shapes=parse_input_shapes(args.input_shape), progress=progress)
+        progress("save")
+        t = time.perf_counter()
+        report.size_after = api.save_compressed(model, out, source=args.model,
+                                                external_data=args.external_data or None)
+        report.size_before = src.stat().st_size
+        report.timings["save"] = time.perf_counter() - t
+        del model
+        if not args.no_verify:
+            progress("verify")
+            t = time.perf_counter()
+            result = verify(args.model, out, data=args.data, provider=args.provider)
+            report.fidelity = [f.to_dict() for f in result.fidelity]
+            report.accuracy_before, report.accuracy_after = result.accuracy_before, \
+                result.accuracy_after
+            report.timings["verify"] = time.perf_counter() - t
+    finally:
+        progress.close()
+    if args.report:
+        report.write(args.report)
+    if not args.quiet:
+        print(f"{args.model} -> {out}")
+        print(report.summary())
+    return 0
+
+
+def _verify(args) -> int:
+    from onnx_udfc.io import load_model
+    from onnx_udfc.verify import verify
+
+    for path in (args.original, args.compressed):
+        load_model(path, check_finite=False)
+    result = verify(args.original, args.compressed, data=args.data, batch=args.batch,
+                    provider=args.provider, limit=args.limit)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    if not args.quiet:
+        print(f"{result.samples} samples on {result.provider}")
+        for f in result.fidelity:
+            top1 = "" if f.top1_agreement is None else \
+                f"  top-1 agreement {100 * f.top1_agreement:.2f}%"
+            print(f"{f.output}: max abs {f.max_abs:.4g}  mean abs {f.mean_abs:.4g}  "
+                  f"cosine {f.cosine:.6f}{top1}")
+        if result.accuracy_before is not None:
+            print(f"accuracy {100 * result.accuracy_before:.2f}% -> "
+                  f"{100 * result.accuracy_after:.2f}%")
+    return 0

@@ -1,0 +1,163 @@
+"""The JSON report and the short human summary.
+
+Report schema (all counts per single sample; ``flops = 2 * macs``)::
+
+    tool, version, config                         what was asked
+    params_before / params_after                  floating-point initializer elements
+    macs_before / macs_after, flops_before / flops_after
+    size_before / size_after                      serialized bytes (file size on save)
+    groups: [{id, channels, prunable, coupled, removed, kept, ratio, producers, fixed_reasons}]
+    layers: [{name, op, in_channels_before/after, out_channels_before/after, params_before/after,
+              macs_before/after, bits, predicted_error}]
+    unsupported: [{node, reason}]                 nodes left untouched, and why
+    folded_batchnorm: [producer names]            when --fold-bn was used
+    fidelity, accuracy_before/after               when verification ran
+    timings: {stage: seconds}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from onnx_udfc import __version__
+from onnx_udfc.metrics import LayerStats, total_macs
+
+
+@dataclass
+class Report:
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_before: int
+    size_after: int
+    groups: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    unsupported: list[dict[str, str]]
+    folded_batchnorm: list[str] = field(default_factory=list)
+    fidelity: list[dict[str, Any]] | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_before(self) -> int:
+        return 2 * self.macs_before
+
+    @property
+    def flops_after(self) -> int:
+        return 2 * self.macs_after
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"tool": "onnx-udfc", "version": __version__}
+        d.update(asdict(self))
+        d["flops_before"], d["flops_after"] = self.flops_before, self.flops_after
+        return d
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Atomic JSON write."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+        os.replace(tmp, path)
+
+    def summary(self) -> str:
+        def ratio(a: int, b: int) -> str:
+            return f"{b / a:.3f}x" if a else "n/a"
+
+        pruned = sum(1 for g in self.groups if g["removed"])
+        lines = [
+            f"params  {self.params_before:,} -> {self.params_after:,} "
+            f"({ratio(self.params_before, self.params_after)})",
+            f"FLOPs   {self.flops_before:,} -> {self.flops_after:,} "
+            f"({ratio(self.flops_before, self.flops_after)}) per sample",
+            f"size    {self.size_before / 2**20:.2f} MiB -> {self.size_after / 2**20:.2f} MiB "
+            f"({ratio(self.size_before, self.size_after)})",
+            f"groups  {len(self.groups)} found, {pruned} pruned, "
+            f"{sum(1 for g in self.groups if g['prunable'] == 0)} fully fixed",
+        ]
+        if self.unsupported:
+            lines.append(f"left untouched: {len(self.unsupported)} node(s), e.g. "
+                         f"{self.unsupported[0]['node']} ({self.unsupported[0]['reason']})")
+        for f in self.fidelity or []:
+            top1 = "" if f["top1_agreement"] is None else \
+                f", top-1 agreement {100 * f['top1_agreement']:.1f}%"
+            lines.append(f"fidelity[{f['output']}]: max abs {f['max_abs']:.3g}, mean abs "
+                         f"{f['mean_abs']:.3g}, cosine {f['cosine']:.5f}{top1}")
+        if self.accuracy_before is not None:
+            lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> "
+                         f"{100 * self.accuracy_after:.2f}%")
+        if self.timings:
+            lines.append("time    " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+                         + f" (total {sum(self.timings.values()):.2f}s)")
+        return "\n".join(lines)
+
+
+def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
+                 layers_after: list[LayerStats], params_before: int, params_after: int,
+                 size_before: int, size_after: int, predicted_error: dict[str, float],
+                 folded_bn: list[str], timings: dict[str, float],
+                 bits: dict[str, int] | None = None) -> Report:
+    groups = []
+    for gp in plan.groups:
+        g = gp.group
+        groups.append({
+            "id": g.id, "channels": g.size, "prunable": g.size - len(gp.fixed),
+            "coupled": g.coupled, "removed": len(gp.removed), "kept": gp.kept,
+            "ratio": gp.ratio, "producers": g.producers,
+            "fixed_reasons": _reasons(gp.fixed),
+        })
+    after = {layer.name: layer for layer in layers_after}
+    layers = []
+    for b in layers_before:
+        a = after.get(b.name, b)
+        layers.append({
+            "name": b.name, "op": b.op,
+            "in_channels_before": b.in_channels, "in_channels_after": a.in_channels,
+            "out_channels_before": b.out_channels, "out_channels_after": a.out_channels,
+            "params_before": b.params, "params_after": a.params,
+            "macs_before": b.macs, "macs_after": a.macs,
+            "bits": (bits or {}).get(b.name),
+            "predicted_error": predicted_error.get(b.name),
+        })
+    return Report(
+        config=asdict(options), params_before=params_before, params_after=params_after,
+        macs_before=total_macs(layers_before), macs_after=total_macs(layers_after),
+        size_before=size_before, size_after=size_after, groups=groups, layers=layers,
+        unsupported=[{"node": n, "reason": r} for n, r in analysis.channels.unsupported],
+        folded_batchnorm=folded_bn, timings=timings)
+
+
+def _reasons(fixed: dict[int, str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for r in fixed.values():
+        counts[r] = counts.get(r, 0) + 1
+    return [f"{n}x {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+class Progress:
+    """A one-line progress bar on a TTY (stderr); silent in pipes and with ``quiet``."""
+
+    def __init__(self, stages: list[str], quiet: bool = False) -> None:
+        self.stages = stages
+        self.done = 0
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __call__(self, name: str) -> None:
+        if not self.enabled:
+            return
+        self.done = min(self.done + 1, len(self.stages))
+        width = 24
+        filled = width * self.done // len(self.stages)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {name:<12}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 44 + "\r")
+            sys.stderr.flush()
