@@ -104,12 +104,13 @@ class CompressOptions:
 def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
              exclude: Sequence[str] = (), prune_coupled: bool = False, round_to: int = 1,
              fold_bn: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
-             progress: Callable[[str], None] | None = None
+             progress: Callable[[str], None] | None = None, check: bool = True
              ) -> tuple[onnx.ModelProto, Report]:
     """Load, analyse, plan, prune and check; returns the compressed model and its report.
 
     A ``ModelProto`` argument is copied, never modified. Raises :class:`UdfcError` on bad
-    input before anything is changed.
+    input before anything is changed. ``check=False`` skips the in-memory ``onnx.checker`` run
+    (the CLI checks the written file instead, see :func:`save_compressed`).
 
     >>> model, report = compress("models/digits_cnn_bn.onnx", prune=0.3)
     >>> report.params_after < report.params_before
@@ -128,7 +129,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         copy.CopyFrom(model)
         model = copy
     m = _io.load_model(model)
-    size_before = m.ByteSize()
+    size_before = _io.approx_size(m)
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -150,19 +151,30 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     t = time.perf_counter()
     step("rewrite")
     apply_removal(analysis.channels, pruning.removed)
+    m = _compact(m)
+    analysis.channels.model, analysis.channels.graph = m, m.graph
     timings["rewrite"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    step("check")
-    _io.check_model(m)
-    timings["check"] = time.perf_counter() - t
+    if check:
+        t = time.perf_counter()
+        step("check")
+        _io.check_model(m)
+        timings["check"] = time.perf_counter() - t
 
     report = build_report(
         options=options, analysis=analysis, plan=pruning, layers_before=layers_before,
         layers_after=layer_stats(m, analysis.shapes), params_before=params_before,
-        params_after=count_params(m), size_before=size_before, size_after=m.ByteSize(),
+        params_after=count_params(m), size_before=size_before, size_after=_io.approx_size(m),
         predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings)
     return m, report
+
+
+def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A fresh copy of ``model``: protobuf's arena keeps every replaced weight alive until the
+    message itself dies, so after a rewrite the old message holds old and new weights."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(model)
+    return fresh
 
 
 def removed_energy(channels: ChannelAnalysis, removed: np.ndarray) -> dict[str, float]:
@@ -182,8 +194,9 @@ def removed_energy(channels: ChannelAnalysis, removed: np.ndarray) -> dict[str, 
 
 def save_compressed(model: onnx.ModelProto, path: str | os.PathLike, *,
                     source: str | os.PathLike | None = None,
-                    external_data: bool | None = None) -> int:
-    """Save atomically and return the size on disk in bytes (model plus external data)."""
-    out = _io.save_model(model, path, source=source, external_data=external_data)
+                    external_data: bool | None = None, check: bool = True) -> int:
+    """Save atomically (after the full checker passed on the written file when ``check``) and
+    return the size on disk in bytes (model plus external data)."""
+    out = _io.save_model(model, path, source=source, external_data=external_data, check=check)
     data = out.with_name(out.name + ".data")
     return out.stat().st_size + (data.stat().st_size if data.exists() and external_data else 0)

@@ -224,7 +224,7 @@ class ChannelAnalysis:
                     first = min(fx, first)
         members: dict[int, list[int]] = defaultdict(list)
         seen = set()
-        for name, r in tensor_roots.items():
+        for r in tensor_roots.values():
             for x in r.tolist():
                 if x not in seen:
                     seen.add(x)

@@ -141,12 +141,15 @@ def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               external_data: bool | None = None, source: str | os.PathLike | None = None) -> Path:
+               external_data: bool | None = None, source: str | os.PathLike | None = None,
+               check: bool = False) -> Path:
     """Write atomically: everything goes to a temporary folder beside ``path``, then is moved.
 
     ``external_data=None`` chooses external data only when the model cannot fit in one protobuf
     (2 GiB). The data file is ``<name>.data`` next to the model. ``source`` guards against
-    overwriting the input.
+    overwriting the input. ``check`` runs the full ``onnx.checker`` on the written file before
+    it is moved into place (checking the file rather than the in-memory model keeps peak memory
+    low), so a model that fails the checker never appears at ``path``.
     """
     out = Path(path)
     if source is not None and Path(source).exists() and out.exists() \
@@ -158,7 +161,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     if not parent.is_dir():
         raise UdfcError(f"{out}: output directory '{parent}' does not exist")
     if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
+        external_data = approx_size(model) > PROTOBUF_LIMIT
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".udfc-", dir=parent))
     except OSError as exc:
@@ -175,10 +178,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             from onnx.external_data_helper import load_external_data_for_model
 
             load_external_data_for_model(model, str(tmpdir))
-            os.replace(tmpdir / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as fh:
                 fh.write(model.SerializeToString())
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except Exception as exc:
+                raise UdfcError(f"output model fails onnx.checker: {_first_line(exc)}") \
+                    from None
+        if external_data:
+            os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, out)
     except UdfcError:
         raise
@@ -189,10 +199,25 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     return out
 
 
+def approx_size(model: onnx.ModelProto) -> int:
+    """Serialized size estimate from tensor dims alone.
+
+    ``ModelProto.ByteSize()`` serialises the whole message internally with the upb backend,
+    doubling peak memory on a large model; the weights dominate the size anyway.
+    """
+    total = 0
+    for t in model.graph.initializer:
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize \
+            if t.data_type != onnx.TensorProto.STRING else 16
+        total += numel * itemsize + 64
+    return total + 128 * len(model.graph.node) + 4096
+
+
 def check_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
     """``onnx.checker`` with full check; uses the file when the model is too large for memory."""
     try:
-        if path is not None and model.ByteSize() > PROTOBUF_LIMIT:
+        if path is not None and approx_size(model) > PROTOBUF_LIMIT:
             onnx.checker.check_model(str(path), full_check=True)
         else:
             onnx.checker.check_model(model, full_check=True)
