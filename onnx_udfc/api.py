@@ -29,6 +29,7 @@ from onnx_udfc import io as _io
 from onnx_udfc import normalize as _normalize
 from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
 from onnx_udfc.graph import analyse as _analyse
+from onnx_udfc.methods import MethodConfig, compensate_pruning, quantize_model
 from onnx_udfc.metrics import count_params, layer_stats
 from onnx_udfc.plan import PruneConfig, PrunePlan, make_plan
 from onnx_udfc.report import Report, build_report
@@ -99,14 +100,31 @@ class CompressOptions:
     round_to: int = 1
     fold_bn: bool = False
     input_shapes: dict[str, list[int]] | None = None
+    method: str = "prune"
+    bits: int | None = None
+    quantizer: str = "paper"
+    granularity: str = "tensor"
+    alpha1: float = 0.01
+    alpha2: float = 0.008
+    quant_exclude: list[str] = field(default_factory=list)
 
 
 def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
              exclude: Sequence[str] = (), prune_coupled: bool = False, round_to: int = 1,
              fold_bn: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
-             progress: Callable[[str], None] | None = None, check: bool = True
+             progress: Callable[[str], None] | None = None, check: bool = True,
+             method: str = "prune", bits: int | None = None, quantizer: str = "paper",
+             granularity: str = "tensor", alpha1: float = 0.01, alpha2: float = 0.008,
+             quant_exclude: Sequence[str] = (),
              ) -> tuple[onnx.ModelProto, Report]:
-    """Load, analyse, plan, prune and check; returns the compressed model and its report.
+    """Load, analyse, plan, compensate, prune, quantize and check; returns the compressed model
+    and its report.
+
+    ``method``: ``prune`` (no compensation), ``nm`` (Neuron Merging) or ``udfc`` (the paper:
+    Eq. 20 reconstruction of pruned channels, Eq. 21 scales for quantized ones). ``bits``
+    (2..8) fake-quantizes every weight layer with ``quantizer`` (paper, symmetric,
+    asymmetric) at ``granularity`` (tensor, channel); layers whose name matches ``exclude`` or
+    ``quant_exclude`` stay in float.
 
     A ``ModelProto`` argument is copied, never modified. Raises :class:`UdfcError` on bad
     input before anything is changed. ``check=False`` skips the in-memory ``onnx.checker`` run
@@ -117,9 +135,13 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     True
     """
     options = CompressOptions(prune, criterion, list(exclude), prune_coupled, round_to, fold_bn,
-                              dict(input_shapes) if input_shapes else None)
+                              dict(input_shapes) if input_shapes else None, method, bits,
+                              quantizer, granularity, alpha1, alpha2, list(quant_exclude))
     PruneConfig(ratio=prune, criterion=criterion, exclude=list(exclude),
                 round_to=round_to).validate()
+    method_config = MethodConfig(method, bits, quantizer, granularity, alpha1, alpha2)
+    method_config.validate()
+    PruneConfig(exclude=list(quant_exclude)).validate()
     step = progress or (lambda _name: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -149,11 +171,25 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    step("solve")
+    compensation = compensate_pruning(analysis.channels, pruning.removed, method_config,
+                                      bn_stats)
+    timings["solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     step("rewrite")
     apply_removal(analysis.channels, pruning.removed)
     m = _compact(m)
     analysis.channels.model, analysis.channels.graph = m, m.graph
     timings["rewrite"] = time.perf_counter() - t
+
+    quantization: dict[str, dict] = {}
+    if bits is not None:
+        t = time.perf_counter()
+        step("quantize")
+        quantization = quantize_model(m, method_config, options.input_shapes, bn_stats,
+                                      list(exclude) + list(quant_exclude))
+        timings["quantize"] = time.perf_counter() - t
 
     if check:
         t = time.perf_counter()
@@ -165,7 +201,8 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         options=options, analysis=analysis, plan=pruning, layers_before=layers_before,
         layers_after=layer_stats(m, analysis.shapes), params_before=params_before,
         params_after=count_params(m), size_before=size_before, size_after=_io.approx_size(m),
-        predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings)
+        predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings,
+        compensation=compensation, quantization=quantization)
     return m, report
 
 

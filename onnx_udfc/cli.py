@@ -17,13 +17,13 @@ from onnx_udfc.errors import UdfcError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="onnx-udfc",
-        description="Data-free structured pruning of ONNX models.")
+        description="Data-free structured pruning and quantization of ONNX models.")
     p.add_argument("--version", action="version", version=f"onnx-udfc {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     common.add_argument("-v", "--verbose", action="store_true", help="print more detail")
     common.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxD",
@@ -40,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", type=float, default=0.0, metavar="R",
                    help="share of channels to remove from every prunable group, in [0, 1)")
     c.add_argument("--criterion", choices=["l1", "l2"], default="l1")
+    c.add_argument("--method", choices=["prune", "nm", "udfc"], default="prune",
+                   help="prune: drop channels; nm: Neuron Merging; udfc: closed-form "
+                        "reconstruction of pruned and quantized channels (the paper)")
+    c.add_argument("--bits", type=_bits, metavar="B",
+                   help="fake-quantize every weight layer to B bits (2..8)")
+    c.add_argument("--quantizer", choices=["paper", "symmetric", "asymmetric"],
+                   default="paper", help="paper: Eq. 3 grid without zero (fake-quant only)")
+    c.add_argument("--granularity", choices=["tensor", "channel"], default="tensor")
+    c.add_argument("--alpha1", type=float, default=0.01, help="Eq. 12 bias-term weight")
+    c.add_argument("--alpha2", type=float, default=0.008, help="Eq. 14 bias-term weight")
+    c.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
+                   help="keep layers whose name matches in float (repeatable)")
     c.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="leave nodes whose name matches untouched (repeatable)")
     c.add_argument("--prune-coupled", action="store_true",
@@ -68,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     v.add_argument("--json", metavar="FILE", help="write the comparison as JSON")
     return p
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got '{text}'") \
+            from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit status 2, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"onnx-udfc: error: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,14 +157,18 @@ def _compress(args) -> int:
         raise UdfcError(f"{out}: output path is the input model; choose another path")
     if out.parent and not out.parent.is_dir():
         raise UdfcError(f"{out}: output directory '{out.parent}' does not exist")
-    stages = ["load", "analyse", "plan", "rewrite", "save"] + \
+    stages = ["load", "analyse", "plan", "solve", "rewrite"] + \
+        (["quantize"] if args.bits else []) + ["save"] + \
         ([] if args.no_verify else ["verify"])
     progress = Progress(stages, args.quiet)
     try:
         model, report = api.compress(
             args.model, prune=args.prune, criterion=args.criterion, exclude=args.exclude,
             prune_coupled=args.prune_coupled, round_to=args.round_to, fold_bn=args.fold_bn,
-            input_shapes=parse_input_shapes(args.input_shape), progress=progress, check=False)
+            input_shapes=parse_input_shapes(args.input_shape), progress=progress, check=False,
+            method=args.method, bits=args.bits, quantizer=args.quantizer,
+            granularity=args.granularity, alpha1=args.alpha1, alpha2=args.alpha2,
+            quant_exclude=args.quant_exclude)
         progress("save")
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,

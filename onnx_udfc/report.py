@@ -8,7 +8,13 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     size_before / size_after                      serialized bytes (file size on save)
     groups: [{id, channels, prunable, coupled, removed, kept, ratio, producers, fixed_reasons}]
     layers: [{name, op, in_channels_before/after, out_channels_before/after, params_before/after,
-              macs_before/after, bits, predicted_error}]
+              macs_before/after, bits, predicted_error,
+              compensation: {method, compensated, reason?, stats, absorbers, degenerate} | null,
+              quantization: {bits, quantizer, granularity, quant_error,
+                             scale_compensated, reason?} | null}]
+    predicted_error: for udfc the mean relative Eq. 12 residual of the pruned channels
+                     (0 exact, 1 nothing recovered); otherwise the share of the layer's filter
+                     energy (squared l2) that pruning removes.
     unsupported: [{node, reason}]                 nodes left untouched, and why
     folded_batchnorm: [producer names]            when --fold-bn was used
     fidelity, accuracy_before/after               when verification ran
@@ -102,7 +108,8 @@ def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
                  layers_after: list[LayerStats], params_before: int, params_after: int,
                  size_before: int, size_after: int, predicted_error: dict[str, float],
                  folded_bn: list[str], timings: dict[str, float],
-                 bits: dict[str, int] | None = None) -> Report:
+                 compensation: dict[str, dict] | None = None,
+                 quantization: dict[str, dict] | None = None) -> Report:
     groups = []
     for gp in plan.groups:
         g = gp.group
@@ -113,17 +120,22 @@ def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
             "fixed_reasons": _reasons(gp.fixed),
         })
     after = {layer.name: layer for layer in layers_after}
+    compensation, quantization = compensation or {}, quantization or {}
     layers = []
     for b in layers_before:
         a = after.get(b.name, b)
+        comp, quant = compensation.get(b.name, {}), quantization.get(b.name, {})
+        error = comp.get("predicted_error", predicted_error.get(b.name))
         layers.append({
             "name": b.name, "op": b.op,
             "in_channels_before": b.in_channels, "in_channels_after": a.in_channels,
             "out_channels_before": b.out_channels, "out_channels_after": a.out_channels,
             "params_before": b.params, "params_after": a.params,
             "macs_before": b.macs, "macs_after": a.macs,
-            "bits": (bits or {}).get(b.name),
-            "predicted_error": predicted_error.get(b.name),
+            "bits": quant.get("bits"),
+            "predicted_error": error,
+            "compensation": comp or None,
+            "quantization": quant or None,
         })
     return Report(
         config=asdict(options), params_before=params_before, params_after=params_after,

@@ -1,0 +1,164 @@
+"""The compression methods: ``prune`` (drop channels), ``nm`` (Neuron Merging) and ``udfc``
+(the paper, faithfully: Eq. 20 for pruning, Eq. 21 for quantization), with optional weight
+quantization of every layer in topological order, each after its own reconstruction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_udfc.compensate import absorbers, apply_reconstruction, apply_scales, weight_uses
+from onnx_udfc.errors import UdfcError
+from onnx_udfc.graph import ChannelAnalysis, analyse
+from onnx_udfc.io import infer_shapes, set_tensor_array, tensor_array
+from onnx_udfc.normalize import BatchNormStats
+from onnx_udfc.quantizers import quantize_params
+from onnx_udfc.solve import (
+    eq14_21_quantization_scale,
+    eq20_pruning_coefficients,
+    neuron_merging_pairs,
+)
+from onnx_udfc.stats import layer_stats, weight_layer
+
+METHODS = ("prune", "nm", "udfc")
+QUANTIZERS = ("paper", "symmetric", "asymmetric")
+GRANULARITIES = ("tensor", "channel")
+
+
+@dataclass
+class MethodConfig:
+    method: str = "prune"
+    bits: int | None = None
+    quantizer: str = "paper"
+    granularity: str = "tensor"
+    alpha1: float = 0.01
+    alpha2: float = 0.008
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UdfcError(f"unknown method '{self.method}' (choose {', '.join(METHODS)})")
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(
+                self.bits, int) or not 2 <= self.bits <= 8):
+            raise UdfcError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise UdfcError(f"unknown quantizer '{self.quantizer}' "
+                            f"(choose {', '.join(QUANTIZERS)})")
+        if self.granularity not in GRANULARITIES:
+            raise UdfcError(f"unknown granularity '{self.granularity}' (choose tensor, channel)")
+        for name in ("alpha1", "alpha2"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise UdfcError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodConfig,
+                       folded: dict[str, BatchNormStats] | None = None) -> dict[str, dict]:
+    """Fold each pruned channel's reconstruction into the next layers (before the rewrite).
+
+    Returns per producer: ``compensated`` (bool), ``reason`` when not, the statistics source,
+    the mean Eq. 12 residual (``predicted_error``, relative: 0 exact, 1 nothing recovered) and
+    degenerate channels.
+    """
+    root = ctx.roots()
+    sources = np.bincount(root[np.asarray(ctx._source) > 0], minlength=len(root))
+    outputs = {o.name for o in ctx.graph.output}
+    uses = weight_uses(ctx.graph)
+    out: dict[str, dict] = {}
+    for p in ctx.producers:
+        cls = root[p.slots]
+        gone = removed[cls]
+        if not gone.any():
+            continue
+        name = p.node.name or p.tensor
+        entry: dict[str, Any] = {"method": cfg.method, "compensated": False}
+        out[name] = entry
+        layer = weight_layer(p.node, ctx.inits)
+        if cfg.method == "prune":
+            entry["reason"] = "method prune: no compensation"
+            continue
+        if layer is None:
+            entry["reason"] = f"{p.node.op_type} layout not supported by the solver"
+            continue
+        if (sources[cls] > 1).any():
+            entry["reason"] = "channels tied to other layers (coupled group)"
+            continue
+        found, reason = absorbers(p.node, ctx, cross_channel=True)
+        if reason is None and any(uses.get(a.layer.weight, 0) > 1 for a in found):
+            reason = "the next layer's weight is shared with another node"
+        if reason is not None:
+            entry["reason"] = reason
+            continue
+        stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
+        f = layer.filters(ctx.inits)
+        kept, pruned = np.flatnonzero(~gone), np.flatnonzero(gone)
+        if cfg.method == "udfc":
+            sol = eq20_pruning_coefficients(f, stats, kept, pruned, cfg.alpha1)
+            coefficients, degenerate = sol.coefficients, sol.degenerate
+            entry["predicted_error"] = float(np.mean(sol.residual))
+        else:
+            pairs = neuron_merging_pairs(f, stats, kept, pruned)
+            coefficients, degenerate = pairs.coefficients(kept), pairs.degenerate
+            entry["merged"] = int((pairs.targets >= 0).sum())
+        skipped = apply_reconstruction(ctx, found, cls[kept], cls[pruned], coefficients)
+        entry.update(compensated=not skipped, stats=source,
+                     absorbers=[a.layer.node.name for a in found],
+                     degenerate=[{"channel": int(j), "reason": r} for j, r in degenerate])
+        if skipped:
+            entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
+    return out
+
+
+def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
+                   input_shapes: dict[str, list[int]] | None = None,
+                   folded: dict[str, BatchNormStats] | None = None,
+                   exclude: list[str] | None = None) -> dict[str, dict]:
+    """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
+    scales go into the layers that read it before those are quantized in turn."""
+    ctx = analyse(model, infer_shapes(model, input_shapes))
+    root = ctx.roots()
+    outputs = {o.name for o in model.graph.output}
+    patterns = [re.compile(p) for p in exclude or []]
+    out: dict[str, dict] = {}
+    for node in list(model.graph.node):
+        layer = weight_layer(node, ctx.inits)
+        if layer is None or any(p.search(node.name or "") for p in patterns):
+            continue
+        name = node.name or node.output[0]
+        f = layer.filters(ctx.inits)
+        q = quantize_params(f, cfg.bits, cfg.quantizer, cfg.granularity)
+        fq = np.asarray(q.dequantized, dtype=np.float64)
+        norm = float(np.linalg.norm(f))
+        entry: dict[str, Any] = {"bits": cfg.bits, "quantizer": cfg.quantizer,
+                                 "granularity": cfg.granularity,
+                                 "quant_error": float(np.linalg.norm(fq - f) / norm)
+                                 if norm else 0.0, "scale_compensated": False}
+        out[name] = entry
+        if cfg.method == "udfc":
+            stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
+            scales = eq14_21_quantization_scale(f, fq, stats, cfg.alpha2)
+            found, reason = absorbers(node, ctx, cross_channel=False)
+            info = ctx.tensors.get(node.output[0])
+            classes = None if info is None or info.slots is None else root[info.slots]
+            if reason is None and (classes is None or len(np.unique(classes)) != len(classes)):
+                reason = "output channels are not distinct classes"
+            if reason is None:
+                skipped = apply_scales(ctx, found, classes, scales)
+                reason = f"channels missing from {', '.join(skipped)}" if skipped else None
+            entry.update(scale_compensated=reason is None, stats=source)
+            if reason:
+                entry["reason"] = reason
+        _write_filters(ctx, layer, fq)
+    return out
+
+
+def _write_filters(ctx: ChannelAnalysis, layer, filters: np.ndarray) -> None:
+    init = ctx.inits[layer.weight]
+    w = tensor_array(init)
+    moved_shape = np.moveaxis(w, layer.out_axis, 0).shape
+    new = np.moveaxis(filters.reshape(moved_shape), 0, layer.out_axis)
+    set_tensor_array(init, new.astype(w.dtype))
