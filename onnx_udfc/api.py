@@ -189,6 +189,8 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         step("quantize")
         quantization = quantize_model(m, method_config, options.input_shapes, bn_stats,
                                       list(exclude) + list(quant_exclude))
+        m = _compact(m)
+        analysis.channels.model, analysis.channels.graph = m, m.graph
         timings["quantize"] = time.perf_counter() - t
 
     if check:

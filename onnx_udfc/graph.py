@@ -311,16 +311,29 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis
         if inp.name not in ctx.inits:
             ctx.set(inp.name, None, None, f"graph input '{inp.name}'")
     for node in model.graph.node:
-        ins = [n for n in node.input if n and n in ctx.tensors]
+        outer = _outer_reads(node)  # names its If/Loop/Scan bodies read from this graph
+        ins = [n for n in [*node.input, *sorted(outer)] if n and n in ctx.tensors]
         if not ins:
             continue  # pure constant or shape arithmetic: no channels involved
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rule is None:
-            unsupported(node, ctx, f"unsupported op {node.op_type}")
-            continue
-        reason = rule.analyse(node, ctx)
+        reason = f"unsupported op {node.op_type}" if rule is None or outer \
+            else rule.analyse(node, ctx)
         if reason:
             unsupported(node, ctx, reason)
+            for name in outer:  # read implicitly, so unsupported() does not see them
+                ctx.fix_tensor(name, f"{reason} at '{node.name or node.output[0]}'")
     for out in model.graph.output:
         ctx.fix_tensor(out.name, f"reaches graph output '{out.name}'")
     return ctx
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that the subgraphs of a node (If, Loop, Scan) read from the enclosing scopes."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer} \
+                | {o for n in sub.node for o in n.output}
+            for n in sub.node:
+                names.update(i for i in [*n.input, *_outer_reads(n)] if i and i not in local)
+    return names

@@ -271,6 +271,9 @@ def infer_shapes(model: onnx.ModelProto,
     sg.name = g.name
     sg.node.extend(g.node)
     sg.output.extend(g.output)
+    # Shapes the exporter recorded stay known past ops that inference cannot see through
+    # (custom domains).
+    sg.value_info.extend(g.value_info)
     for inp in real_inputs:
         vi = sg.input.add()
         vi.CopyFrom(inp)

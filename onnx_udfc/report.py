@@ -87,6 +87,18 @@ class Report:
             f"groups  {len(self.groups)} found, {pruned} pruned, "
             f"{sum(1 for g in self.groups if g['prunable'] == 0)} fully fixed",
         ]
+        comps = [x["compensation"] for x in self.layers if x.get("compensation")]
+        if comps:
+            done = sum(1 for c in comps if c["compensated"])
+            why = next((c["reason"] for c in comps if not c["compensated"]), "")
+            lines.append(f"method  {self.config.get('method')}: {done} of {len(comps)} pruned "
+                         "layers compensated" + (f" (not: {why})" if why else ""))
+        quants = [x["quantization"] for x in self.layers if x.get("quantization")]
+        if quants:
+            scaled = sum(1 for q in quants if q["scale_compensated"])
+            lines.append(f"weights {len(quants)} layers at {quants[0]['bits']} bits "
+                         f"({quants[0]['quantizer']}, {quants[0]['granularity']}), "
+                         f"{scaled} with scale compensation")
         if self.unsupported:
             lines.append(f"left untouched: {len(self.unsupported)} node(s), e.g. "
                          f"{self.unsupported[0]['node']} ({self.unsupported[0]['reason']})")

@@ -77,6 +77,7 @@ class Rewriter:
             array = np.asarray(array, dtype=tensor_array(self.inits[name]).dtype)
             if self.uses[name] == 1:
                 set_tensor_array(self.inits[name], array)
+                self.changed.add(name)  # a value_info may still declare its old shape
                 return
             self.uses[name] -= 1
         new = self.fresh_name(f"{name or node.name or node.op_type}_pruned")
@@ -118,7 +119,9 @@ class Rewriter:
             # Node protos are small (weights live in initializers), so rebuilding is cheap.
             del self.graph.node[:]
             self.graph.node.extend(nodes)
-        stale = [i for i, vi in enumerate(self.graph.value_info) if vi.name in self.changed]
+        # keep() is asked here too: apply_removal stops asking at a node's first changed tensor.
+        stale = [i for i, vi in enumerate(self.graph.value_info)
+                 if vi.name in self.changed or self.keep(vi.name) is not None]
         for i in reversed(stale):
             del self.graph.value_info[i]
 

@@ -52,8 +52,11 @@ def _split_sizes(node, ctx_or_rw, axis_size: int) -> list[int] | None:
         return None
     if sizes is None:
         n = len(node.output)
-        return [axis_size // n + (1 if i < axis_size % n else 0) for i in range(n)] \
-            if attr(node, "num_outputs") is not None else [axis_size // n] * n
+        if attr(node, "num_outputs") is None:
+            return [axis_size // n] * n
+        # Split-18: chunks of ceil(size / n), the last one smaller.
+        chunk = -(-axis_size // n)
+        return [chunk] * (n - 1) + [axis_size - chunk * (n - 1)]
     return [int(s) for s in sizes]
 
 
@@ -259,6 +262,9 @@ class Pad(Rule):
             set_attr(node, "pads", pads)
 
 
+SYMBOLIC_BATCH = 1_000_003  # a large prime standing in for a symbolic batch dimension
+
+
 def _static(dims) -> list[int] | None:
     """Dims with a symbolic batch replaced by a large prime, so products stay checkable."""
     if dims is None:
@@ -268,7 +274,7 @@ def _static(dims) -> list[int] | None:
         if isinstance(d, int):
             out.append(d)
         elif i == 0:
-            out.append(1_000_003)
+            out.append(SYMBOLIC_BATCH)
         else:
             return None
     return out
@@ -314,6 +320,10 @@ class _Relayout(Rule):
         if mapped is None:
             return f"{node.op_type} splits or scatters the channel axis"
         b, repeat, tile = mapped
+        if tile % SYMBOLIC_BATCH == 0:
+            # The symbolic batch is merged into the channel axis (e.g. Reshape to [-1]); tiling
+            # the slots by the placeholder batch would allocate millions of them.
+            return f"{node.op_type} merges the batch axis into the channel axis"
         slots = ctx.slots(node.input[0], info.axis)
         ctx.set(node.output[0], b, np.tile(np.repeat(slots, repeat), tile))
         return None
@@ -436,15 +446,36 @@ class Resize(Rule):
             return (node.input[1] if len(node.input) > 1 else ""), ""
         return node.input[2], (node.input[3] if len(node.input) > 3 else "")
 
+    @staticmethod
+    def _position(node, axis: int | None, rank: int | None, count: int) -> int | None:
+        """Where ``axis`` sits in the scales/sizes operand: Resize-18 may list only ``axes``."""
+        if axis is None:
+            return None
+        axes = attr(node, "axes") if node.op_type == "Resize" else None
+        if axes is None:
+            return axis if axis < count else None
+        if rank is None:
+            return None
+        axes = [norm_axis(int(a), rank) for a in axes]
+        return axes.index(axis) if axis in axes else None
+
     def analyse(self, node, ctx):
         info = ctx.channels(node.input[0])
         scales_name, sizes_name = self._operands(node)
         if any(ctx.channels(n) is not None for n in node.input[1:] if n):
             if not sizes_name or ctx.const(sizes_name) is None:
                 return f"{node.op_type} target computed at run time"
+        rank = ctx.rank(node.input[0])
         scales = ctx.const(scales_name) if scales_name else attr(node, "scales")
-        if info.axis is not None and scales is not None and len(np.asarray(scales).reshape(-1)):
-            if float(np.asarray(scales).reshape(-1)[info.axis]) != 1.0:
+        if scales is not None and len(np.asarray(scales).reshape(-1)):
+            scales = np.asarray(scales).reshape(-1)
+            k = self._position(node, info.axis, rank, len(scales))
+            if k is not None and float(scales[k]) != 1.0:
+                return f"{node.op_type} rescales the channel axis"
+        sizes = ctx.const(sizes_name) if sizes_name else None
+        if sizes is not None and info.slots is not None and len(sizes.reshape(-1)):
+            k = self._position(node, info.axis, rank, len(sizes.reshape(-1)))
+            if k is not None and int(sizes.reshape(-1)[k]) != len(info.slots):
                 return f"{node.op_type} rescales the channel axis"
         ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
         return None
@@ -455,7 +486,10 @@ class Resize(Rule):
         if keep is None or not sizes_name:
             return
         sizes = rw.const(sizes_name).copy()
-        sizes[rw.axis(node.output[0])] = len(keep)
+        k = self._position(node, rw.axis(node.output[0]), rw.rank(node.input[0]), len(sizes))
+        if k is None:
+            return
+        sizes[k] = len(keep)
         rw.set_const(node, 3, sizes.astype(np.int64))
 
 
