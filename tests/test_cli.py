@@ -228,3 +228,32 @@ def test_metadata_and_names_survive(tmp_path, digits_model):
     assert o.doc_string == "my model" and o.metadata_props[0].value == "me"
     assert o.graph.node[0].doc_string == "first" and o.opset_import == m.opset_import
     assert [n.name for n in o.graph.node] == [n.name for n in m.graph.node]
+
+
+def test_exclude_and_round_to(shared):
+    from onnx_udfc import api
+
+    path = str(shared / "models" / "resnet56_cifar10_nm_bn.onnx")
+    _, base = api.compress(path, prune=0.3)
+    _, excl = api.compress(path, prune=0.3, exclude=[r"layer3"])
+    untouched = [x for x in excl.layers if "layer3" in x["name"]]
+    assert untouched and all(x["out_channels_after"] == x["out_channels_before"] and
+                             x["in_channels_after"] == x["in_channels_before"]
+                             for x in untouched)
+    assert excl.params_after > base.params_after
+    _, rounded = api.compress(path, prune=0.3, round_to=8)
+    for g in rounded.groups:
+        if g["removed"]:
+            assert g["kept"] % 8 == 0
+
+
+def test_cuda_provider_unavailable_is_one_line(tmp_path, digits_model):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        r = cli("verify", str(digits_model), str(digits_model), "--provider", "cuda")
+        assert r.returncode == 0
+        return
+    r = cli("verify", str(digits_model), str(digits_model), "--provider", "cuda")
+    assert r.returncode == 2 and "provider 'cuda' is not available" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
