@@ -237,5 +237,4 @@ def save_compressed(model: onnx.ModelProto, path: str | os.PathLike, *,
     """Save atomically (after the full checker passed on the written file when ``check``) and
     return the size on disk in bytes (model plus external data)."""
     out = _io.save_model(model, path, source=source, external_data=external_data, check=check)
-    data = out.with_name(out.name + ".data")
-    return out.stat().st_size + (data.stat().st_size if data.exists() and external_data else 0)
+    return _io.disk_size(out)

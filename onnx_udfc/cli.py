@@ -147,7 +147,7 @@ def _inspect(args) -> int:
 
 def _compress(args) -> int:
     from onnx_udfc import api
-    from onnx_udfc.io import parse_input_shapes
+    from onnx_udfc.io import disk_size, parse_input_shapes
     from onnx_udfc.report import Progress
     from onnx_udfc.verify import verify
 
@@ -173,7 +173,7 @@ def _compress(args) -> int:
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,
                                                 external_data=args.external_data or None)
-        report.size_before = src.stat().st_size
+        report.size_before = disk_size(src)
         report.timings["save"] = time.perf_counter() - t
         del model
         if not args.no_verify:

@@ -182,9 +182,8 @@ class ChannelAnalysis:
     def produce(self, node: onnx.NodeProto, tensor: str, axis: int,
                 filters: np.ndarray) -> np.ndarray:
         slots = self.new_slots(filters.shape[0], SOURCE_FILTER)
-        f = np.asarray(filters, dtype=np.float64).reshape(filters.shape[0], -1)
-        self.producers.append(Producer(node, tensor, slots, np.abs(f).sum(axis=1),
-                                       np.sqrt((f * f).sum(axis=1))))
+        l1, l2 = filter_norms(filters)
+        self.producers.append(Producer(node, tensor, slots, l1, l2))
         self.set(tensor, axis, slots)
         return slots
 
@@ -300,6 +299,19 @@ class ChannelAnalysis:
                     if info is not None and info.slots is not None:
                         out.update(root[info.slots].tolist())
         return out
+
+
+def filter_norms(filters: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise l1 and l2 norms in float64, a few million elements at a time (a 1 GiB weight
+    must not be copied whole to float64)."""
+    f = filters.reshape(filters.shape[0], -1)
+    rows = max(1, chunk // max(1, f.shape[1]))
+    l1, l2 = np.empty(f.shape[0]), np.empty(f.shape[0])
+    for start in range(0, f.shape[0], rows):
+        block = f[start:start + rows].astype(np.float64)
+        l1[start:start + rows] = np.abs(block).sum(axis=1)
+        l2[start:start + rows] = np.sqrt((block * block).sum(axis=1))
+    return l1, l2
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis:

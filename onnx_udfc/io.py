@@ -199,6 +199,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     return out
 
 
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    if total > 64 * 2**20:  # weights are inline: nothing external worth parsing for
+        return total
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    files = {e.value for t in model.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    return total + sum((path.parent / f).stat().st_size for f in files
+                       if (path.parent / f).is_file())
+
+
 def approx_size(model: onnx.ModelProto) -> int:
     """Serialized size estimate from tensor dims alone.
 
