@@ -11,8 +11,11 @@ Example::
     api.normalize(model)
     analysis = api.analyse(model)
     plan = api.plan(analysis, ratio=0.5, criterion="l2")
+    api.reconstruct(analysis, plan, method="udfc")
     api.prune(analysis, plan)
+    api.quantize(model, bits=6)
     api.check(model)
+    print(api.verify("models/digits_cnn_bn.onnx", model, data="models/digits_test.npz"))
 """
 
 from __future__ import annotations
@@ -83,12 +86,55 @@ def plan(analysis: Analysis, ratio: float = 0.0, **options) -> PrunePlan:
     return make_plan(analysis.channels, analysis.groups, PruneConfig(ratio=ratio, **options))
 
 
+def reconstruct(analysis: Analysis, pruning: PrunePlan, method: str = "udfc",
+                alpha1: float = 0.01,
+                folded: dict[str, _normalize.BatchNormStats] | None = None) -> dict[str, dict]:
+    """Fold the reconstruction of every planned channel into the layers that read it (Eq. 8);
+    call before :func:`prune`. ``method`` is ``udfc`` (Eq. 20) or ``nm`` (Neuron Merging);
+    ``folded`` are the statistics :func:`fold_batchnorm` returned. Returns per-layer entries
+    (``compensated``, ``reason``, ``predicted_error``, ...).
+
+    >>> info = reconstruct(a, p, "udfc"); prune(a, p)
+    """
+    config = MethodConfig(method=method, alpha1=alpha1)
+    config.validate()
+    return compensate_pruning(analysis.channels, pruning.removed, config, folded)
+
+
 def prune(analysis: Analysis, pruning: PrunePlan) -> None:
     """Physically remove the planned channels from the model (in place).
 
     >>> prune(a, p); check(a.model)
     """
     apply_removal(analysis.channels, pruning.removed)
+
+
+def quantize(model: onnx.ModelProto, bits: int, method: str = "udfc", quantizer: str = "paper",
+             granularity: str = "tensor", alpha2: float = 0.008,
+             input_shapes: Mapping[str, Sequence[int]] | None = None,
+             folded: dict[str, _normalize.BatchNormStats] | None = None,
+             exclude: Sequence[str] = ()) -> dict[str, dict]:
+    """Fake-quantize every weight layer in graph order (in place); with ``method="udfc"`` each
+    layer's Eq. 21 scales go into the layers that read it. Returns per-layer entries.
+
+    >>> info = quantize(model, 6, quantizer="symmetric", granularity="channel")
+    """
+    config = MethodConfig(method=method, bits=bits, quantizer=quantizer,
+                          granularity=granularity, alpha2=alpha2)
+    config.validate()
+    return quantize_model(model, config, dict(input_shapes) if input_shapes else None, folded,
+                          list(exclude))
+
+
+def verify(original: _io.ModelSource, compressed: _io.ModelSource, **options):
+    """Compare two models in ONNX Runtime (see :func:`onnx_udfc.verify.verify`).
+
+    >>> result = verify("a.onnx", model, data="inputs.npz")
+    >>> result.fidelity[0].cosine, result.accuracy_after
+    """
+    from onnx_udfc.verify import verify as _verify
+
+    return _verify(original, compressed, **options)
 
 
 @dataclass

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNormalization into the preceding Conv/Gemm")
     c.add_argument("--report", metavar="FILE.json", help="write the JSON report")
+    c.add_argument("--plot", metavar="FILE.png",
+                   help="plot per-layer kept channels, bits and predicted error (matplotlib)")
     c.add_argument("--external-data", action="store_true",
                    help="store weights in OUTPUT.data (automatic above 2 GiB)")
     c.add_argument("--no-verify", action="store_true",
@@ -79,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, help="use at most this many samples from --data")
     v.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     v.add_argument("--json", metavar="FILE", help="write the comparison as JSON")
+
+    e = sub.add_parser("evaluate", parents=[common], help="top-1 accuracy of one or more models")
+    e.add_argument("models", nargs="+", metavar="MODEL")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="FILE.npz",
+                        help="preprocessed inputs named like the model input, and 'labels'")
+    source.add_argument("--dataset", choices=["digits"],
+                        help="scikit-learn's digits test split (for the embedded model)")
+    e.add_argument("--limit", type=int, help="use at most this many samples")
+    e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    e.add_argument("--json", metavar="FILE", help="write the accuracies as JSON")
     return p
 
 
@@ -103,7 +116,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"inspect": _inspect, "compress": _compress, "verify": _verify}[args.command](args)
+        commands = {"inspect": _inspect, "compress": _compress, "verify": _verify,
+                    "evaluate": _evaluate}
+        return commands[args.command](args)
     except UdfcError as exc:
         print(f"onnx-udfc: error: {exc}", file=sys.stderr)
         return 2
@@ -188,9 +203,44 @@ def _compress(args) -> int:
         progress.close()
     if args.report:
         report.write(args.report)
+    if args.plot:
+        from onnx_udfc.plot import plot_report
+
+        plot_report(report.to_dict(), args.plot)
     if not args.quiet:
         print(f"{args.model} -> {out}")
+        if args.verbose:
+            print(report.layer_table())
         print(report.summary())
+    return 0
+
+
+def _evaluate(args) -> int:
+    import numpy as np
+
+    from onnx_udfc.io import graph_inputs, load_model
+    from onnx_udfc.verify import accuracy, make_inputs, run, session
+
+    results = {}
+    for path in args.models:
+        model = load_model(path, check_finite=False)
+        if args.dataset:
+            from onnx_udfc.datasets import load_dataset
+
+            images, labels = load_dataset(args.dataset)
+            feed = {graph_inputs(model)[0].name: images[:args.limit] if args.limit else images}
+            labels = labels[:args.limit] if args.limit else labels
+        else:
+            feed, labels = make_inputs(model, data=args.data, limit=args.limit)
+            if labels is None:
+                raise UdfcError(f"{args.data}: no 'labels' array to score against")
+        logits = run(session(path, args.provider), feed)[0]
+        results[path] = {"top1": accuracy(logits, np.asarray(labels)), "samples": len(labels)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if not args.quiet:
+        for path, r in results.items():
+            print(f"{path}: top-1 {100 * r['top1']:.2f}% on {r['samples']} samples")
     return 0
 
 

@@ -94,10 +94,28 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
         candidates = np.asarray([c for c in group.classes.tolist() if c not in fixed],
                                 dtype=np.int64)
         count = min(removal_count(group.size, ratio, config.round_to), len(candidates))
-        chosen = _choose(group, candidates, scores, count)
+        chosen = _keep_every_tensor(analysis, group, _choose(group, candidates, scores, count),
+                                    scores)
         removed[chosen] = True
         plans.append(GroupPlan(group, ratio, chosen, fixed))
     return PrunePlan(plans, removed, config.criterion)
+
+
+def _keep_every_tensor(analysis: ChannelAnalysis, group: ChannelGroup, chosen: np.ndarray,
+                       scores: np.ndarray) -> np.ndarray:
+    """Give back the best channel of any tensor that would lose all of them (e.g. one input of
+    a Concat whose channels all scored lowest): an empty tensor is not a valid model."""
+    if len(chosen) == 0:
+        return chosen
+    root = analysis.roots()
+    gone = set(chosen.tolist())
+    for name in group.tensors:
+        info = analysis.tensors[name]
+        classes = set(root[info.slots].tolist())
+        if classes and classes <= gone:
+            best = max(classes, key=lambda c: (scores[c], c))
+            gone.discard(best)
+    return np.asarray(sorted(gone), dtype=np.int64)
 
 
 def _choose(group: ChannelGroup, candidates: np.ndarray, scores: np.ndarray,

@@ -72,6 +72,17 @@ class Report:
             json.dump(self.to_dict(), fh, indent=1)
         os.replace(tmp, path)
 
+    def layer_table(self) -> str:
+        """One line per weight layer (``-v``)."""
+        rows = [f"{'layer':<40} {'op':<6} {'out':>11} {'in':>11} {'bits':>4} {'pred.err':>8}"]
+        for x in self.layers:
+            err = "" if x["predicted_error"] is None else f"{x['predicted_error']:.3f}"
+            rows.append(f"{x['name'][-40:]:<40} {x['op']:<6} "
+                        f"{x['out_channels_before']:>5}>{x['out_channels_after']:<5} "
+                        f"{x['in_channels_before']:>5}>{x['in_channels_after']:<5} "
+                        f"{x['bits'] or '-':>4} {err:>8}")
+        return "\n".join(rows)
+
     def summary(self) -> str:
         def ratio(a: int, b: int) -> str:
             return f"{b / a:.3f}x" if a else "n/a"

@@ -257,3 +257,96 @@ def test_cuda_provider_unavailable_is_one_line(tmp_path, digits_model):
     r = cli("verify", str(digits_model), str(digits_model), "--provider", "cuda")
     assert r.returncode == 2 and "provider 'cuda' is not available" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bits", ["1", "9", "six"])
+def test_bad_bits(tmp_path, digits_model, bits):
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("compress", str(digits_model), "-o", str(out), "--bits", bits), out,
+                   "bits must be an integer in 2..8")
+
+
+def test_evaluate_digits_and_npz(tmp_path, digits_model):
+    r = cli("evaluate", str(digits_model), "--dataset", "digits", "--json",
+            str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "e.json").read_text())[str(digits_model)]
+    meta = json.loads((digits_model.parent / "digits_cnn_bn.json").read_text())
+    assert result["top1"] == pytest.approx(meta["top1_test"]) and result["samples"] == 450
+    r = cli("evaluate", str(digits_model), "--data", str(digits_model.parent /
+                                                         "digits_test.npz"), "--limit", "50")
+    assert r.returncode == 0 and "on 50 samples" in r.stdout
+
+
+def test_evaluate_missing_data_file(tmp_path, digits_model):
+    r = cli("evaluate", str(digits_model), "--data", str(tmp_path / "missing.npz"))
+    assert r.returncode == 2 and "data file not found" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_digits_split_matches_committed_test_set(digits_model):
+    from onnx_udfc.datasets import digits_test_set
+
+    images, labels = digits_test_set()
+    npz = np.load(digits_model.parent / "digits_test.npz")
+    assert np.array_equal(images, npz["images"]) and np.array_equal(labels, npz["labels"])
+
+
+def test_plot_and_verbose_layer_table(tmp_path, digits_model):
+    out, png = tmp_path / "o.onnx", tmp_path / "p.png"
+    r = cli("compress", str(digits_model), "-o", str(out), "--prune", "0.3", "--method", "udfc",
+            "--bits", "6", "--plot", str(png), "-v", "--no-verify")
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "pred.err" in r.stdout and "/block/conv1/Conv" in r.stdout
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    from onnx_udfc import UdfcError
+    from onnx_udfc.plot import plot_report
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(UdfcError, match="needs matplotlib"):
+        plot_report({"layers": [{}]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_quiet_prints_nothing_and_pipes_get_no_progress(tmp_path, digits_model):
+    r = cli("compress", str(digits_model), "-o", str(tmp_path / "o.onnx"), "--prune", "0.3",
+            "-q", "--no-verify")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("compress", str(digits_model), "-o", str(tmp_path / "o.onnx"), "--prune", "0.3",
+            "--no-verify")
+    assert "[#" not in r.stderr and "params" in r.stdout
+
+
+def test_progress_bar_on_a_tty(tmp_path, digits_model):
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_udfc", "compress", str(digits_model),
+                             "-o", str(tmp_path / "o.onnx"), "--prune", "0.3", "--no-verify"],
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    os.close(leader)
+    assert b"[#" in b"".join(chunks)
