@@ -35,6 +35,8 @@ from onnx_udfc.graph import analyse as _analyse
 from onnx_udfc.methods import MethodConfig, compensate_pruning, quantize_model
 from onnx_udfc.metrics import count_params, layer_stats
 from onnx_udfc.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.qdq import StorageConfig, fake_summary, to_qdq
+from onnx_udfc.quantizers import QuantizedWeight
 from onnx_udfc.report import Report, build_report
 from onnx_udfc.rewrite import apply_removal
 
@@ -153,6 +155,10 @@ class CompressOptions:
     alpha1: float = 0.01
     alpha2: float = 0.008
     quant_exclude: list[str] = field(default_factory=list)
+    format: str = "fake"
+    block_size: int | None = None
+    container: str = "auto"
+    opset: int | None = None
 
 
 def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
@@ -161,7 +167,9 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
              progress: Callable[[str], None] | None = None, check: bool = True,
              method: str = "prune", bits: int | None = None, quantizer: str = "paper",
              granularity: str = "tensor", alpha1: float = 0.01, alpha2: float = 0.008,
-             quant_exclude: Sequence[str] = (),
+             quant_exclude: Sequence[str] = (), calibration: object = None,
+             format: str = "fake", block_size: int | None = None, container: str = "auto",
+             opset: int | None = None,
              ) -> tuple[onnx.ModelProto, Report]:
     """Load, analyse, plan, compensate, prune, quantize and check; returns the compressed model
     and its report.
@@ -170,7 +178,14 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     Eq. 20 reconstruction of pruned channels, Eq. 21 scales for quantized ones). ``bits``
     (2..8) fake-quantizes every weight layer with ``quantizer`` (paper, symmetric,
     asymmetric) at ``granularity`` (tensor, channel); layers whose name matches ``exclude`` or
-    ``quant_exclude`` stay in float.
+    ``quant_exclude`` stay in float. ``method="udfc+"``: reconstruction and bias correction
+    from a model of the activation moments (:mod:`onnx_udfc.udfc_plus`), measured on
+    ``calibration`` inputs (array, dict or ``.npz``) when given.
+
+    ``block_size``: block-wise scales, one per ``block_size`` input channels (overrides
+    ``granularity``). ``format="qdq"`` stores the quantized weights as integers read by
+    ``DequantizeLinear`` (:mod:`onnx_udfc.qdq`): int4/uint4 for bits <= 4 unless
+    ``container="int8"``, the opset raised to ``opset`` or to what the storage needs.
 
     A ``ModelProto`` argument is copied, never modified. Raises :class:`UdfcError` on bad
     input before anything is changed. ``check=False`` skips the in-memory ``onnx.checker`` run
@@ -182,11 +197,15 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     """
     options = CompressOptions(prune, criterion, list(exclude), prune_coupled, round_to, fold_bn,
                               dict(input_shapes) if input_shapes else None, method, bits,
-                              quantizer, granularity, alpha1, alpha2, list(quant_exclude))
+                              quantizer, granularity, alpha1, alpha2, list(quant_exclude),
+                              format, block_size, container, opset)
     PruneConfig(ratio=prune, criterion=criterion, exclude=list(exclude),
                 round_to=round_to).validate()
-    method_config = MethodConfig(method, bits, quantizer, granularity, alpha1, alpha2)
+    method_config = MethodConfig(method, bits, quantizer, granularity, alpha1, alpha2,
+                                 calibration=calibration, block_size=block_size)
     method_config.validate()
+    storage_config = StorageConfig(format, container, opset)
+    storage_config.validate(bits, quantizer, granularity, block_size)
     PruneConfig(exclude=list(quant_exclude)).validate()
     step = progress or (lambda _name: None)
     timings: dict[str, float] = {}
@@ -230,14 +249,27 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     timings["rewrite"] = time.perf_counter() - t
 
     quantization: dict[str, dict] = {}
+    kept: dict[str, QuantizedWeight] = {}
     if bits is not None:
         t = time.perf_counter()
         step("quantize")
         quantization = quantize_model(m, method_config, options.input_shapes, bn_stats,
-                                      list(exclude) + list(quant_exclude))
+                                      list(exclude) + list(quant_exclude), kept)
         m = _compact(m)
         analysis.channels.model, analysis.channels.graph = m, m.graph
         timings["quantize"] = time.perf_counter() - t
+
+    # Counted on the float graph: integer storage changes bytes, not parameters or MACs.
+    layers_after, params_after = layer_stats(m, analysis.shapes), count_params(m)
+    storage = fake_summary(m, kept)
+    if format == "qdq":
+        t = time.perf_counter()
+        step("store")
+        m, storage = to_qdq(m, kept, storage_config, bits, granularity, block_size)
+        timings["store"] = time.perf_counter() - t
+    for name, entry in storage.pop("layers").items():
+        if name in quantization:
+            quantization[name]["storage"] = entry
 
     if check:
         t = time.perf_counter()
@@ -247,10 +279,11 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
 
     report = build_report(
         options=options, analysis=analysis, plan=pruning, layers_before=layers_before,
-        layers_after=layer_stats(m, analysis.shapes), params_before=params_before,
-        params_after=count_params(m), size_before=size_before, size_after=_io.approx_size(m),
+        layers_after=layers_after, params_before=params_before,
+        params_after=params_after, size_before=size_before, size_after=_io.approx_size(m),
         predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings,
         compensation=compensation, quantization=quantization)
+    report.storage = storage
     return m, report
 
 

@@ -40,14 +40,32 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", type=float, default=0.0, metavar="R",
                    help="share of channels to remove from every prunable group, in [0, 1)")
     c.add_argument("--criterion", choices=["l1", "l2"], default="l1")
-    c.add_argument("--method", choices=["prune", "nm", "udfc"], default="prune",
+    c.add_argument("--method", choices=["prune", "nm", "udfc", "udfc+"], default="prune",
                    help="prune: drop channels; nm: Neuron Merging; udfc: closed-form "
-                        "reconstruction of pruned and quantized channels (the paper)")
+                        "reconstruction of pruned and quantized channels (the paper); "
+                        "udfc+: reconstruction and bias correction from a model of the "
+                        "activation moments")
+    c.add_argument("--calibration", metavar="FILE.npz",
+                   help="udfc+: measure the moments on these preprocessed inputs instead")
     c.add_argument("--bits", type=_bits, metavar="B",
                    help="fake-quantize every weight layer to B bits (2..8)")
     c.add_argument("--quantizer", choices=["paper", "symmetric", "asymmetric"],
                    default="paper", help="paper: Eq. 3 grid without zero (fake-quant only)")
     c.add_argument("--granularity", choices=["tensor", "channel"], default="tensor")
+    c.add_argument("--block-size", type=int, metavar="B",
+                   help="block-wise scales: one per B input channels of each output channel "
+                        "(overrides --granularity; stored with opset 21)")
+    c.add_argument("--format", choices=["fake", "qdq"], default="fake",
+                   help="fake: float weights on the grid; qdq: integer weights + "
+                        "DequantizeLinear (int4/uint4 for --bits <= 4, else int8/uint8)")
+    c.add_argument("--container", choices=["auto", "int8", "int4"], default="auto",
+                   help="qdq storage type (auto: int4 when --bits <= 4)")
+    c.add_argument("--opset", type=int, metavar="N",
+                   help="qdq: convert to this opset (default: the model's, raised to 13 for "
+                        "per-channel and 21 for int4/blocks when needed)")
+    c.add_argument("--latency", action="store_true",
+                   help="time original and output in ONNX Runtime (batch 1, median of 20 "
+                        "interleaved runs) for the summary and report")
     c.add_argument("--alpha1", type=float, default=0.01, help="Eq. 12 bias-term weight")
     c.add_argument("--alpha2", type=float, default=0.008, help="Eq. 14 bias-term weight")
     c.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
@@ -173,8 +191,9 @@ def _compress(args) -> int:
     if out.parent and not out.parent.is_dir():
         raise UdfcError(f"{out}: output directory '{out.parent}' does not exist")
     stages = ["load", "analyse", "plan", "solve", "rewrite"] + \
-        (["quantize"] if args.bits else []) + ["save"] + \
-        ([] if args.no_verify else ["verify"])
+        (["quantize"] if args.bits else []) + \
+        (["store"] if args.format == "qdq" else []) + ["save"] + \
+        ([] if args.no_verify else ["verify"]) + (["latency"] if args.latency else [])
     progress = Progress(stages, args.quiet)
     try:
         model, report = api.compress(
@@ -183,7 +202,8 @@ def _compress(args) -> int:
             input_shapes=parse_input_shapes(args.input_shape), progress=progress, check=False,
             method=args.method, bits=args.bits, quantizer=args.quantizer,
             granularity=args.granularity, alpha1=args.alpha1, alpha2=args.alpha2,
-            quant_exclude=args.quant_exclude)
+            quant_exclude=args.quant_exclude, format=args.format, block_size=args.block_size,
+            container=args.container, opset=args.opset, calibration=args.calibration)
         progress("save")
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,
@@ -199,6 +219,14 @@ def _compress(args) -> int:
             report.accuracy_before, report.accuracy_after = result.accuracy_before, \
                 result.accuracy_after
             report.timings["verify"] = time.perf_counter() - t
+        if args.latency:
+            from onnx_udfc.latency import compare_latency
+
+            progress("latency")
+            report.latency = compare_latency(args.model, out, provider=args.provider,
+                                             qdq=args.format == "qdq")
+            report.latency["flops_ratio"] = report.flops_after / report.flops_before \
+                if report.flops_before else None
     finally:
         progress.close()
     if args.report:

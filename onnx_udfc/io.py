@@ -215,6 +215,9 @@ def disk_size(path: str | os.PathLike) -> int:
                        if (path.parent / f).is_file())
 
 
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
 def approx_size(model: onnx.ModelProto) -> int:
     """Serialized size estimate from tensor dims alone.
 
@@ -224,6 +227,9 @@ def approx_size(model: onnx.ModelProto) -> int:
     total = 0
     for t in model.graph.initializer:
         numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in _PACKED_4BIT:  # two values per byte on disk
+            total += (numel + 1) // 2 + 64
+            continue
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize \
             if t.data_type != onnx.TensorProto.STRING else 16
         total += numel * itemsize + 64
@@ -264,6 +270,32 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def sync_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Keep graph-input declarations of initializers in step with the initializers.
+
+    IR < 4 (old opset-9 exports) requires every initializer to be declared as a graph input
+    too. After a pass adds, drops or reshapes initializers, a stale declaration fails the
+    checker (``Inferred shape and existing shape differ``); here every declaration of an
+    initializer gets the initializer's type and dims and, for IR < 4, new initializers get one.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    declared = set()
+    for inp in g.input:
+        t = inits.get(inp.name)
+        if t is None:
+            continue
+        declared.add(inp.name)
+        tt = inp.type.tensor_type
+        if tt.elem_type != t.data_type or not tt.HasField("shape") or \
+                [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
+                != list(t.dims):
+            inp.type.CopyFrom(onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+    if model.ir_version < 4:
+        g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for name, t in inits.items() if name not in declared)
+
+
 def infer_shapes(model: onnx.ModelProto,
                  input_shapes: Mapping[str, Sequence[int]] | None = None,
                  *, require_static: bool = True) -> dict[str, Shape]:
@@ -281,7 +313,8 @@ def infer_shapes(model: onnx.ModelProto,
     if unknown:
         raise UdfcError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}")
     sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
+    # IR < 4 ignores initializers that are not declared inputs, and the skeleton's are not.
+    sk.ir_version = max(model.ir_version, 4)
     sk.opset_import.extend(model.opset_import)
     sg = sk.graph
     sg.name = g.name

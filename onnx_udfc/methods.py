@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_udfc import udfc_plus
 from onnx_udfc.compensate import absorbers, apply_reconstruction, apply_scales, weight_uses
 from onnx_udfc.errors import UdfcError
 from onnx_udfc.graph import ChannelAnalysis, analyse
 from onnx_udfc.io import infer_shapes, set_tensor_array, tensor_array
 from onnx_udfc.normalize import BatchNormStats
-from onnx_udfc.quantizers import quantize_params
+from onnx_udfc.quantizers import QuantizedWeight, quantize_blocks_params, quantize_params
 from onnx_udfc.solve import (
     eq14_21_quantization_scale,
     eq20_pruning_coefficients,
@@ -25,7 +26,7 @@ from onnx_udfc.solve import (
 )
 from onnx_udfc.stats import layer_stats, weight_layer
 
-METHODS = ("prune", "nm", "udfc")
+METHODS = ("prune", "nm", "udfc", "udfc+")
 QUANTIZERS = ("paper", "symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel")
 
@@ -38,6 +39,9 @@ class MethodConfig:
     granularity: str = "tensor"
     alpha1: float = 0.01
     alpha2: float = 0.008
+    calibration: Any = None  # udfc+: inputs to measure moments on (array, dict, .npz)
+    block_size: int | None = None  # block-wise scales along the input channels (overrides
+    # granularity), the layout of ONNX's blocked DequantizeLinear
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +54,11 @@ class MethodConfig:
                             f"(choose {', '.join(QUANTIZERS)})")
         if self.granularity not in GRANULARITIES:
             raise UdfcError(f"unknown granularity '{self.granularity}' (choose tensor, channel)")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(
+                self.block_size, int) or self.block_size < 2):
+            raise UdfcError(f"block size must be an integer >= 2, got {self.block_size!r}")
+        if self.block_size is not None and self.bits is None:
+            raise UdfcError("--block-size sets the quantization blocks: give --bits too")
         for name in ("alpha1", "alpha2"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -69,6 +78,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
     outputs = {o.name for o in ctx.graph.output}
     uses = weight_uses(ctx.graph)
     out: dict[str, dict] = {}
+    moments = udfc_plus.pruning_moments(ctx, cfg.calibration) if cfg.method == "udfc+" else {}
     for p in ctx.producers:
         cls = root[p.slots]
         gone = removed[cls]
@@ -96,6 +106,9 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
         stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
         f = layer.filters(ctx.inits)
         kept, pruned = np.flatnonzero(~gone), np.flatnonzero(gone)
+        if cfg.method == "udfc+":
+            entry.update(udfc_plus.plus_pruning(ctx, p, found, cls, kept, pruned, moments))
+            continue
         if cfg.method == "udfc":
             sol = eq20_pruning_coefficients(f, stats, kept, pruned, cfg.alpha1)
             coefficients, degenerate = sol.coefficients, sol.degenerate
@@ -110,31 +123,51 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
                      degenerate=[{"channel": int(j), "reason": r} for j, r in degenerate])
         if skipped:
             entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
+        curved = sorted({op for a in found for op in a.nonlinear})
+        if curved:  # not positively homogeneous: the reconstruction is an approximation
+            entry["activations"] = curved
     return out
 
 
 def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                    input_shapes: dict[str, list[int]] | None = None,
                    folded: dict[str, BatchNormStats] | None = None,
-                   exclude: list[str] | None = None) -> dict[str, dict]:
+                   exclude: list[str] | None = None,
+                   results: dict[str, QuantizedWeight] | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
-    scales go into the layers that read it before those are quantized in turn."""
+    scales go into the layers that read it before those are quantized in turn.
+
+    ``results``, when given, receives each layer's :class:`QuantizedWeight` (integer codes,
+    scales, zero points) so integer storage can write exactly what the fake model holds."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     root = ctx.roots()
     outputs = {o.name for o in model.graph.output}
     patterns = [re.compile(p) for p in exclude or []]
     out: dict[str, dict] = {}
+    moments = udfc_plus.quant_moments(model, ctx, cfg.calibration) if cfg.method == "udfc+" \
+        else {}
     for node in list(model.graph.node):
         layer = weight_layer(node, ctx.inits)
         if layer is None or any(p.search(node.name or "") for p in patterns):
             continue
         name = node.name or node.output[0]
         f = layer.filters(ctx.inits)
-        q = quantize_params(f, cfg.bits, cfg.quantizer, cfg.granularity)
-        fq = np.asarray(q.dequantized, dtype=np.float64)
+        w = tensor_array(ctx.inits[layer.weight])
+        # Scales in the weight's own dtype: what integer storage writes, so the fake model
+        # and its integer (qdq) twin hold bit-identical weights.
+        if cfg.block_size:
+            moved = np.moveaxis(w, layer.out_axis, 0).shape
+            q = quantize_blocks_params(f.reshape(moved), cfg.bits, cfg.quantizer, cfg.block_size,
+                                       w.dtype)
+        else:
+            q = quantize_params(f, cfg.bits, cfg.quantizer, cfg.granularity, w.dtype)
+        if results is not None:
+            results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
+        fq = np.asarray(q.dequantized, dtype=np.float64).reshape(f.shape)
         norm = float(np.linalg.norm(f))
         entry: dict[str, Any] = {"bits": cfg.bits, "quantizer": cfg.quantizer,
-                                 "granularity": cfg.granularity,
+                                 "granularity": "block" if cfg.block_size else cfg.granularity,
+                                 "block_size": cfg.block_size,
                                  "quant_error": float(np.linalg.norm(fq - f) / norm)
                                  if norm else 0.0, "scale_compensated": False}
         out[name] = entry
@@ -152,6 +185,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
             entry.update(scale_compensated=reason is None, stats=source)
             if reason:
                 entry["reason"] = reason
+        if cfg.method == "udfc+":
+            entry["bias_corrected"] = udfc_plus.bias_correction(ctx, layer, f, fq, moments)
         _write_filters(ctx, layer, fq)
     return out
 

@@ -18,6 +18,7 @@ Three grids:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,9 +41,13 @@ class QuantResult:
         zero_point: integer zero point(s) with the dtype of ``q``, same shape as ``scale``;
             None for the paper grid. ``dequantized == (q - zero_point) * scale`` (broadcast on
             ``axis``) up to the final cast to the input dtype.
-        axis: None (per tensor) or 0 (per output channel).
+        axis: None (per tensor) or 0 (per output channel); 1 for block-wise results.
         bits: bit width.
         scheme: ``"paper"``, ``"symmetric"`` or ``"asymmetric"``.
+        block_size: None, or the block length along ``axis`` (see
+            :func:`quantize_blocks_params`): ``scale`` and ``zero_point`` then have the input's
+            shape with that axis divided (rounded up) by ``block_size``, as ONNX's blocked
+            ``DequantizeLinear`` expects.
     """
 
     dequantized: np.ndarray
@@ -52,6 +57,17 @@ class QuantResult:
     axis: int | None
     bits: int
     scheme: str
+    block_size: int | None = None
+
+
+class QuantizedWeight(NamedTuple):
+    """What :func:`onnx_udfc.methods.quantize_model` quantized for one layer, kept so that
+    integer storage (``onnx_udfc.qdq``) writes the quantizer's own codes instead of
+    re-deriving them from float weights."""
+
+    weight: str  # initializer name
+    out_axis: int  # axis of the ONNX weight that indexes output channels
+    result: QuantResult  # codes in the output-channel-first layout the quantizer saw
 
 
 def _check_bits(bits: object) -> int:
@@ -87,8 +103,25 @@ def _absmax(x: np.ndarray, red: tuple[int, ...]) -> np.ndarray:
     return np.max(np.abs(x), axis=red, initial=0.0)
 
 
-def paper_quantize_params(w: np.ndarray, bits: int, axis: int | None = None) -> QuantResult:
+def _storable(scale: np.ndarray, scale_dtype: np.dtype | type | None) -> np.ndarray:
+    """``scale`` rounded to the dtype it will be stored in (float64 again for the maths).
+
+    ``DequantizeLinear`` multiplies the integer code by the *stored* scale; when the codes are
+    computed with that same scale, ``(q - zp) * scale`` in float64 rounds to exactly the
+    float32 product ONNX Runtime computes, so a fake-quantized model and its integer twin hold
+    bit-identical weights. A range too small for the dtype falls back to scale 1 (codes 0).
+    """
+    if scale_dtype is None:
+        return scale
+    rounded = np.asarray(scale).astype(scale_dtype).astype(np.float64)
+    return np.where((rounded > 0) & np.isfinite(rounded), rounded, 1.0)
+
+
+def paper_quantize_params(w: np.ndarray, bits: int, axis: int | None = None,
+                          scale_dtype: np.dtype | type | None = None) -> QuantResult:
     """UDFC Eq. 3 with the ``max|W|`` rescale, as a :class:`QuantResult` (``q`` is None).
+
+    ``scale_dtype`` is accepted for a uniform signature and ignored: nothing is stored.
 
     ``Wq = M * (2/(2^k-1) * round((2^k-1) * (W/(2M) + 1/2)) - 1)`` with ``M = max|W|`` (per
     tensor as in the paper, or per channel with ``axis=0``). The levels
@@ -108,14 +141,16 @@ def paper_quantize_params(w: np.ndarray, bits: int, axis: int | None = None) -> 
     )
 
 
-def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None) -> QuantResult:
-    """Symmetric integer grid ``-(2^(b-1)-1)..2^(b-1)-1``, ``scale = max|w| / qmax``."""
+def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None,
+                              scale_dtype: np.dtype | type | None = None) -> QuantResult:
+    """Symmetric integer grid ``-(2^(b-1)-1)..2^(b-1)-1``, ``scale = max|w| / qmax``
+    (rounded to ``scale_dtype`` when given, see :func:`_storable`)."""
     b = _check_bits(bits)
     x, out_dtype, red = _prepare(w, axis)
     qmax = 2 ** (b - 1) - 1
     m = _absmax(x, red)
     # A zero range would give scale 0; 1.0 keeps codes at 0 and the scale storable.
-    scale = np.where(m > 0, m / qmax, 1.0)
+    scale = _storable(np.where(m > 0, m / qmax, 1.0), scale_dtype)
     sb = _bshape(scale, x, axis)
     q = np.clip(np.round(x / sb), -qmax, qmax).astype(np.int8)
     deq = q.astype(np.float64) * sb
@@ -123,8 +158,10 @@ def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None)
     return QuantResult(deq.astype(out_dtype), q, np.asarray(scale), zp, axis, b, "symmetric")
 
 
-def quantize_asymmetric_params(w: np.ndarray, bits: int, axis: int | None = None) -> QuantResult:
-    """Asymmetric integer grid ``0..2^b-1`` over ``[min(w, 0), max(w, 0)]``, integer zero point.
+def quantize_asymmetric_params(w: np.ndarray, bits: int, axis: int | None = None,
+                               scale_dtype: np.dtype | type | None = None) -> QuantResult:
+    """Asymmetric integer grid ``0..2^b-1`` over ``[min(w, 0), max(w, 0)]``, integer zero point
+    (scale rounded to ``scale_dtype`` when given, see :func:`_storable`).
 
     Widening the range to include 0 and rounding the zero point to an integer make
     ``0.0 -> q = zero_point -> 0.0`` exact (padding and ReLU outputs rely on it); the price is
@@ -137,7 +174,7 @@ def quantize_asymmetric_params(w: np.ndarray, bits: int, axis: int | None = None
     lo = np.min(x, axis=red, initial=0.0)
     hi = np.max(x, axis=red, initial=0.0)
     span = hi - lo
-    scale = np.where(span > 0, span / qmax, 1.0)
+    scale = _storable(np.where(span > 0, span / qmax, 1.0), scale_dtype)
     zp = np.clip(np.round(-lo / scale), 0, qmax)
     sb, zb = _bshape(scale, x, axis), _bshape(zp, x, axis)
     q = np.clip(np.round(x / sb) + zb, 0, qmax)
@@ -176,7 +213,8 @@ _PARAMS = {
 
 
 def quantize_params(
-    w: np.ndarray, bits: int, scheme: str = "paper", granularity: str = "tensor"
+    w: np.ndarray, bits: int, scheme: str = "paper", granularity: str = "tensor",
+    scale_dtype: np.dtype | type | None = None,
 ) -> QuantResult:
     """Dispatch to a quantizer by name.
 
@@ -186,6 +224,8 @@ def quantize_params(
         scheme: ``"paper"`` (Eq. 3), ``"symmetric"`` or ``"asymmetric"``.
         granularity: ``"tensor"`` or ``"channel"`` (per output channel, axis 0). The paper
             quantizes per tensor; ``"channel"`` with ``"paper"`` uses ``max|W_i|`` per channel.
+        scale_dtype: the dtype scales will be stored in (e.g. ``np.float32``); the integer
+            grids round their scales to it first so stored codes reproduce ``dequantized``.
     """
     if scheme not in _PARAMS:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
@@ -193,7 +233,49 @@ def quantize_params(
         raise ValueError(
             f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}"
         )
-    return _PARAMS[scheme](w, bits, None if granularity == "tensor" else 0)
+    return _PARAMS[scheme](w, bits, None if granularity == "tensor" else 0, scale_dtype)
+
+
+def quantize_blocks_params(w: np.ndarray, bits: int, scheme: str, block_size: int,
+                           scale_dtype: np.dtype | type | None = None) -> QuantResult:
+    """Block-wise quantization, the layout of ONNX's blocked ``DequantizeLinear`` (opset 21).
+
+    ``w`` is ``[N, C, ...]`` (output channel first, input channels second, e.g. a Conv weight
+    ``[N, C, kh, kw]``). Every run of ``block_size`` consecutive input channels at one
+    (output channel, kernel position) gets its own scale (and zero point), so ``scale`` has
+    shape ``[N, ceil(C / block_size), ...]``; the last block may be shorter. Padding the last
+    block with zeros changes nothing: every grid's range already contains 0.
+    """
+    if scheme not in _PARAMS:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    x = np.asarray(w)
+    if x.ndim < 2:
+        raise ValueError("block-wise quantization needs an array [N, C, ...]")
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    nb = -(-c // block_size)
+    padded = np.pad(x, [(0, 0), (0, nb * block_size - c)] + [(0, 0)] * len(rest))
+    # One row per block: [N, nb, B, *rest] -> [N, nb, *rest, B] -> [groups, B].
+    rows = np.moveaxis(padded.reshape(n, nb, block_size, *rest), 2, -1).reshape(-1, block_size)
+    r = _PARAMS[scheme](rows, bits, 0, scale_dtype)
+
+    def back(a: np.ndarray) -> np.ndarray:
+        full = np.moveaxis(a.reshape(n, nb, *rest, block_size), -1, 2)
+        return full.reshape(n, nb * block_size, *rest)[:, :c]
+
+    grid = (n, nb, *rest)
+    return QuantResult(
+        back(r.dequantized),
+        None if r.q is None else back(r.q),
+        np.asarray(r.scale).reshape(grid),
+        None if r.zero_point is None else np.asarray(r.zero_point).reshape(grid),
+        1,
+        r.bits,
+        scheme,
+        int(block_size),
+    )
 
 
 def quantize(

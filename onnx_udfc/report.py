@@ -10,8 +10,16 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     layers: [{name, op, in_channels_before/after, out_channels_before/after, params_before/after,
               macs_before/after, bits, predicted_error,
               compensation: {method, compensated, reason?, stats, absorbers, degenerate} | null,
-              quantization: {bits, quantizer, granularity, quant_error,
-                             scale_compensated, reason?} | null}]
+              quantization: {bits, quantizer, granularity, block_size, quant_error,
+                             scale_compensated, reason?,
+                             storage: {format fake|qdq, dtype float32|int8|uint8|int4|uint4,
+                                       bits, scheme, axis?, block_size?, zero_point?,
+                                       bytes?, float_bytes?}} | null}]
+    storage: {format, opset_before, opset_after, ir_version, weights: {dtype: layers}}
+    latency: {batch, provider, runs, before_ms, after_ms, ratio, flops_ratio,
+              after_folded_ms?} | null        CLI --latency: ONNX Runtime medians;
+                                                  after_folded_ms: a qdq output run with
+                                                  session.disable_quant_qdq=1
     predicted_error: for udfc the mean relative Eq. 12 residual of the pruned channels
                      (0 exact, 1 nothing recovered); otherwise the share of the layer's filter
                      energy (squared l2) that pruning removes.
@@ -50,6 +58,8 @@ class Report:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    storage: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
 
     @property
     def flops_before(self) -> int:
@@ -94,10 +104,18 @@ class Report:
             f"FLOPs   {self.flops_before:,} -> {self.flops_after:,} "
             f"({ratio(self.flops_before, self.flops_after)}) per sample",
             f"size    {self.size_before / 2**20:.2f} MiB -> {self.size_after / 2**20:.2f} MiB "
-            f"({ratio(self.size_before, self.size_after)})",
+            f"({ratio(self.size_before, self.size_after)})" + _storage_note(self.storage),
             f"groups  {len(self.groups)} found, {pruned} pruned, "
             f"{sum(1 for g in self.groups if g['prunable'] == 0)} fully fixed",
         ]
+        if self.latency:
+            lat = self.latency
+            lines.insert(3, f"latency {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
+                            f"({ratio(lat['before_ms'], lat['after_ms'])}) batch {lat['batch']}, "
+                            f"{lat['provider']}, median of {lat['runs']}" + (
+                                f"; {lat['after_folded_ms']:.3g} ms with "
+                                "session.disable_quant_qdq=1 (weights dequantized at load)"
+                                if lat.get("after_folded_ms") is not None else ""))
         comps = [x["compensation"] for x in self.layers if x.get("compensation")]
         if comps:
             done = sum(1 for c in comps if c["compensated"])
@@ -125,6 +143,17 @@ class Report:
             lines.append("time    " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
                          + f" (total {sum(self.timings.values()):.2f}s)")
         return "\n".join(lines)
+
+
+def _storage_note(storage: dict[str, Any] | None) -> str:
+    """`, qdq: 57 int8 weights, opset 17 -> 21` for the size line (nothing for float)."""
+    if not storage or storage.get("format") != "qdq":
+        return ""
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(storage["weights"].items())) or "no"
+    opsets = f"opset {storage['opset_before']}" + (
+        f" -> {storage['opset_after']}" if storage["opset_after"] != storage["opset_before"]
+        else "")
+    return f", qdq: {kinds} weights, {opsets}"
 
 
 def build_report(*, options, analysis, plan, layers_before: list[LayerStats],

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.graph import ChannelAnalysis
-from onnx_udfc.io import set_tensor_array, tensor_array
+from onnx_udfc.io import set_tensor_array, sync_initializer_inputs, tensor_array
 from onnx_udfc.rules import RULES
 
 
@@ -124,6 +124,7 @@ class Rewriter:
                  if vi.name in self.changed or self.keep(vi.name) is not None]
         for i in reversed(stale):
             del self.graph.value_info[i]
+        sync_initializer_inputs(self.model)
 
 
 def apply_removal(analysis: ChannelAnalysis, removed: np.ndarray) -> Rewriter:

@@ -120,6 +120,18 @@ class PassThrough(Rule):
         return None
 
 
+@register("CastLike")
+class CastLike(Rule):
+    """Output channels are input 0's; input 1 only lends its element type, so a constant cast
+    like an activation (``CastLike(0.0, x)``, dynamo's zero bias) stays a constant."""
+
+    def analyse(self, node, ctx):
+        info = ctx.channels(node.input[0])
+        if info is not None:
+            ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
+        return None
+
+
 @register(*SPATIAL)
 class SpatialPassThrough(PassThrough):
     """Pooling: channels pass through as long as they sit on axis 1."""
@@ -179,6 +191,13 @@ class Elementwise(Rule):
                 ax = axis - (out_rank - value.ndim)
                 if ax >= 0 and value.shape[ax] not in (1, len(slots)):
                     return f"constant '{n}' does not broadcast per channel"
+            elif value is None and n and ctx.channels(n) is None and len(slots) > 1:
+                # Computed from constants but not folded (too large, DequantizeLinear, ...):
+                # the rewrite could not cut it, so it must broadcast along the channels.
+                shape = ctx.shape(n)
+                ax = axis - (out_rank - len(shape)) if shape is not None else 0
+                if shape is None or (ax >= 0 and shape[ax] != 1):
+                    return f"per-channel operand '{n}' is computed at run time"
         ctx.set(node.output[0], axis, slots)
         return None
 

@@ -20,6 +20,18 @@ def _bias_rewrite(node, rw, index: int, keep_out: np.ndarray | None) -> None:
             rw.set_const(node, index, np.take(bias, keep_out, axis=-1))
 
 
+def fix_computed_bias(node, ctx, index: int, out: np.ndarray) -> None:
+    """A bias computed at run time (the dynamo exporter's ``Expand(CastLike(0, x), [N])``
+    when nothing folded it) cannot be cut: the output channels it covers stay."""
+    name = node.input[index] if len(node.input) > index else ""
+    if not name or ctx.const(name) is not None:
+        return
+    shape = ctx.shape(name)
+    if shape is not None and len(shape) and shape[-1] == 1:
+        return  # broadcast along the channels
+    ctx.fix(out, f"{node.op_type} bias '{name}' is computed at run time")
+
+
 @register("Conv")
 class Conv(Rule):
     """Conv: plain (producer + consumer), depthwise (input channel c feeds output channels
@@ -43,6 +55,7 @@ class Conv(Rule):
             ctx.balance.append((xs, groups))
             out = ctx.produce(node, node.output[0], 1, w.reshape(cout, -1))
             ctx.balance.append((out, groups))
+        fix_computed_bias(node, ctx, 2, ctx.tensors[node.output[0]].slots)
         return None
 
     def rewrite(self, node, rw):
@@ -91,6 +104,7 @@ class ConvTranspose(Rule):
             ctx.set(node.output[0], 1, np.repeat(xs, cout // cin))
         else:
             return f"grouped ConvTranspose (group={groups})"
+        fix_computed_bias(node, ctx, 2, ctx.tensors[node.output[0]].slots)
         return None
 
     def rewrite(self, node, rw):
@@ -124,7 +138,8 @@ class Gemm(Rule):
         xs = ctx.slots(node.input[0], 0 if trans_a else 1)
         if len(xs) != k:
             return f"Gemm expects {k} input features, the graph gives {len(xs)}"
-        ctx.produce(node, node.output[0], 1, b if trans_b else b.T)
+        out = ctx.produce(node, node.output[0], 1, b if trans_b else b.T)
+        fix_computed_bias(node, ctx, 2, out)
         return None
 
     def rewrite(self, node, rw):

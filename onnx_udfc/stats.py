@@ -73,12 +73,43 @@ def follower_batchnorm(node: onnx.NodeProto, consumers: dict[str, list[onnx.Node
     return None
 
 
+def follower_bias(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+                  inits: dict[str, onnx.TensorProto], outputs: set[str]
+                  ) -> tuple[onnx.NodeProto, np.ndarray] | None:
+    """The ``Add``/``Sub`` that adds a per-output-channel constant right after a weight layer
+    (a Linear on 3-D input exports as MatMul + Add, the bias first or second), with the bias
+    it adds. None when there is none or the constant does not line up with the channels."""
+    readers = consumers.get(node.output[0], [])
+    layer = weight_layer(node, inits)
+    if len(readers) != 1 or layer is None or node.output[0] in outputs:
+        return None
+    add = readers[0]
+    if add.op_type not in ("Add", "Sub") or len(add.input) != 2:
+        return None
+    other = [n for n in add.input if n != node.output[0]]
+    if len(other) != 1 or other[0] not in inits or (add.op_type == "Sub"
+                                                    and add.input[0] != node.output[0]):
+        return None
+    c = tensor_array(inits[other[0]]).astype(np.float64)
+    w = inits[layer.weight]
+    n = int(w.dims[layer.out_axis]) * (int(attr(node, "group", 1))
+                                       if node.op_type == "ConvTranspose" else 1)
+    # The channel axis counted from the right: last for Gemm/MatMul, rank-2 (axis 1) for convs.
+    from_right = 1 if node.op_type in ("Gemm", "MatMul") else len(w.dims) - 1
+    if c.size != n or c.ndim < from_right or c.shape[c.ndim - from_right] != n:
+        return None
+    return add, (-c if add.op_type == "Sub" else c).reshape(-1)
+
+
 def layer_stats(layer: LayerWeights, inits: dict[str, onnx.TensorProto],
                 consumers: dict[str, list[onnx.NodeProto]], outputs: set[str],
                 folded: dict[str, BatchNormStats] | None = None) -> tuple[ChannelStats, str]:
     """The layer's :class:`ChannelStats` and their source ('batchnorm', 'saved', 'folded',
     'identity')."""
     bias = layer.bias(inits)
+    added = follower_bias(layer.node, consumers, inits, outputs)
+    if added is not None:  # MatMul + Add: the Add holds the layer's bias
+        bias = added[1] if bias is None else bias + added[1]
     bn = follower_batchnorm(layer.node, consumers, outputs)
     if bn is not None and all(n in inits for n in bn.input[1:5]):
         gamma, beta, mean, var = (tensor_array(inits[n]) for n in bn.input[1:5])

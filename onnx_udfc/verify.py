@@ -34,6 +34,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
                         "(install onnxruntime-gpu and a CUDA driver)")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits, whose default accuracy level
+    # quantizes activations to int8: pinned, fidelity measures the stored weights.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

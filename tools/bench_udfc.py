@@ -171,7 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="model file name from shared/models/manifest.json (repeatable)")
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED,
                     help=f"the shared folder (default {DEFAULT_SHARED})")
-    ap.add_argument("--methods", type=_choices(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", type=_choices((*METHODS, "oracle")),
+                    default=["prune", "nm", "udfc"],
+                    help="oracle = udfc+ fed with moments measured on the evaluation images "
+                         "(data-driven upper bound)")
     ap.add_argument("--ratios", type=_floats, default=[0.3, 0.4, 0.5])
     ap.add_argument("--bits", type=_bits, default=[None, 4], help="e.g. fp,4 (fp = float)")
     ap.add_argument("--criteria", type=_choices(("l1", "l2")), default=["l1", "l2"])
@@ -357,7 +360,8 @@ def bench_model(args: argparse.Namespace, manifest: dict[str, Any], name: str,
         t = time.perf_counter()
         try:
             model, report = api.compress(
-                original, prune=ratio, method=method, bits=bits, criterion=criterion,
+                original, prune=ratio, method="udfc+" if method == "oracle" else method,
+                calibration=x if method == "oracle" else None, bits=bits, criterion=criterion,
                 quantizer=args.quantizer, granularity=args.granularity, alpha1=args.alpha1,
                 alpha2=args.alpha2, quant_exclude=list(args.quant_exclude), check=False)
             p.compress_s = round(time.perf_counter() - t, 4)

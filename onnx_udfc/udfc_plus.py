@@ -1,0 +1,300 @@
+"""``udfc+``: UDFC carried further with a statistical model of the activations.
+
+Pruning: each pruned channel's *post-activation* output ``x_j`` is reconstructed as
+``sum_i s_i x_i + c_j`` from the kept channels by least squares on moments,
+``s = (C_KK + lam * mean(diag C_KK) I)^-1 C_Kj`` and ``c_j = E[x_j] - s . E[x_K]`` (centred
+covariance C), where the moments come from :mod:`onnx_udfc.propagate` (data-free: BatchNorm
+anchors + Gaussian activation model) or, with a calibration set, from the real activations
+measured in ONNX Runtime (:mod:`onnx_udfc.calibrate`). ``s`` goes into the next layers' input
+columns exactly like Eq. 8; the constant ``c_j`` into their bias (or the BatchNorm mean that
+follows them; a Conv/Gemm without either gets a bias).
+
+Quantization: DFQ-style bias correction, ``E[(Wq - W) x] = (Wq - W) E[x]`` subtracted from each
+quantized layer's output, with E[x] from the same moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_udfc.compensate import Absorber, _positions, apply_reconstruction
+from onnx_udfc.graph import ChannelAnalysis
+from onnx_udfc.io import set_tensor_array, tensor_array
+from onnx_udfc.propagate import TensorMoments, propagate
+from onnx_udfc.stats import LayerWeights, follower_batchnorm, weight_layer
+
+FOLLOW = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "Sigmoid", "Tanh",
+          "Gelu", "Identity", "Dropout"}
+
+
+@dataclass
+class PlusConfig:
+    """Hyperparameters of udfc+ (tuned on the NM ResNet-56 and LeNet-300-100 only)."""
+
+    lam: float = 0.01  # ridge, relative to the mean kept variance
+    spatial: float = 0.5  # correlation between the positions of a patch (no BN to fit it)
+    fit_spatial: bool = False  # fit it per layer to the BatchNorm's running variances
+    absorb_constant: bool = True
+    const_scale: float = 0.85  # shrink the absorbed constant toward 0
+    bias_correction: bool = True
+    scale_correction: bool = False  # LS scale per output channel, folded into a following BN
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+
+
+DEFAULT = PlusConfig()
+
+
+def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
+                  calibration: Any = None, tensors: list[str] | None = None,
+                  max_full: int = 512) -> dict[str, TensorMoments]:
+    """Moments of the model's tensors: measured on ``calibration`` where given (for
+    ``tensors``), the data-free propagation otherwise."""
+    if calibration is not None:
+        from onnx_udfc.calibrate import measure
+        return measure(model, calibration, tensors or [])
+    return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,
+                     max_full=max_full, input_mean=cfg.input_mean,
+                     input_std=cfg.input_std)
+
+
+def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
+    """The last tensor of the BN/activation chain after ``node`` (same channels)."""
+    t = node.output[0]
+    while True:
+        readers = ctx.consumers.get(t, [])
+        if len(readers) != 1 or readers[0].op_type not in FOLLOW or readers[0].input[0] != t:
+            return t
+        t = readers[0].output[0]
+
+
+def reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
+                   lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(coefficients [|P|, |K|], constants [|P|], relative residual variance [|P|])``."""
+    c = m.cov
+    ckk = c[np.ix_(kept, kept)]
+    ckj = c[np.ix_(kept, pruned)]
+    d = float(np.mean(np.diag(ckk))) if kept.size else 0.0
+    reg = ckk + (lam * d + 1e-12 * max(d, 1e-30)) * np.eye(kept.size)
+    s = np.linalg.solve(reg, ckj) if kept.size else np.zeros((0, pruned.size))
+    const = m.mean[pruned] - s.T @ m.mean[kept]
+    vj = np.diag(c)[pruned]
+    res = vj - 2 * np.einsum("kp,kp->p", s, ckj) + np.einsum("kp,kl,lp->p", s, ckk, s)
+    rel = np.divide(res, vj, out=np.zeros_like(vj), where=vj > 0)
+    return s.T, const, np.clip(rel, 0.0, None)
+
+
+def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray) -> bool:
+    """Add ``delta`` (per output channel) to the layer's output, before any BN; False if
+    impossible (MatMul without bias)."""
+    node, inits = layer.node, ctx.inits
+    if layer.bias(inits) is not None:
+        init = inits[node.input[2]]
+        b = tensor_array(init)
+        set_tensor_array(init, (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype))
+        return True
+    outputs = {o.name for o in ctx.graph.output}
+    bn = follower_batchnorm(node, ctx.consumers, outputs)
+    if bn is not None and bn.input[3] in inits and inits[bn.input[3]] is not None:
+        init = inits[bn.input[3]]
+        mu = tensor_array(init)
+        set_tensor_array(init, (mu.astype(np.float64) - delta).astype(mu.dtype))
+        return True
+    if node.op_type not in ("Conv", "Gemm"):
+        return False
+    dtype = tensor_array(inits[layer.weight]).dtype
+    name = f"{layer.weight}__udfc_bias"
+    while name in inits:
+        name += "_"
+    t = numpy_helper.from_array(delta.astype(dtype), name)
+    ctx.graph.initializer.append(t)
+    ctx.inits[name] = ctx.graph.initializer[-1]
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return True
+
+
+def absorb_constants(ctx: ChannelAnalysis, found: list[Absorber], pruned_cls: np.ndarray,
+                     const: np.ndarray) -> list[str]:
+    """Fold ``sum_j c_j W'[:, j]`` (over all positions/taps of channel j) into each absorber's
+    output bias. Returns the absorbers that could not take it."""
+    skipped = []
+    for ab in found:
+        pp = _positions(ctx, ab.tensor, pruned_cls)
+        w = tensor_array(ctx.inits[ab.layer.weight]).astype(np.float64)
+        w = np.moveaxis(w, (ab.layer.in_axis, ab.layer.out_axis), (0, 1))
+        if pp is None:
+            skipped.append(ab.layer.node.name)
+            continue
+        cols = w[pp.reshape(-1)].reshape(pp.shape[0], pp.shape[1], w.shape[1], -1)
+        taps = tap_coverage(ctx, ab) if cols.shape[3] > 1 else None
+        if taps is not None and taps.size == cols.shape[3]:
+            cols = cols * taps
+        delta = np.einsum("j,jmor->o", const, cols)
+        if not add_output_bias(ctx, ab.layer, delta):
+            skipped.append(ab.layer.node.name)
+    return skipped
+
+
+def tap_coverage(ctx: ChannelAnalysis, ab: Absorber) -> np.ndarray | None:
+    """For a Conv absorber: the share of output positions where each kernel tap reads a real
+    (not padded) input, flattened like the kernel; a constant input is then reproduced exactly
+    on average over the positions."""
+    node = ab.layer.node
+    shape = ctx.shapes.get(node.input[0])
+    w = ctx.inits[node.input[1]]
+    if node.op_type != "Conv" or shape is None or len(shape) < 3:
+        return None
+    kernel = [int(d) for d in w.dims[2:]]
+    spatial = shape[2:]
+    if not all(isinstance(d, int) for d in spatial) or len(spatial) != len(kernel):
+        return None
+    nd = len(kernel)
+    a = {x.name: x for x in node.attribute}
+    if "auto_pad" in a and a["auto_pad"].s not in (b"NOTSET", b""):
+        return None
+    pads = list(a["pads"].ints) if "pads" in a else [0] * 2 * nd
+    strides = list(a["strides"].ints) if "strides" in a else [1] * nd
+    dil = list(a["dilations"].ints) if "dilations" in a else [1] * nd
+    cover = np.ones(1)
+    for ax in range(nd):
+        size, k, pb, st, d = spatial[ax], kernel[ax], pads[ax], strides[ax], dil[ax]
+        n_out = (size + pb + pads[ax + nd] - d * (k - 1) - 1) // st + 1
+        pos = np.arange(n_out)[:, None] * st - pb + np.arange(k)[None, :] * d
+        frac = ((pos >= 0) & (pos < size)).mean(0)
+        cover = np.outer(cover, frac).reshape(-1)
+    return cover
+
+
+def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.ndarray,
+                 kept: np.ndarray, pruned: np.ndarray, moments: dict[str, TensorMoments],
+                 cfg: PlusConfig | None = None) -> dict[str, Any]:
+    """Reconstruct producer ``p``'s pruned channels (original indices) from its kept ones."""
+    cfg = cfg or DEFAULT
+    t = activation_tensor(p.node, ctx)
+    m = moments.get(t)
+    n = len(p.slots)
+    if m is None or m.mean.size != n:
+        return {"compensated": False, "reason": f"no moments for '{t}'"}
+    coef, const, rel = reconstruction(m, kept, pruned, cfg.lam)
+    skipped = apply_reconstruction(ctx, found, cls[kept], cls[pruned], coef)
+    entry: dict[str, Any] = {"compensated": not skipped, "stats": "moments",
+                             "predicted_error": float(np.mean(np.sqrt(rel))),
+                             "absorbers": [a.layer.node.name for a in found], "degenerate": []}
+    if cfg.absorb_constant and not skipped:
+        missed = absorb_constants(ctx, found, cls[pruned], cfg.const_scale * const)
+        if missed:
+            entry["constant_skipped"] = missed
+    if skipped:
+        entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
+    return entry
+
+
+def _patch_products(dims: list[int], layer: LayerWeights, f: np.ndarray, fq: np.ndarray,
+                    m: TensorMoments, r: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``E[(w.x)(wq.x)]``, ``E[(wq.x)^2]`` and ``E[(wq - w).x]`` per output channel under
+    the moment model (Conv patches: ``E[x x^T] (x) ((1 - r) I + r 11^T)``)."""
+    node = layer.node
+    sec = m.second
+    if node.op_type == "Conv":
+        group = int(next((a.i for a in node.attribute if a.name == "group"), 1))
+        o = f.shape[0]
+        cg = dims[1]
+        if m.mean.size != cg * group or group != 1 and group != o:
+            return None
+        w3, q3 = f.reshape(o, cg, -1), fq.reshape(o, cg, -1)
+        if group > 1:  # depthwise: each output channel sees one input channel
+            idx = np.arange(o) // (o // group)
+            d = np.diag(sec)[idx]
+            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                ind = np.einsum("op,op->o", a[:, 0], b[:, 0])
+                return d * ((1 - r) * ind + r * a[:, 0].sum(1) * b[:, 0].sum(1))
+            mean = m.mean[idx] * (q3 - w3)[:, 0].sum(1)
+        else:
+            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                ind = np.zeros(a.shape[0])
+                for k in range(a.shape[2]):
+                    ind += np.sum((a[:, :, k] @ sec) * b[:, :, k], axis=1)
+                sa, sb = a.sum(2), b.sum(2)
+                return (1 - r) * ind + r * np.sum((sa @ sec) * sb, axis=1)
+            mean = (q3 - w3).sum(2) @ m.mean
+        return cross(w3, q3), cross(q3, q3), mean
+    if f.shape[1] != m.mean.size:
+        return None
+    return (np.sum((f @ sec) * fq, axis=1), np.sum((fq @ sec) * fq, axis=1),
+            (fq - f) @ m.mean)
+
+
+def bias_correction(ctx: ChannelAnalysis, layer: LayerWeights, f: np.ndarray, fq: np.ndarray,
+                    moments: dict[str, TensorMoments], cfg: PlusConfig | None = None) -> bool:
+    """Correct the quantized layer's output: with a following BatchNorm (and no bias) the
+    least-squares scale ``s = E[y yq] / E[yq^2]`` goes into its gamma; then
+    ``E[s yq - y]`` is removed from its output (bias, or the BN mean)."""
+    cfg = cfg or DEFAULT
+    m = moments.get(layer.node.input[0])
+    if m is None:
+        return False
+    dims = [int(d) for d in ctx.inits[layer.weight].dims]
+    if not cfg.scale_correction:
+        err = _mean_out(dims, layer, fq - f, m)
+        return err is not None and add_output_bias(ctx, layer, -err)
+    prods = _patch_products(dims, layer, f, fq, m, cfg.spatial)
+    if prods is None:
+        return False
+    yyq, yqyq, err_mean = prods
+    outputs = {o.name for o in ctx.graph.output}
+    bn = follower_batchnorm(layer.node, ctx.consumers, outputs)
+    if cfg.scale_correction and bn is not None and layer.bias(ctx.inits) is None \
+            and all(n in ctx.inits for n in bn.input[1:5]):
+        scale = np.divide(yyq, yqyq, out=np.ones_like(yyq), where=yqyq > 0)
+        scale = np.where((scale > 0.5) & (scale < 2.0), scale, 1.0)
+        # y ~ s yq - delta, delta = E[s yq - y] = s (Wq - W) m + (s - 1) W m
+        wm = _mean_out(dims, layer, f, m)
+        if wm is None:
+            return False
+        delta = scale * err_mean + (scale - 1.0) * wm
+        g_init, mu_init = ctx.inits[bn.input[1]], ctx.inits[bn.input[3]]
+        g, mu = tensor_array(g_init), tensor_array(mu_init)
+        set_tensor_array(g_init, (g.astype(np.float64) * scale).astype(g.dtype))
+        set_tensor_array(mu_init, ((mu.astype(np.float64) + delta) / scale).astype(mu.dtype))
+        return True
+    return add_output_bias(ctx, layer, -err_mean)
+
+
+def _mean_out(dims: list[int], layer: LayerWeights, f: np.ndarray,
+              m: TensorMoments) -> np.ndarray | None:
+    """``f . E[x]`` per output channel (None if the channels do not line up)."""
+    if layer.node.op_type == "Conv":
+        o = f.shape[0]
+        w = f.reshape(o, dims[1], -1).sum(2)
+        if w.shape[1] == m.mean.size:
+            return w @ m.mean
+        if w.shape[1] == 1 and o % m.mean.size == 0:  # depthwise
+            return w[:, 0] * m.mean[np.arange(o) // (o // m.mean.size)]
+        return None
+    return f @ m.mean if f.shape[1] == m.mean.size else None
+
+
+def pruning_moments(ctx: ChannelAnalysis, calibration: Any = None,
+                    cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
+    """Moments of every producer's activation output (before any change to the model)."""
+    names = [activation_tensor(p.node, ctx) for p in ctx.producers]
+    return model_moments(ctx.model, ctx.shapes, cfg or DEFAULT, calibration, names)
+
+
+def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, calibration: Any = None,
+                  cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
+    """Moments of the inputs of every weight layer (for the bias correction)."""
+    cfg = cfg or DEFAULT
+    if not cfg.bias_correction:
+        return {}
+    names = [n.input[0] for n in model.graph.node if weight_layer(n, ctx.inits) is not None]
+    # the bias correction needs means only, which need variances only
+    full = 512 if cfg.scale_correction else 0
+    return model_moments(model, ctx.shapes, cfg, calibration, names, max_full=full)

@@ -1,0 +1,77 @@
+"""udfc+: the moment-based reconstruction, its graph glue and the data-aware mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_methods import _bn_chain
+
+from onnx_udfc import api
+from onnx_udfc.moments import Activation, gaussian_moments
+from onnx_udfc.propagate import TensorMoments
+from onnx_udfc.udfc_plus import reconstruction
+from tests.synthetic import max_diff, random_feeds, run
+
+
+def test_solver_matches_least_squares_on_samples():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(6, 6))
+    cov = a @ a.T / 6 + 0.05 * np.eye(6)
+    mu = rng.normal(size=6) * 0.5
+    mean, c = gaussian_moments(mu, cov, Activation("relu"))
+    kept, pruned = np.array([0, 2, 3, 5]), np.array([1, 4])
+    coef, const, rel = reconstruction(TensorMoments(mean, c), kept, pruned, lam=0.0)
+    x = np.maximum(rng.multivariate_normal(mu, cov, size=300_000), 0)
+    design = np.hstack([x[:, kept], np.ones((len(x), 1))])
+    sol, *_ = np.linalg.lstsq(design, x[:, pruned], rcond=None)
+    assert np.abs(coef - sol[:-1].T).max() < 0.03
+    assert np.abs(const - sol[-1]).max() < 0.03
+    resid = x[:, pruned] - design @ sol
+    assert np.allclose(rel, resid.var(0) / x[:, pruned].var(0), atol=0.03)
+
+
+def test_exact_copy_is_reconstructed_exactly():
+    m = TensorMoments(np.array([1.0, 2.0, 0.5]), np.array([[1.0, 0.2, 0.5],
+                                                           [0.2, 2.0, 0.1],
+                                                           [0.5, 0.1, 0.25]]))
+    coef, const, rel = reconstruction(m, np.array([0, 1]), np.array([2]), lam=0.0)
+    assert coef[0] == pytest.approx([0.5, 0.0], abs=1e-9)
+    assert const[0] == pytest.approx(0.0, abs=1e-9)
+    assert rel[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_compress_udfc_plus_exact_on_duplicate_channel():
+    # channel 5 = 0.3 x channel 0 after BN; the synthetic BN statistics are not those of any
+    # data (var5 = var0), so the moments are measured on the test inputs (data-aware mode)
+    model = _bn_chain()
+    feeds = random_feeds(model, 2, 1)
+    plain, _ = api.compress(model, prune=0.1, method="prune")
+    plus, report = api.compress(model, prune=0.1, method="udfc+", calibration=feeds)
+    comp = [entry["compensation"] for entry in report.to_dict()["layers"]
+            if entry.get("compensation")]
+    assert comp and all(c["compensated"] for c in comp)
+    assert max_diff(model, plus) < 0.05 * max_diff(model, plain)
+
+
+def test_calibration_and_quantization_run():
+    model = _bn_chain()
+    feeds = random_feeds(model, batch=16, seed=4)
+    ref = run(model, feeds)[0]
+    errs = {}
+    for name, kw in {"prune": {"method": "prune"}, "plus": {"method": "udfc+"},
+                     "cal": {"method": "udfc+", "calibration": feeds}}.items():
+        out, _ = api.compress(model, prune=0.3, bits=6, **kw)
+        errs[name] = float(np.abs(run(out, feeds)[0] - ref).mean())
+    assert errs["cal"] <= errs["prune"]
+    assert errs["plus"] < errs["prune"] * 1.5
+
+
+def test_bias_correction_reduces_mean_error():
+    model = _bn_chain()
+    feeds = random_feeds(model, batch=32, seed=5)
+    ref = run(model, feeds)[0]
+    rtn, _ = api.compress(model, bits=3, method="prune")
+    plus, _ = api.compress(model, bits=3, method="udfc+", calibration=feeds)
+    bias = {k: float(np.abs((run(m, feeds)[0] - ref).mean(0)).mean())
+            for k, m in {"rtn": rtn, "plus": plus}.items()}
+    assert bias["plus"] < bias["rtn"]
