@@ -125,9 +125,11 @@ class Report:
         quants = [x["quantization"] for x in self.layers if x.get("quantization")]
         if quants:
             scaled = sum(1 for q in quants if q["scale_compensated"])
+            corrected = sum(1 for q in quants if q.get("bias_corrected"))
+            repair = f"{scaled} with scale compensation" + (
+                f", {corrected} bias-corrected" if corrected else "")
             lines.append(f"weights {len(quants)} layers at {quants[0]['bits']} bits "
-                         f"({quants[0]['quantizer']}, {quants[0]['granularity']}), "
-                         f"{scaled} with scale compensation")
+                         f"({quants[0]['quantizer']}, {quants[0]['granularity']}), {repair}")
         if self.unsupported:
             lines.append(f"left untouched: {len(self.unsupported)} node(s), e.g. "
                          f"{self.unsupported[0]['node']} ({self.unsupported[0]['reason']})")
