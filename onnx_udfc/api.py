@@ -30,12 +30,14 @@ import onnx
 
 from onnx_udfc import io as _io
 from onnx_udfc import normalize as _normalize
+from onnx_udfc.errors import UdfcError
 from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
 from onnx_udfc.graph import analyse as _analyse
 from onnx_udfc.methods import MethodConfig, compensate_pruning, quantize_model
 from onnx_udfc.metrics import count_params, layer_stats
 from onnx_udfc.plan import PruneConfig, PrunePlan, make_plan
 from onnx_udfc.qdq import StorageConfig, fake_summary, to_qdq
+from onnx_udfc.qdq_fold import fold_bn_into_scales
 from onnx_udfc.quantizers import QuantizedWeight
 from onnx_udfc.report import Report, build_report
 from onnx_udfc.rewrite import apply_removal
@@ -169,7 +171,8 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
              granularity: str = "tensor", alpha1: float = 0.01, alpha2: float = 0.008,
              quant_exclude: Sequence[str] = (), calibration: object = None,
              format: str = "fake", block_size: int | None = None, container: str = "auto",
-             opset: int | None = None,
+             opset: int | None = None, budget_flops: float | None = None,
+             fold_bn_scales: bool = False,
              ) -> tuple[onnx.ModelProto, Report]:
     """Load, analyse, plan, compensate, prune, quantize and check; returns the compressed model
     and its report.
@@ -205,6 +208,9 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
                                  calibration=calibration, block_size=block_size)
     method_config.validate()
     storage_config = StorageConfig(format, container, opset)
+    if fold_bn_scales and format != "qdq":
+        raise UdfcError("--fold-bn-scales needs --format qdq (it folds BatchNormalization into "
+                        "the integer weights' scales)")
     storage_config.validate(bits, quantizer, granularity, block_size)
     PruneConfig(exclude=list(quant_exclude)).validate()
     step = progress or (lambda _name: None)
@@ -230,8 +236,14 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
 
     t = time.perf_counter()
     step("plan")
+    group_ratios = {}
+    if budget_flops is not None:  # per-group ratios by predicted error (onnx_udfc.budget)
+        from onnx_udfc.budget import allocate
+        group_ratios = allocate(analysis.channels, analysis.groups, budget_flops,
+                                PruneConfig(prune, criterion, list(exclude), prune_coupled),
+                                calibration if method == "udfc+" else None)
     pruning = plan(analysis, prune, criterion=criterion, exclude=list(exclude),
-                   prune_coupled=prune_coupled, round_to=round_to)
+                   prune_coupled=prune_coupled, round_to=round_to, group_ratios=group_ratios)
     energy = removed_energy(analysis.channels, pruning.removed)
     timings["plan"] = time.perf_counter() - t
 
@@ -266,6 +278,9 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         t = time.perf_counter()
         step("store")
         m, storage = to_qdq(m, kept, storage_config, bits, granularity, block_size)
+        if fold_bn_scales:
+            folded_count, not_folded = fold_bn_into_scales(m)
+            storage.update(bn_folded_into_scales=folded_count, bn_not_folded=not_folded)
         timings["store"] = time.perf_counter() - t
     for name, entry in storage.pop("layers").items():
         if name in quantization:

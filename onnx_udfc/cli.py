@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", type=float, default=0.0, metavar="R",
                    help="share of channels to remove from every prunable group, in [0, 1)")
     c.add_argument("--criterion", choices=["l1", "l2"], default="l1")
+    c.add_argument("--budget-flops", type=float, metavar="B",
+                   help="instead of one --prune ratio: per-group ratios, allocated by the "
+                        "predicted reconstruction error, so that FLOPs after <= B x before")
     c.add_argument("--method", choices=["prune", "nm", "udfc", "udfc+"], default="prune",
                    help="prune: drop channels; nm: Neuron Merging; udfc: closed-form "
                         "reconstruction of pruned and quantized channels (the paper); "
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--opset", type=int, metavar="N",
                    help="qdq: convert to this opset (default: the model's, raised to 13 for "
                         "per-channel and 21 for int4/blocks when needed)")
+    c.add_argument("--fold-bn-scales", action="store_true",
+                   help="qdq: fold BatchNormalization into the integer weights' dequantization "
+                        "scales after quantization (exact; smaller file, same accuracy)")
     c.add_argument("--latency", action="store_true",
                    help="time original and output in ONNX Runtime (batch 1, median of 20 "
                         "interleaved runs) for the summary and report")
@@ -203,7 +209,8 @@ def _compress(args) -> int:
             method=args.method, bits=args.bits, quantizer=args.quantizer,
             granularity=args.granularity, alpha1=args.alpha1, alpha2=args.alpha2,
             quant_exclude=args.quant_exclude, format=args.format, block_size=args.block_size,
-            container=args.container, opset=args.opset, calibration=args.calibration)
+            container=args.container, opset=args.opset, calibration=args.calibration,
+            budget_flops=args.budget_flops, fold_bn_scales=args.fold_bn_scales)
         progress("save")
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,

@@ -33,15 +33,30 @@ HOMOGENEOUS = set(SPATIAL) | {
     "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "Neg", "Abs", "Flatten", "Reshape",
     "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Resize",
     "Upsample", "ReduceMean", "ReduceMax"}
+# Bounded or offset functions (f(0) != 0 or saturating both ways): a linear combination of
+# their outputs cannot stand for another channel's, nor a rescaling for a rescaled input.
+# Gated by the channel itself (x * sigmoid(x) = SiLU, x * hardsigmoid(x) = HardSwish,
+# x * (1 + erf(x / sqrt 2)) / 2 = GELU) the result is ReLU-like again.
+SATURATING = {"Sigmoid", "HardSigmoid", "Tanh", "Softsign", "Erf", "Sin", "Cos", "Exp", "Log",
+              "Reciprocal", "Sqrt", "Sign", "Round", "Floor", "Ceil"}
 BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+
+# Policy for activations that are not positively homogeneous but ReLU-like (GELU, SiLU,
+# HardSwish, ReLU6, ELU, ...): fold the correction through them as an approximation (reported
+# per layer as ``activations``), measured on the zoo with tools/bench_zoo.py. Saturating ones
+# (Sigmoid, Tanh, ...) are never crossed; a quantization scale with a BatchNormalization right
+# after the layer goes into that BN instead, which is exact for any activation.
+PRUNE_THROUGH_CURVED = True
+SCALE_THROUGH_CURVED = True
 
 
 @dataclass
 class Absorber:
-    """A weight layer reading ``tensor`` whose input columns can take a correction.
+    """A weight layer (or, for a quantization scale, the BN after the layer) reading ``tensor``
+    whose input columns can take a correction.
 
     ``nonlinear`` names the ops between the layer and this absorber that are not positively
-    homogeneous (Sigmoid, Erf, HardSwish, a Clip with an upper bound, ``x * sigmoid(x)``, ...):
+    homogeneous (GELU, SiLU = ``x * sigmoid(x)``, HardSwish, a Clip with an upper bound, ...):
     through them the correction is an approximation (see :func:`absorbers`)."""
 
     layer: LayerWeights
@@ -96,11 +111,14 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
     be gated by a computed per-channel factor (squeeze-excite ``x * gate``): the scale is
     linear in x there, and the gate's own input is corrected too.
 
-    The correction is exact through positively homogeneous ops (ReLU, LeakyReLU, PReLU,
-    pooling, layout ops); through any other activation it is the same linear formula applied
-    to a curved function, an approximation that every Absorber lists in ``nonlinear``. The
-    quantization scale is not applied through such an activation (the reason says which): it
-    would rescale the activation's offset as well, ``s f(z) != f(s z)``.
+    Both corrections are derived for the pre-activation ``z`` of the layer. Through positively
+    homogeneous ops (ReLU, LeakyReLU, PReLU, pooling, layout) they pass as in the paper. Through
+    a ReLU-like curved activation (GELU, SiLU, HardSwish, ReLU6, ELU, ...) the same linear
+    formula is an approximation, listed in each Absorber's ``nonlinear`` (policy:
+    :data:`PRUNE_THROUGH_CURVED`, :data:`SCALE_THROUGH_CURVED`); a quantization scale then goes
+    into the BatchNormalization right after the layer when there is one (``gamma *= s``:
+    exact for any activation, and keeping the bias, see :func:`_scale_bn`). Saturating
+    activations (Sigmoid, Tanh, HardSigmoid, ...) are not crossed: the reason names them.
     """
     outputs = {o.name for o in ctx.graph.output}
     bn = follower_batchnorm(node, ctx.consumers, outputs)
@@ -108,11 +126,15 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
     found: list[Absorber] = []
     path: dict[str, tuple[str, ...]] = {node.output[0]: ()}  # reached tensor -> nonlinear ops
     root: dict[str, str] = {node.output[0]: node.output[0]}  # elementwise source of a tensor
+    bounded: dict[str, str] = {}  # reached tensor -> the saturating op it is an output of
     stack, seen, pending = [node.output[0]], set(), []
+    saturated: list[str] = []  # saturating ops in front of an absorber
 
-    def reach(name: str, via: tuple[str, ...], src: str) -> None:
+    def reach(name: str, via: tuple[str, ...], src: str, sat: str = "") -> None:
         if name and name not in path:
             path[name], root[name] = via, src
+            if sat:
+                bounded[name] = sat
             stack.append(name)
 
     def binary(c: onnx.NodeProto) -> str | None:
@@ -141,7 +163,12 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
             (c.op_type in ("Add", "Sub", "Max") and all(not np.any(v) for v in consts))
         via = tuple(dict.fromkeys(sum((path[n] for n in reached), ()) +
                                   (() if homogeneous else (c.op_type,))))
-        reach(out, via, srcs.pop())
+        # x * g(x) is gated by the channel itself: ReLU-like again, unless every factor is
+        # bounded; with constants only, the boundedness of the single input carries over.
+        sat = [bounded.get(n, "") for n in reached]
+        gated = c.op_type == "Mul" and len(reached) > 1
+        reach(out, via, srcs.pop(), "" if gated and not all(sat) else next(
+            (x for x in sat if x), ""))
         return "ok"
 
     while True:
@@ -168,10 +195,17 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                 if c.input[0] != t and c.op_type != "Concat":
                     return [], f"its channels enter {label} as a parameter"
                 layer = weight_layer(c, ctx.inits)
+                if c.op_type == "ConvTranspose" and layer is not None:  # weight [Cin, Cout..]
+                    if t in bounded:
+                        saturated.append(bounded[t])
+                    found.append(Absorber(layer, t, path[t]))
+                    continue
                 if c.op_type in ("Conv", "Gemm", "MatMul") and layer is not None:
                     groups = int(attr(c, "group", 1))
                     depthwise = groups == _channels(c, ctx) and \
                         int(ctx.inits[c.input[1]].dims[0]) == groups
+                    if t in bounded:
+                        saturated.append(bounded[t])
                     if groups == 1 or (not cross_channel and depthwise):
                         if c.op_type == "Conv" and groups > 1:
                             layer = LayerWeights(c, c.input[1], 0, 0)
@@ -187,8 +221,9 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                     elementwise = c.op_type in ELEMENTWISE_UNARY
                     via = path[t] if _op_homogeneous(c, ctx) else \
                         tuple(dict.fromkeys(path[t] + (c.op_type,)))
+                    sat = c.op_type if c.op_type in SATURATING else bounded.get(t, "")
                     for o in c.output:
-                        reach(o, via, root[t] if elementwise else o)
+                        reach(o, via, root[t] if elementwise else o, sat)
                     continue
                 return [], f"its channels feed {label}"
         progress = False
@@ -208,7 +243,7 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
             if c.op_type == "Mul" and len(gate) == 1 and _aligned(ctx, c, gate[0]):
                 x = next(n for n in c.input if n in root)
                 pending.remove(c)
-                reach(c.output[0], path[x], c.output[0])
+                reach(c.output[0], path[x], c.output[0], bounded.get(x, ""))
                 progress = True
         if not progress:
             break
@@ -217,15 +252,50 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
     if not found:
         return [], "no layer reads its channels"
     curved = sorted({op for a in found for op in a.nonlinear})
-    if not cross_channel and curved and not SCALE_THROUGH_CURVED:
-        return [], ("the scale would pass through an activation that is not positively "
+    if curved and not cross_channel and bn is not None:
+        into_bn = _batchnorm_absorbers(bn, node, ctx)
+        if into_bn:
+            return into_bn, None
+    if saturated:
+        return [], f"its channels pass through {saturated[0]}, a saturating activation"
+    policy = PRUNE_THROUGH_CURVED if cross_channel else SCALE_THROUGH_CURVED
+    if curved and not policy:
+        what = "reconstruction" if cross_channel else "scale"
+        return [], (f"the {what} would pass through an activation that is not positively "
                     f"homogeneous ({', '.join(curved)})")
     return found, None
 
 
-# Apply Eq. 21 scales through activations that are not positively homogeneous too (measured
-# on the zoo by tools/bench_zoo.py --scale-through-curved; off: plain RTN there).
-SCALE_THROUGH_CURVED = False
+def _batchnorm_absorbers(bn: onnx.NodeProto, node: onnx.NodeProto, ctx: ChannelAnalysis
+                         ) -> list[Absorber]:
+    """The BN after ``node`` as the absorber of a per-channel scale (see :func:`_scale_bn`)."""
+    uses = weight_uses(ctx.graph)
+    if len(bn.input) < 5 or any(n not in ctx.inits or uses.get(n, 0) != 1
+                                for n in bn.input[1:5]):
+        return []
+    return [Absorber(LayerWeights(bn, bn.input[1], 0, 0), node.output[0])]
+
+
+def _scale_bn(ctx: ChannelAnalysis, bn: onnx.NodeProto, positions: np.ndarray,
+              scales: np.ndarray) -> None:
+    """Rescale the weight part of the pre-activation, ``z = s (gamma/sigma) Wq x + K``, keeping
+    the folded bias K: ``gamma' = s gamma`` and ``beta' = beta - (s - 1) gamma (b - mean) /
+    sigma`` (b: the layer's own bias, absorbed into ``mean`` like everywhere else). What the
+    activation sees is then what Eq. 21 fitted, for any activation."""
+    producer = next(n for n in ctx.graph.node if bn.input[0] in n.output)
+    layer = weight_layer(producer, ctx.inits)
+    bias = layer.bias(ctx.inits) if layer is not None else None
+    gamma, beta, mean, var = (tensor_array(ctx.inits[n]).astype(np.float64)
+                              for n in bn.input[1:5])
+    eps = float(attr(bn, "epsilon", 1e-5))
+    idx = positions[:, 0]
+    shift = mean - (bias if bias is not None else 0.0)
+    new_gamma, new_beta = gamma.copy(), beta.copy()
+    new_gamma[idx] = scales * gamma[idx]
+    new_beta[idx] = beta[idx] + (scales - 1.0) * gamma[idx] * shift[idx] / np.sqrt(var[idx] + eps)
+    for name, value in ((bn.input[1], new_gamma), (bn.input[2], new_beta)):
+        init = ctx.inits[name]
+        set_tensor_array(init, value.astype(tensor_array(init).dtype))
 
 
 def _label(c: onnx.NodeProto) -> str:
@@ -337,6 +407,9 @@ def apply_scales(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarra
     if skipped:
         return skipped
     for ab, pos, sc in plans:
+        if ab.layer.node.op_type == "BatchNormalization":
+            _scale_bn(ctx, ab.layer.node, pos, sc)
+            continue
         view = ColumnView(ctx, ab)
         view.cols[pos] *= sc[:, None, None]
         view.write()

@@ -23,12 +23,16 @@ from onnx_udfc.verify import PROVIDERS
 
 @dataclass
 class Timing:
-    """Per model: median, min and max seconds of one run over ``runs`` rounds."""
+    """Per model: median, min and max wall seconds of one run over ``runs`` rounds, and the
+    median CPU seconds of the process (all threads) per run. CPU time does not grow while the
+    process waits for a core, so on a machine shared with other work it shows the model's own
+    cost when wall time cannot (single-threaded sessions make the two comparable)."""
 
     median_s: float
     min_s: float
     max_s: float
     runs: int
+    cpu_median_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,16 +88,19 @@ def interleaved(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int
         for name in names:
             sessions[name].run(None, feed)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(runs):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {n: Timing(statistics.median(v), min(v), max(v), len(v)) for n, v in times.items()}
+    return {n: Timing(statistics.median(v), min(v), max(v), len(v),
+                      statistics.median(cpu[n])) for n, v in times.items()}
 
 
 # ONNX Runtime keeps weight DequantizeLinear nodes unfolded by default (they could belong to

@@ -65,6 +65,7 @@ class MethodConfig:
                 raise UdfcError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+@udfc_plus.plus_threads("cfg")
 def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodConfig,
                        folded: dict[str, BatchNormStats] | None = None) -> dict[str, dict]:
     """Fold each pruned channel's reconstruction into the next layers (before the rewrite).
@@ -129,6 +130,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
     return out
 
 
+@udfc_plus.plus_threads("cfg")
 def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                    input_shapes: dict[str, list[int]] | None = None,
                    folded: dict[str, BatchNormStats] | None = None,
@@ -182,6 +184,11 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
             if reason is None:
                 skipped = apply_scales(ctx, found, classes, scales)
                 reason = f"channels missing from {', '.join(skipped)}" if skipped else None
+                curved = sorted({op for a in found for op in a.nonlinear})
+                if curved:  # not positively homogeneous: the scale is an approximation
+                    entry["activations"] = curved
+                if found and found[0].layer.node.op_type == "BatchNormalization":
+                    entry["scale_into"] = "batchnorm"  # before a curved activation: exact
             entry.update(scale_compensated=reason is None, stats=source)
             if reason:
                 entry["reason"] = reason

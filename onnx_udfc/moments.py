@@ -142,10 +142,22 @@ def _quadrature(mu: np.ndarray, s: np.ndarray, f: Callable[[np.ndarray], np.ndar
     return (h * w) @ vals, w @ (vals * vals)
 
 
+def gaussian_variances(mu: np.ndarray, var: np.ndarray,
+                       act: Activation) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[N]`` and variance ``[N]`` of ``f(z_i)``, ``z_i ~ N(mu_i, var_i)`` (the diagonal
+    of :func:`gaussian_moments`, without the cross terms)."""
+    mu = np.asarray(mu, float).reshape(-1)
+    s = np.sqrt(np.clip(np.asarray(var, float).reshape(-1), 0.0, None))
+    c, m2 = _coefficients(mu, s, act, 2)
+    return c[0], np.clip(m2 - c[0] * c[0], 0.0, None)
+
+
 def gaussian_moments(mu: np.ndarray, cov: np.ndarray, act: Activation,
                      order: int = ORDER) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[N]`` and centred covariance ``[N, N]`` of ``f(z)``, ``z ~ N(mu, cov)``."""
     mu = np.asarray(mu, float).reshape(-1)
+    if np.ndim(cov) == 1:  # a diagonal given as its vector: variances in, variances out
+        return gaussian_variances(mu, cov, act)
     cov = np.asarray(cov, float).reshape(mu.size, mu.size)
     var = np.clip(np.diag(cov), 0.0, None)
     s = np.sqrt(var)

@@ -173,7 +173,41 @@ def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelPr
                 raise UdfcError(f"{head}: the converter dropped weight '{init.name}'")
             out.graph.initializer.append(originals[init.name])
     out.graph.initializer.extend(conv.graph.initializer)
+    out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(
+        list(out.opset_import), ignore_unknown=True))
+    _same_outputs(model, out, head)
     return out
+
+
+def _same_outputs(original: onnx.ModelProto, converted: onnx.ModelProto, head: str) -> None:
+    """Run both in ONNX Runtime on one random input and refuse any difference.
+
+    The checker only sees types and shapes: onnx 1.23's converter moves GroupNormalization
+    from opset 18 to 21 without rewriting its per-group scale into the per-channel one the new
+    version expects, and the result passes the full checker. Models ONNX Runtime cannot run
+    in the first place (custom ops) or cannot hold in one protobuf are not compared.
+    """
+    from onnx_udfc.io import PROTOBUF_LIMIT, approx_size
+    from onnx_udfc.verify import make_inputs, run, session
+
+    if approx_size(original) > PROTOBUF_LIMIT:
+        return
+    try:
+        before = session(original, optimize=False)
+        feed, _ = make_inputs(original, batch=1)
+        want = run(before, feed)
+    except Exception:
+        return
+    try:
+        got = run(session(converted, optimize=False), feed)
+    except Exception as exc:
+        why = _first_line(exc).removeprefix("ONNX Runtime cannot load the model: ")
+        raise UdfcError(f"{head}: ONNX Runtime cannot run the converted model ({why})") \
+            from None
+    for a, b in zip(want, got, strict=True):
+        scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5 * scale):
+            raise UdfcError(f"{head}: onnx's converter changed the model's outputs")
 
 
 def _codes_in_weight_layout(qw: QuantizedWeight, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -284,7 +318,8 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
     if target > before:
         model = convert_opset(model, target, why)
     graph = model.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} \
+        | {i.name for i in graph.input} | {n.name for n in graph.node}
 
     def fresh(base: str) -> str:
         name, k = base, 1

@@ -15,8 +15,12 @@ quantized layer's output, with E[x] from the same moments.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -49,6 +53,42 @@ class PlusConfig:
 
 DEFAULT = PlusConfig()
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def single_blas_thread() -> Iterator[None]:
+    """Run BLAS on one thread (when ``threadpoolctl`` is installed; a no-op otherwise).
+
+    udfc+ issues many mid-sized products (covariances of a few hundred channels). On a
+    2-core machine that is busy with anything else, OpenBLAS's multi-threaded kernels stall
+    on their spin-waits (measured: a 512x4608x512 product 4x slower, a matrix-vector product
+    80x slower than on one thread); on an idle machine one thread costs little here."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def plus_threads(cfg_arg: str) -> Callable[[F], F]:
+    """Decorate a stage so that it runs on one BLAS thread when its ``cfg_arg`` (a config
+    with a ``method``) selects ``udfc+`` (see :func:`single_blas_thread`)."""
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            cfg = sig.bind_partial(*args, **kwargs).arguments.get(cfg_arg)
+            if getattr(cfg, "method", None) != "udfc+":
+                return fn(*args, **kwargs)
+            with single_blas_thread():
+                return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
+
 
 def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
                   calibration: Any = None, tensors: list[str] | None = None,
@@ -60,7 +100,7 @@ def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
         return measure(model, calibration, tensors or [])
     return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,
                      max_full=max_full, input_mean=cfg.input_mean,
-                     input_std=cfg.input_std)
+                     input_std=cfg.input_std, keep=tensors)
 
 
 def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
@@ -76,7 +116,7 @@ def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
 def reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
                    lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(coefficients [|P|, |K|], constants [|P|], relative residual variance [|P|])``."""
-    c = m.cov
+    c = m.full
     ckk = c[np.ix_(kept, kept)]
     ckj = c[np.ix_(kept, pruned)]
     d = float(np.mean(np.diag(ckk))) if kept.size else 0.0

@@ -155,6 +155,32 @@ def test_weights_dequantizelinear_cannot_feed_are_refused(capsys, tmp_path, kind
     assert_refused(capsys, tmp_path / "o.onnx", needle, "compress", str(src), *QDQ4)
 
 
+def _groupnorm_opset18(path: Path) -> Path:
+    """Conv -> GroupNormalization-18 -> Conv. onnx's converter moves it to opset 21 without
+    turning the per-group scale into a per-channel one: the result passes the full checker,
+    but ONNX Runtime refuses it, so the converted model is run before it is used."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sc"),
+             numpy_helper.from_array(np.array([0.5, -0.5], np.float32), "bi")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("GroupNormalization", ["a", "sc", "bi"], ["b"], num_groups=2,
+                              name="gn"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_conversion_that_breaks_the_model_is_refused(capsys, tmp_path) -> None:
+    src = _groupnorm_opset18(tmp_path / "gn.onnx")
+    assert_refused(capsys, tmp_path / "o.onnx", "ONNX Runtime cannot run the converted model",
+                   "compress", str(src), *QDQ4)
+
+
 def test_unconvertible_opset_is_refused(capsys, tmp_path) -> None:
     src = _mvn_opset9(tmp_path / "mvn.onnx")
     assert_refused(capsys, tmp_path / "o.onnx", "cannot convert the model from opset 9 to 21",

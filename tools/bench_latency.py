@@ -17,7 +17,9 @@ Usage (from the repository root; ``python tools/make_resnet50.py`` makes the Res
     python tools/bench_latency.py --provider cuda                  # needs onnxruntime-gpu
 
 The machine's load average is printed before and after: other processes on the same cores
-distort the medians, interleaving only spreads the distortion evenly.
+distort the medians, interleaving only spreads the distortion evenly. The "CPU ratio" column
+(process CPU time per run, all threads) does not count time spent waiting for a core; with
+``--threads 1`` it is the model's own compute cost even on a busy machine.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def bench_model(model: Path, args, workdir: Path) -> list[dict]:
                          "median_ms": 1e3 * t.median_s, "min_ms": 1e3 * t.min_s,
                          "max_ms": 1e3 * t.max_s, "runs": t.runs,
                          "latency_ratio": ratio, "flops_ratio": v["flops_ratio"],
+                         "cpu_ms": 1e3 * t.cpu_median_s,
+                         "cpu_ratio": t.cpu_median_s / timing["original"].cpu_median_s
+                         if timing["original"].cpu_median_s else None,
                          "deviation": dev, "size_ratio": v["size"] / model.stat().st_size,
                          "within_target": abs(dev) <= TARGET
                          if v.get("prune", 0.0) >= 0.3 - 1e-9 else None})
@@ -95,14 +100,14 @@ def bench_model(model: Path, args, workdir: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     out = ["| model | batch | variant | median ms (min-max) | latency ratio | FLOPs ratio | "
-           "lat/FLOPs - 1 | file | within 15 % |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+           "lat/FLOPs - 1 | within 15 % | CPU ratio | file |",
+           "|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         ok = {True: "yes", False: "**no**", None: ""}[r["within_target"]]
         out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} "
                    f"({r['min_ms']:.2f}-{r['max_ms']:.2f}) | {r['latency_ratio']:.3f} | "
-                   f"{r['flops_ratio']:.3f} | {100 * r['deviation']:+.1f} % | "
-                   f"{r['size_ratio']:.3f}x | {ok} |")
+                   f"{r['flops_ratio']:.3f} | {100 * r['deviation']:+.1f} % | {ok} | "
+                   f"{r['cpu_ratio'] or 0:.3f} | {r['size_ratio']:.3f}x |")
     return "\n".join(out)
 
 

@@ -18,7 +18,8 @@ Runtime here. Usage::
     python tools/bench_zoo.py                                  # bench_out/zoo -> table + JSON
     python tools/bench_zoo.py --zoo tests/fixtures/zoo --samples 8
     python tools/bench_zoo.py --only resnet50,transformer --json out.json --md out.md
-    python tools/bench_zoo.py --scale-through-curved           # Eq. 21 through any activation
+    python tools/bench_zoo.py --no-scale-through-curved        # activation policy variants
+    python tools/bench_zoo.py --no-prune-through-curved
 """
 
 from __future__ import annotations
@@ -219,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prune-coupled", action="store_true")
-    ap.add_argument("--scale-through-curved", action="store_true",
-                    help="apply Eq. 21 scales through non-homogeneous activations too")
+    ap.add_argument("--no-scale-through-curved", action="store_true",
+                    help="no Eq. 21 scale through ReLU-like curved activations")
+    ap.add_argument("--no-prune-through-curved", action="store_true",
+                    help="no pruning reconstruction through non-homogeneous activations")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
-    compensate.SCALE_THROUGH_CURVED = args.scale_through_curved
+    compensate.SCALE_THROUGH_CURVED = not args.no_scale_through_curved
+    compensate.PRUNE_THROUGH_CURVED = not args.no_prune_through_curved
     manifest = json.loads((args.zoo / "manifest.json").read_text())
     only = {s for s in args.only.split(",") if s}
     skip = {s for s in args.skip.split(",") if s}

@@ -1,0 +1,68 @@
+"""--budget-flops: per-group ratios under a global FLOPs budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_udfc import api
+from onnx_udfc.budget import allocate, predicted_macs
+from onnx_udfc.errors import UdfcError
+from onnx_udfc.plan import PruneConfig
+from tests.synthetic import Builder, max_diff
+
+
+def _chain() -> onnx.ModelProto:
+    """Conv-BN-ReLU x3 of different widths and resolutions, then GAP and a classifier."""
+    b = Builder(seed=3)
+    x = b.input("x", [2, 3, 16, 16])
+    c = 3
+    for i, (w, s) in enumerate([(16, 1), (24, 2), (32, 1)]):
+        x = b.relu(b.bn(b.conv(x, c, w, stride=s, bias=False, name=f"conv{i}"), w))
+        c = w
+    y = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])]), c, 10, trans_b=1,
+               name="fc")
+    b.output(y)
+    return b.build()
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.5])
+def test_budget_is_met_and_cost_model_is_exact(budget):
+    model = _chain()
+    out, report = api.compress(model, budget_flops=budget, method="udfc+")
+    d = report.to_dict()
+    assert d["flops_after"] <= budget * d["flops_before"]
+    assert d["flops_after"] > 0.5 * budget * d["flops_before"]  # not wildly over-pruned
+    m = api.load(model)
+    api.normalize(m)
+    a = api.analyse(m)
+    ratios = allocate(a.channels, a.groups, budget, PruneConfig(criterion="l1"))
+    assert set(ratios) == {g.id for g in a.groups} and max(ratios.values()) > 0
+    p = api.plan(a, 0.0, group_ratios=ratios)
+    before, after = predicted_macs(a.channels, p.removed)
+    assert 2 * before == d["flops_before"] and 2 * after == d["flops_after"]
+    assert np.isfinite(max_diff(model, out))
+
+
+def test_budget_errors():
+    m = _chain()
+    api.normalize(m)
+    a = api.analyse(m)
+    with pytest.raises(UdfcError, match="budget"):
+        allocate(a.channels, a.groups, 0.0, PruneConfig())
+    with pytest.raises(UdfcError, match="cannot reach"):
+        allocate(a.channels, a.groups, 0.01, PruneConfig())
+
+
+def test_budget_cli(tmp_path):
+    from onnx_udfc.cli import main
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_chain(), src)
+    rc = main(["compress", str(src), "-o", str(dst), "--budget-flops", "0.7",
+               "--method", "udfc+", "--report", str(tmp_path / "r.json"), "-q"])
+    assert rc in (0, None) and dst.exists()
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["flops_after"] <= 0.7 * r["flops_before"]
