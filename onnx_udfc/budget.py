@@ -22,7 +22,13 @@ from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
 from onnx_udfc.metrics import layer_stats
 from onnx_udfc.plan import PruneConfig, make_plan
 from onnx_udfc.propagate import TensorMoments
-from onnx_udfc.udfc_plus import DEFAULT, activation_tensor, pruning_moments, reconstruction
+from onnx_udfc.udfc_plus import (
+    DEFAULT,
+    activation_tensor,
+    pruning_moments,
+    reconstruction,
+    single_blas_thread,
+)
 
 STEPS = 16  # ratio grid per group: multiples of 1/STEPS of its size
 MAX_RATIO = 0.9
@@ -76,6 +82,12 @@ def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
     <= ``budget`` x MACs before under the cost model of :func:`predicted_macs`."""
     if not 0.0 < budget <= 1.0:
         raise UdfcError(f"FLOPs budget must be in (0, 1], got {budget}")
+    with single_blas_thread():
+        return _allocate(ctx, groups, budget, config, calibration, steps)
+
+
+def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
+              config: PruneConfig, calibration: Any, steps: int) -> dict[int, float]:
     base = make_plan(ctx, groups, PruneConfig(0.0, config.criterion, list(config.exclude),
                                               config.prune_coupled, 1))
     scores = ctx.class_scores(config.criterion)

@@ -124,7 +124,7 @@ def reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
     s = np.linalg.solve(reg, ckj) if kept.size else np.zeros((0, pruned.size))
     const = m.mean[pruned] - s.T @ m.mean[kept]
     vj = np.diag(c)[pruned]
-    res = vj - 2 * np.einsum("kp,kp->p", s, ckj) + np.einsum("kp,kl,lp->p", s, ckk, s)
+    res = vj - 2 * np.einsum("kp,kp->p", s, ckj) + np.einsum("kp,kp->p", ckk @ s, s)
     rel = np.divide(res, vj, out=np.zeros_like(vj), where=vj > 0)
     return s.T, const, np.clip(rel, 0.0, None)
 

@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no pruning reconstruction through non-homogeneous activations")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the benched rows of an existing --json file")
     args = ap.parse_args(argv)
     compensate.SCALE_THROUGH_CURVED = not args.no_scale_through_curved
     compensate.PRUNE_THROUGH_CURVED = not args.no_prune_through_curved
@@ -252,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
               f"FLOPs 50% {row['flops_after'] / row['flops_before']:.2f}, "
               f"udfc cos {q['cosine']:.4f}, plain cos {row['plain_30_6bit']['cosine']:.4f}, "
               f"{row['seconds']} s", flush=True)
+    if args.update and args.json and args.json.is_file():
+        fresh = {r["file"]: r for r in rows}
+        old = json.loads(args.json.read_text())
+        rows = [fresh.pop(r["file"], r) for r in old] + list(fresh.values())
     good = [r for r in rows if "error" not in r]
     text = table(good) + "\n\n" + reasons(good) + "\n"
     bad = [r for r in rows if "error" in r]
