@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnx_udfc.errors import UdfcError
-from onnx_udfc.verify import PROVIDERS
+from onnx_udfc.verify import session
 
 
 @dataclass
@@ -42,25 +42,8 @@ def latency_session(model: onnx.ModelProto | str | os.PathLike, provider: str = 
                     threads: int = 0, options: dict[str, str] | None = None):
     """A session as a deployment would open it: full graph optimisation, ``threads`` intra-op
     threads (0: ONNX Runtime's default, one per core), extra config entries in ``options``."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise UdfcError(f"unknown provider '{provider}' (choose cpu or cuda)")
-    wanted = PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        raise UdfcError(f"provider '{provider}' is not available in this onnxruntime "
-                        "(install onnxruntime-gpu and a CUDA driver)")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    for key, value in (options or {}).items():
-        so.add_session_config_entry(key, value)
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    try:
-        return ort.InferenceSession(source, so, providers=[wanted])
-    except Exception as exc:
-        raise UdfcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") \
-            from None
+    return session(model, provider, optimize=True, threads=threads, config=options,
+                   exact_int4=False)
 
 
 def random_feed(sess, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -22,8 +22,16 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
-            optimize: bool = True):
-    """An ONNX Runtime session; ``provider`` is 'cpu' or 'cuda' (needs onnxruntime-gpu)."""
+            optimize: bool = True, threads: int = 0, config: dict[str, str] | None = None,
+            exact_int4: bool = True):
+    """An ONNX Runtime session; ``provider`` is 'cpu' or 'cuda' (needs onnxruntime-gpu).
+
+    ``threads``: intra-op threads (0: one per core); ``config``: extra session config entries.
+    ``exact_int4`` pins the MatMulNBits accuracy level: ORT fuses int4 DequantizeLinear +
+    MatMul into MatMulNBits, whose default level quantizes activations to int8, so fidelity
+    would measure ORT's kernel rather than the stored weights. Latency runs turn it off to time
+    what a deployment gets.
+    """
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -34,9 +42,11 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
                         "(install onnxruntime-gpu and a CUDA driver)")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits, whose default accuracy level
-    # quantizes activations to int8: pinned, fidelity measures the stored weights.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.intra_op_num_threads = threads
+    if exact_int4:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
