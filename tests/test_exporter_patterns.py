@@ -243,6 +243,12 @@ def mlp_tokens(act: str, zero=False, seed=41):
                          b.const(np.float32(0.5))])
     elif act == "silu":
         h = b.op("Mul", [h, b.op("Sigmoid", [h])])
+    elif act == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        cube = b.op("Mul", [b.op("Pow", [h, b.const(np.float32(3.0))]),
+                            b.const(np.float32(0.044715))])
+        inner = b.op("Mul", [b.op("Add", [h, cube]), b.const(np.float32(np.sqrt(2 / np.pi)))])
+        t = b.op("Add", [b.op("Tanh", [inner]), b.const(np.float32(1.0))])
+        h = b.op("Mul", [b.op("Mul", [h, b.const(np.float32(0.5))]), t])
     elif act != "linear":
         h = b.op(act, [h])
     y = b.op("Add", [b.op("MatMul", [h, b.weight("fc2.weight", [12, 6])], "fc2"),
@@ -281,6 +287,7 @@ def test_linear_bias_add_is_part_of_the_layer(act):
 
 
 RELU_LIKE = [("erf", ["Add", "Erf", "Mul"]), ("silu", ["Mul", "Sigmoid"]), ("Gelu", ["Gelu"]),
+             ("gelu_tanh", ["Add", "Mul", "Pow", "Tanh"]),
              ("HardSwish", ["HardSwish"]), ("Elu", ["Elu"])]
 
 
