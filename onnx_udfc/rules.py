@@ -263,5 +263,6 @@ class AxisMixing(Rule):
 
 
 # Importing the modules that register the rest of the rules.
+from onnx_udfc import rules_index as _index  # noqa: E402,F401
 from onnx_udfc import rules_layers as _layers  # noqa: E402,F401
 from onnx_udfc import rules_shape as _shape  # noqa: E402,F401
