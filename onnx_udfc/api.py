@@ -161,6 +161,8 @@ class CompressOptions:
     block_size: int | None = None
     container: str = "auto"
     opset: int | None = None
+    moments: str = "auto"
+    sequential: bool = False
 
 
 def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
@@ -172,7 +174,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
              quant_exclude: Sequence[str] = (), calibration: object = None,
              format: str = "fake", block_size: int | None = None, container: str = "auto",
              opset: int | None = None, budget_flops: float | None = None,
-             fold_bn_scales: bool = False,
+             fold_bn_scales: bool = False, moments: str = "auto", sequential: bool = False,
              ) -> tuple[onnx.ModelProto, Report]:
     """Load, analyse, plan, compensate, prune, quantize and check; returns the compressed model
     and its report.
@@ -201,11 +203,12 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     options = CompressOptions(prune, criterion, list(exclude), prune_coupled, round_to, fold_bn,
                               dict(input_shapes) if input_shapes else None, method, bits,
                               quantizer, granularity, alpha1, alpha2, list(quant_exclude),
-                              format, block_size, container, opset)
+                              format, block_size, container, opset, moments, sequential)
     PruneConfig(ratio=prune, criterion=criterion, exclude=list(exclude),
                 round_to=round_to).validate()
     method_config = MethodConfig(method, bits, quantizer, granularity, alpha1, alpha2,
-                                 calibration=calibration, block_size=block_size)
+                                 calibration=calibration, block_size=block_size,
+                                 moments=moments, sequential=sequential)
     method_config.validate()
     storage_config = StorageConfig(format, container, opset)
     if fold_bn_scales and format != "qdq":
@@ -236,21 +239,32 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
 
     t = time.perf_counter()
     step("plan")
+    moments, scores = None, None
+    if criterion == "recon" and (prune > 0 or budget_flops is not None):
+        from onnx_udfc.select import reconstruction_scores
+        from onnx_udfc.udfc_plus import pruning_moments, single_blas_thread
+        with single_blas_thread():
+            moments = pruning_moments(analysis.channels, method_config.calibration,
+                                      method_config.plus)
+            scores, _ = reconstruction_scores(analysis.channels, moments,
+                                              analysis.channels.class_scores("l1"))
     group_ratios = {}
     if budget_flops is not None:  # per-group ratios by predicted error (onnx_udfc.budget)
         from onnx_udfc.budget import allocate
         group_ratios = allocate(analysis.channels, analysis.groups, budget_flops,
                                 PruneConfig(prune, criterion, list(exclude), prune_coupled),
-                                calibration if method == "udfc+" else None)
-    pruning = plan(analysis, prune, criterion=criterion, exclude=list(exclude),
-                   prune_coupled=prune_coupled, round_to=round_to, group_ratios=group_ratios)
+                                calibration if method == "udfc+" else None,
+                                plus=method_config.plus, scores=scores, moments=moments)
+    pruning = make_plan(analysis.channels, analysis.groups,
+                        PruneConfig(prune, criterion, list(exclude), prune_coupled, round_to,
+                                    group_ratios), scores)
     energy = removed_energy(analysis.channels, pruning.removed)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
     step("solve")
     compensation = compensate_pruning(analysis.channels, pruning.removed, method_config,
-                                      bn_stats)
+                                      bn_stats, moments if method == "udfc+" else None)
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -24,6 +24,7 @@ from onnx_udfc.plan import PruneConfig, make_plan
 from onnx_udfc.propagate import TensorMoments
 from onnx_udfc.udfc_plus import (
     DEFAULT,
+    PlusConfig,
     activation_tensor,
     pruning_moments,
     reconstruction,
@@ -77,21 +78,28 @@ def _group_error(m: TensorMoments | None, order: np.ndarray, members: np.ndarray
 
 def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
              config: PruneConfig, calibration: Any = None,
-             steps: int = STEPS) -> dict[int, float]:
+             steps: int = STEPS, plus: PlusConfig | None = None,
+             scores: np.ndarray | None = None,
+             moments: dict[str, TensorMoments] | None = None) -> dict[int, float]:
     """Group id -> pruning ratio (every group; 0 for those left whole) so that MACs after
     <= ``budget`` x MACs before under the cost model of :func:`predicted_macs`."""
     if not 0.0 < budget <= 1.0:
         raise UdfcError(f"FLOPs budget must be in (0, 1], got {budget}")
     with single_blas_thread():
-        return _allocate(ctx, groups, budget, config, calibration, steps)
+        return _allocate(ctx, groups, budget, config, calibration, steps, plus or DEFAULT,
+                         scores, moments)
 
 
 def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-              config: PruneConfig, calibration: Any, steps: int) -> dict[int, float]:
+              config: PruneConfig, calibration: Any, steps: int, plus: PlusConfig,
+              scores: np.ndarray | None, moments: dict[str, TensorMoments] | None
+              ) -> dict[int, float]:
+    if scores is None:
+        scores = ctx.class_scores(config.criterion)
     base = make_plan(ctx, groups, PruneConfig(0.0, config.criterion, list(config.exclude),
-                                              config.prune_coupled, 1))
-    scores = ctx.class_scores(config.criterion)
-    moments = pruning_moments(ctx, calibration)
+                                              config.prune_coupled, 1), scores)
+    if moments is None:
+        moments = pruning_moments(ctx, calibration, plus)
     root = ctx.roots()
     by_tensor: dict[str, TensorMoments | None] = {}
     producer_of = {p.node.name or p.tensor: p for p in ctx.producers}

@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--prune", type=float, default=0.0, metavar="R",
                    help="share of channels to remove from every prunable group, in [0, 1)")
-    c.add_argument("--criterion", choices=["l1", "l2"], default="l1")
+    c.add_argument("--criterion", choices=["l1", "l2", "recon"], default="l1",
+                   help="l1/l2: smallest filters first; recon: the channels the kept ones "
+                        "reconstruct best first (from the same moments udfc+ uses)")
     c.add_argument("--budget-flops", type=float, metavar="B",
                    help="instead of one --prune ratio: per-group ratios, allocated by the "
                         "predicted reconstruction error, so that FLOPs after <= B x before")
@@ -50,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                         "activation moments")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="udfc+: measure the moments on these preprocessed inputs instead")
+    c.add_argument("--moments", choices=["auto", "sampled", "propagated"], default="auto",
+                   help="udfc+ without --calibration: 'sampled' runs synthetic images through "
+                        "the network with BatchNorms re-anchored to their statistics, "
+                        "'propagated' computes the moments analytically; auto: sampled for "
+                        "networks with BN or Conv layers, propagated for plain MLPs")
+    c.add_argument("--sequential", action="store_true",
+                   help="udfc+: fit each layer's reconstruction on the compressed-so-far "
+                        "network (slower; best with --calibration)")
     c.add_argument("--bits", type=_bits, metavar="B",
                    help="fake-quantize every weight layer to B bits (2..8)")
     c.add_argument("--quantizer", choices=["paper", "symmetric", "asymmetric"],
@@ -210,7 +220,8 @@ def _compress(args) -> int:
             granularity=args.granularity, alpha1=args.alpha1, alpha2=args.alpha2,
             quant_exclude=args.quant_exclude, format=args.format, block_size=args.block_size,
             container=args.container, opset=args.opset, calibration=args.calibration,
-            budget_flops=args.budget_flops, fold_bn_scales=args.fold_bn_scales)
+            budget_flops=args.budget_flops, fold_bn_scales=args.fold_bn_scales,
+            moments=args.moments, sequential=args.sequential)
         progress("save")
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,

@@ -11,6 +11,7 @@ import numpy as np
 from onnx_udfc.errors import UdfcError
 from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
 
+CRITERIA = ("l1", "l2", "recon")  # recon: onnx_udfc.select, scores passed to make_plan
 COUPLED_REASON = "tied across layers by a residual/elementwise coupling (use --prune-coupled)"
 
 
@@ -29,8 +30,8 @@ class PruneConfig:
         for r in [self.ratio, *self.group_ratios.values()]:
             if not isinstance(r, int | float) or math.isnan(r) or not 0.0 <= r < 1.0:
                 raise UdfcError(f"pruning ratio {r} is outside [0, 1)")
-        if self.criterion not in ("l1", "l2"):
-            raise UdfcError(f"unknown criterion '{self.criterion}' (choose l1 or l2)")
+        if self.criterion not in CRITERIA:
+            raise UdfcError(f"unknown criterion '{self.criterion}' (choose l1, l2 or recon)")
         if int(self.round_to) < 1:
             raise UdfcError(f"--round-to must be a positive integer, got {self.round_to}")
         for pattern in self.exclude:
@@ -75,9 +76,14 @@ def removal_count(size: int, ratio: float, round_to: int = 1) -> int:
 
 
 def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
-              config: PruneConfig) -> PrunePlan:
+              config: PruneConfig, scores: np.ndarray | None = None) -> PrunePlan:
+    """``scores``: per class, lowest pruned first (default: the filters' l1/l2 norms; the
+    ``recon`` criterion needs them from :func:`onnx_udfc.select.reconstruction_scores`)."""
     config.validate()
-    scores = analysis.class_scores(config.criterion)
+    if scores is None:
+        if config.criterion == "recon":
+            raise UdfcError("criterion recon needs scores (onnx_udfc.select)")
+        scores = analysis.class_scores(config.criterion)
     excluded: set[int] = set()
     for pattern in config.exclude:
         excluded |= analysis.node_classes(pattern)

@@ -49,9 +49,26 @@ class PlusConfig:
     scale_correction: bool = False  # LS scale per output channel, folded into a following BN
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    # "sampled" (onnx_udfc.synthetic), "propagated" (onnx_udfc.propagate) or "auto": sampled
+    # for a network with BatchNorm or Conv layers, propagated for a plain MLP (measured on the
+    # NM ResNet-56 and LeNet-300-100, see README)
+    moments: str = "auto"
+    sequential: bool = False  # onnx_udfc.sequential
+    seq_lam: float = 0.01
+    seq_const_scale: float = 1.0
+    seq_limit: int = 256  # calibration inputs used by the sequential fit
 
 
 DEFAULT = PlusConfig()
+MOMENTS = ("auto", "sampled", "propagated")
+
+
+def moment_source(model: onnx.ModelProto, cfg: PlusConfig) -> str:
+    """``sampled`` or ``propagated`` (resolving ``auto``)."""
+    if cfg.moments != "auto":
+        return cfg.moments
+    ops = {n.op_type for n in model.graph.node}
+    return "sampled" if ops & {"BatchNormalization", "Conv", "ConvTranspose"} else "propagated"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,6 +115,13 @@ def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
     if calibration is not None:
         from onnx_udfc.calibrate import measure
         return measure(model, calibration, tensors or [])
+    if moment_source(model, cfg) == "sampled":
+        from onnx_udfc.synthetic import sampled_moments
+        try:
+            return sampled_moments(model, tensors or [], shapes, input_mean=cfg.input_mean,
+                                   input_std=cfg.input_std)
+        except Exception:  # noqa: BLE001 - ORT refuses the batch (a fixed batch size baked
+            pass  # into the graph, ...): the analytic propagation needs no run
     return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,
                      max_full=max_full, input_mean=cfg.input_mean,
                      input_std=cfg.input_std, keep=tensors)

@@ -87,6 +87,15 @@ REFERENCE_TOLERANCE = 0.05  # points of top-1
 BATCH = 256
 
 
+# bench-only method names -> (library method, compress() options, uses the images)
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "udfc+prop": ("udfc+", {"moments": "propagated"}, False),
+    "udfc+seq": ("udfc+", {"sequential": True}, False),
+    "oracle": ("udfc+", {}, True),
+    "oracle+seq": ("udfc+", {"sequential": True}, True),
+}
+
+
 class BenchError(Exception):
     """A setup problem (missing files, wrong preprocessing); reported as one line, exit 2."""
 
@@ -171,13 +180,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="model file name from shared/models/manifest.json (repeatable)")
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED,
                     help=f"the shared folder (default {DEFAULT_SHARED})")
-    ap.add_argument("--methods", type=_choices((*METHODS, "oracle")),
+    ap.add_argument("--methods", type=_choices((*METHODS, *VARIANTS)),
                     default=["prune", "nm", "udfc"],
-                    help="oracle = udfc+ fed with moments measured on the evaluation images "
-                         "(data-driven upper bound)")
+                    help="udfc+prop = udfc+ with analytically propagated moments; "
+                         "udfc+seq = udfc+ --sequential (data-free); oracle = udfc+ fed with "
+                         "moments measured on the evaluation images (data-driven upper bound); "
+                         "oracle+seq = the same with --sequential")
     ap.add_argument("--ratios", type=_floats, default=[0.3, 0.4, 0.5])
     ap.add_argument("--bits", type=_bits, default=[None, 4], help="e.g. fp,4 (fp = float)")
-    ap.add_argument("--criteria", type=_choices(("l1", "l2")), default=["l1", "l2"])
+    ap.add_argument("--criteria", type=_choices(("l1", "l2", "recon")), default=["l1", "l2"])
     ap.add_argument("--quantizer", choices=QUANTIZERS, default="paper")
     ap.add_argument("--granularity", choices=GRANULARITIES, default="tensor")
     ap.add_argument("--alpha1", type=float, default=0.01)
@@ -359,9 +370,10 @@ def bench_model(args: argparse.Namespace, manifest: dict[str, Any], name: str,
         p = Point(entry["file"], method, ratio, bits, criterion)
         t = time.perf_counter()
         try:
+            base, extra, calibrated = VARIANTS.get(method, (method, {}, False))
             model, report = api.compress(
-                original, prune=ratio, method="udfc+" if method == "oracle" else method,
-                calibration=x if method == "oracle" else None, bits=bits, criterion=criterion,
+                original, prune=ratio, method=base, **extra,
+                calibration=x if calibrated else None, bits=bits, criterion=criterion,
                 quantizer=args.quantizer, granularity=args.granularity, alpha1=args.alpha1,
                 alpha2=args.alpha2, quant_exclude=list(args.quant_exclude), check=False)
             p.compress_s = round(time.perf_counter() - t, 4)
