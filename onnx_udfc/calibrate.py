@@ -14,6 +14,7 @@ from onnx_udfc.propagate import TensorMoments
 from onnx_udfc.verify import make_inputs, session
 
 BATCH = 128
+ROWS = 1 << 14  # positions per batch that enter a covariance (an even stride through them)
 
 
 def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -51,14 +52,21 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
             a = res.get(t)
             if a is None or a.ndim < 2:
                 continue
-            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float64)
+            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+            x = x[::max(1, len(x) // ROWS)]
             acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
             acc[0] += x.shape[0]
-            acc[1] = acc[1] + x.sum(0)
-            acc[2] = acc[2] + x.T @ x
+            acc[1] = acc[1] + x.sum(0, dtype=np.float64)
+            # products in float32 (BLAS speed), centred first so no large mean cancels
+            shift = acc[4] if len(acc) > 4 else x.mean(0, dtype=np.float64)
+            if len(acc) == 4:
+                acc.append(shift)
+            xc = (x - shift.astype(x.dtype)).astype(np.float32)
+            acc[2] = acc[2] + (xc.T @ xc).astype(np.float64)
     del keep
     out = {}
-    for t, (cnt, s1, s2, hw) in sums.items():
+    for t, (cnt, s1, s2, hw, shift) in sums.items():
         mean = s1 / cnt
-        out[t] = TensorMoments(mean, s2 / cnt - np.outer(mean, mean), hw)
+        d = mean - shift.reshape(-1)  # s2 holds the products about ``shift``
+        out[t] = TensorMoments(mean, s2 / cnt - np.outer(d, d), hw)
     return out

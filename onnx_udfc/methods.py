@@ -204,6 +204,12 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                                        w.dtype)
         else:
             q = quantize_params(f, cfg.bits, cfg.quantizer, cfg.granularity, w.dtype)
+        gptq = None
+        if cfg.method == "udfc+" and cfg.plus.gptq:
+            gptq = udfc_plus.gptq_layer(layer, f, q, moments,
+                                        [int(d) for d in ctx.inits[layer.weight].dims],
+                                        cfg.plus)
+            q = gptq or q
         if results is not None:
             results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
         fq = np.asarray(q.dequantized, dtype=np.float64).reshape(f.shape)
@@ -213,6 +219,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                                  "block_size": cfg.block_size,
                                  "quant_error": float(np.linalg.norm(fq - f) / norm)
                                  if norm else 0.0, "scale_compensated": False}
+        if cfg.method == "udfc+":
+            entry["gptq"] = gptq is not None
         out[name] = entry
         if cfg.method == "udfc":
             stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)

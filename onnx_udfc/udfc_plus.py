@@ -57,6 +57,8 @@ class PlusConfig:
     seq_lam: float = 0.01
     seq_const_scale: float = 1.0
     seq_limit: int = 256  # calibration inputs used by the sequential fit
+    gptq: bool = True  # round weights with error feedback (onnx_udfc.gptq) under the moments
+    gptq_max_inputs: int = 600  # larger layers round to nearest: GPTQ costs O(out x in^2)
 
 
 DEFAULT = PlusConfig()
@@ -359,6 +361,66 @@ def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, calibration: Any
     if not cfg.bias_correction:
         return {}
     names = [n.input[0] for n in model.graph.node if weight_layer(n, ctx.inits) is not None]
-    # the bias correction needs means only, which need variances only
-    full = 512 if cfg.scale_correction else 0
+    # the bias correction needs means only, which need variances only; GPTQ full covariances
+    full = 512 if cfg.scale_correction or cfg.gptq else 0
     return model_moments(model, ctx.shapes, cfg, calibration, names, max_full=full)
+
+
+def grid_function(q: Any) -> Callable[[np.ndarray, int], np.ndarray] | None:
+    """The nearest-level map of a per-tensor or per-output-channel :class:`QuantResult` grid
+    (column values ``[O]`` -> levels), None for block-wise grids."""
+    if q.block_size is not None:
+        return None
+    scale = np.asarray(q.scale, dtype=np.float64)
+    if q.scheme == "paper":
+        levels = 2 ** q.bits - 1
+        half = scale * levels / 2.0  # max|W|
+
+        def paper(v: np.ndarray, _j: int) -> np.ndarray:
+            safe = np.where(half > 0, half, 1.0)
+            n = np.clip(np.round(levels * (v / (2.0 * safe) + 0.5)), 0, levels)
+            return np.where(half > 0, half * (2.0 / levels * n - 1.0), 0.0)
+        return paper
+    zp = np.asarray(q.zero_point, dtype=np.float64)
+    lo, hi = (-(2 ** (q.bits - 1) - 1), 2 ** (q.bits - 1) - 1) if q.scheme == "symmetric" \
+        else (0, 2 ** q.bits - 1)
+
+    def integer(v: np.ndarray, _j: int) -> np.ndarray:
+        return (np.clip(np.round(v / scale) + zp, lo, hi) - zp) * scale
+    return integer
+
+
+def gptq_layer(layer: LayerWeights, f: np.ndarray, q: Any, moments: dict[str, TensorMoments],
+               dims: list[int], cfg: PlusConfig | None = None) -> Any:
+    """Re-round ``f [O, D]`` on ``q``'s grid with GPTQ under the input's second moments
+    (Conv patches: channel moments (x) the ``spatial`` tap model); returns the new
+    :class:`QuantResult`, or None when the layer's input has no full moments."""
+    import dataclasses
+
+    from onnx_udfc.gptq import gptq_round, kron_hessian
+
+    cfg = cfg or DEFAULT
+    m = moments.get(layer.node.input[0])
+    grid = grid_function(q)
+    if m is None or m.diagonal or grid is None or f.shape[1] > cfg.gptq_max_inputs:
+        return None
+    second = m.cov + np.outer(m.mean, m.mean)
+    if layer.node.op_type == "Conv":
+        group = int(next((a.i for a in layer.node.attribute if a.name == "group"), 1))
+        taps = int(np.prod(dims[2:])) if len(dims) > 2 else 1
+        if group != 1 or dims[1] != m.mean.size or f.shape[1] != dims[1] * taps:
+            return None
+        r = cfg.spatial
+        hessian = kron_hessian(second, (1 - r) * np.eye(taps) + r * np.ones((taps, taps)))
+    elif f.shape[1] == m.mean.size:
+        hessian = second
+    else:
+        return None
+    deq = gptq_round(f, hessian, grid)
+    codes = None
+    if q.q is not None:
+        scale = np.asarray(q.scale, dtype=np.float64).reshape(-1, *([1] * (f.ndim - 1)))
+        zp = np.asarray(q.zero_point, dtype=np.float64).reshape(scale.shape)
+        codes = (np.round(deq / scale) + zp).astype(q.q.dtype).reshape(q.q.shape)
+    return dataclasses.replace(q, dequantized=deq.astype(q.dequantized.dtype).reshape(
+        q.dequantized.shape), q=codes)
