@@ -1,0 +1,241 @@
+"""udfc+ parts beyond the moment model: reconstruction-based channel selection (select),
+synthetic BN-anchored sampling (synthetic), the sequential fit (sequential) and GPTQ wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_methods import _bn_chain
+
+from onnx_udfc import api
+from onnx_udfc.errors import UdfcError
+from onnx_udfc.io import infer_shapes
+from onnx_udfc.select import greedy_removal
+from onnx_udfc.sequential import batch_statistics, frozen
+from onnx_udfc.synthetic import pink_noise, sampled_moments, training_batchnorm
+from onnx_udfc.udfc_plus import DEFAULT, model_moments, moment_source
+from onnx_udfc.verify import session
+from tests.synthetic import random_feeds, run
+
+
+def _schur_error(cov: np.ndarray, gram: np.ndarray, pruned: list[int]) -> float:
+    kept = [i for i in range(len(cov)) if i not in pruned]
+    s = cov[np.ix_(pruned, pruned)]
+    if kept:
+        s = s - cov[np.ix_(pruned, kept)] @ np.linalg.solve(cov[np.ix_(kept, kept)],
+                                                             cov[np.ix_(kept, pruned)])
+    return float(np.trace(gram[np.ix_(pruned, pruned)] @ s))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_removal_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(7, 10))
+    cov = a @ a.T
+    b = rng.normal(size=(7, 4))
+    gram = b @ b.T + 0.1 * np.eye(7)
+    order, err = greedy_removal(cov, gram, ridge=0.0)
+    assert sorted(order.tolist()) == list(range(7))
+    chosen: list[int] = []
+    for k in range(7):
+        best = min((j for j in range(7) if j not in chosen),
+                   key=lambda j: _schur_error(cov, gram, chosen + [j]))
+        chosen.append(best)
+        assert order[k] == best
+        assert err[k] == pytest.approx(_schur_error(cov, gram, chosen), rel=1e-6, abs=1e-9)
+    assert err[-1] == pytest.approx(np.trace(gram @ cov), rel=1e-9)
+
+
+def test_greedy_removes_the_reconstructable_channel_not_the_small_one():
+    # channel 2 is the largest and 0, 1, 2 are linearly dependent; channel 3 is small and
+    # independent: l1 would prune 3 (losing all of it), this order prunes one of 0-2 for free
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 4)) * np.array([1.0, 1.0, 1.0, 0.2])
+    x[:, 2] = 2.0 * x[:, 0] - 1.5 * x[:, 1]
+    cov = np.cov(x.T)
+    order, err = greedy_removal(cov, np.eye(4), ridge=0.0)
+    assert order[0] in (0, 1, 2)
+    assert err[0] < 1e-6 * np.trace(cov)
+    assert _schur_error(cov, np.eye(4), [3]) > 0.03
+
+
+def test_recon_criterion_plans_and_compresses():
+    model = _bn_chain()
+    out, report = api.compress(model, prune=0.2, method="udfc+", criterion="recon")
+    onnx.checker.check_model(out, full_check=True)
+    assert report.params_after < report.params_before
+    with pytest.raises(UdfcError, match="criterion"):
+        api.compress(model, prune=0.2, criterion="l3")
+
+
+def test_pink_noise_is_standardised_and_smooth():
+    x = pink_noise((16, 3, 32, 32), np.random.default_rng(0))
+    assert np.allclose(x.mean((0, 2, 3)), 0, atol=1e-9)
+    assert np.allclose(x.std((0, 2, 3)), 1, atol=1e-9)
+    neighbour = np.mean(x[..., 1:] * x[..., :-1])
+    white = np.random.default_rng(1).standard_normal(x.shape)
+    assert neighbour > 0.5 > abs(np.mean(white[..., 1:] * white[..., :-1])) + 0.4
+    colour = np.mean(x[:, 0] * x[:, 1])
+    assert 0.6 < colour < 0.95
+
+
+def _bn_model(opset: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 5).astype(np.float32)
+    beta = rng.normal(size=5).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (w, "w"), (gamma, "g"), (beta, "b"), (np.zeros(5, np.float32), "m"),
+        (np.ones(5, np.float32), "v")]]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"],
+                              name="bn"),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16, 16])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_sampled_bn_outputs_have_the_running_marginals(opset):
+    # the BN's own running statistics (mean 0, var 1) are nothing like the inputs' (conv of
+    # pink noise): re-anchored, its output still has mean beta and spread |gamma|
+    model = _bn_model(opset)
+    shapes = infer_shapes(model)
+    probe = training_batchnorm(model, shapes)
+    onnx.checker.check_model(probe, full_check=True)
+    m = sampled_moments(model, ["n"], shapes)["n"]
+    gamma = numpy_helper.to_array(model.graph.initializer[1])
+    beta = numpy_helper.to_array(model.graph.initializer[2])
+    # exact on the batch; the covariance reads an even stride of its positions
+    assert np.allclose(m.mean, beta, atol=0.03 * np.abs(gamma).max())
+    assert np.allclose(np.sqrt(np.diag(m.cov)), np.abs(gamma), rtol=0.03)
+    assert not m.diagonal  # cross-channel covariances come from the samples
+
+
+def test_batch_baked_into_graph_falls_back_to_propagation():
+    model = _bn_model(13)
+    shape = numpy_helper.from_array(np.asarray([1, -1], np.int64), "shape")
+    model.graph.initializer.append(shape)
+    model.graph.node.append(helper.make_node("Reshape", ["y", "shape"], ["flat"]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("flat", TensorProto.FLOAT,
+                                                                 [1, 1280]))
+    shapes = infer_shapes(model)
+    got = model_moments(model, shapes, DEFAULT, tensors=["n"])
+    assert "n" in got and np.isfinite(got["n"].mean).all()
+
+
+def test_auto_moments_choose_sampling_for_conv_nets_only():
+    assert moment_source(_bn_model(13), DEFAULT) == "sampled"
+    mlp = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]))
+    assert moment_source(mlp, DEFAULT) == "propagated"
+    with pytest.raises(UdfcError, match="moments"):
+        api.compress(_bn_chain(), prune=0.2, method="udfc+", moments="measured")
+
+
+def test_frozen_statistics_reproduce_training_mode():
+    model = _bn_chain()
+    shapes = infer_shapes(model)
+    feeds = random_feeds(model, batch=2, seed=3)
+    stats = batch_statistics(model, feeds, shapes)
+    assert set(stats) == {"n1"}
+    train = run(training_batchnorm(model, shapes), feeds)[0]
+    assert np.allclose(run(frozen(model, model, stats), feeds)[0], train, atol=1e-4)
+
+
+def test_sequential_needs_udfc_plus():
+    with pytest.raises(UdfcError, match="sequential"):
+        api.compress(_bn_chain(), prune=0.2, method="udfc", sequential=True)
+
+
+def _digits(digits_model):
+    data = np.load("models/digits_test.npz")
+    name = next(k for k in data.files if k != "labels")
+    return data[name].astype(np.float32)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "recon"])
+def test_sequential_fit_beats_per_layer_fit_with_calibration(digits_model, criterion):
+    x = _digits(digits_model)
+    sess = session(digits_model)
+    feed = {sess.get_inputs()[0].name: x}
+    ref = sess.run(None, feed)[0]
+    errs = {}
+    for seq in (False, True):
+        out, report = api.compress(digits_model, prune=0.5, method="udfc+", criterion=criterion,
+                                   calibration=x, sequential=seq)
+        onnx.checker.check_model(out, full_check=True)
+        layers = [e["compensation"] for e in report.to_dict()["layers"] if e.get("compensation")]
+        assert layers and all(c["compensated"] for c in layers)
+        errs[seq] = float(np.mean((session(out).run(None, feed)[0] - ref) ** 2))
+    assert errs[True] < errs[False]
+
+
+def test_data_free_sequential_runs_and_reports(digits_model):
+    out, report = api.compress(digits_model, prune=0.4, method="udfc+", sequential=True)
+    onnx.checker.check_model(out, full_check=True)
+    stats = {e["compensation"].get("stats") for e in report.to_dict()["layers"]
+             if e.get("compensation")}
+    assert stats == {"sequential"}
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "symmetric"])
+def test_gptq_weights_lie_on_the_grid_and_beat_rounding(digits_model, quantizer):
+    x = _digits(digits_model)
+    sess = session(digits_model)
+    feed = {sess.get_inputs()[0].name: x}
+    ref = sess.run(None, feed)[0]
+    errs = {}
+    for method in ("prune", "udfc+"):
+        out, report = api.compress(digits_model, bits=3, method=method, quantizer=quantizer)
+        errs[method] = float(np.mean((session(out).run(None, feed)[0] - ref) ** 2))
+        if method == "udfc+":
+            layers = [e for e in report.to_dict()["layers"] if e.get("quantization")]
+            assert any(e["quantization"].get("gptq") for e in layers)
+            inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+            for node in out.graph.node:
+                if node.op_type in ("Conv", "Gemm"):  # per-tensor grids: at most 2^3 levels
+                    assert len(np.unique(inits[node.input[1]])) <= 2 ** 3
+    assert errs["udfc+"] < errs["prune"]
+
+
+def test_gptq_qdq_twin_matches_fake(digits_model):
+    fake, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
+                           granularity="channel")
+    qdq, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
+                          granularity="channel", format="qdq")
+    x = _digits(digits_model)[:64]
+    a = session(fake).run(None, {session(fake).get_inputs()[0].name: x})[0]
+    b = session(qdq).run(None, {session(qdq).get_inputs()[0].name: x})[0]
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
+
+
+@pytest.mark.parametrize("args", [["--criterion", "recon", "--prune", "0.4"],
+                                  ["--prune", "0.4", "--sequential"],
+                                  ["--prune", "0.4", "--moments", "propagated", "--bits", "4"],
+                                  ["--criterion", "recon", "--budget-flops", "0.7"]])
+def test_cli_options(tmp_path, digits_model, args):
+    import json
+
+    from onnx_udfc.cli import main
+    dst = tmp_path / "o.onnx"
+    rc = main(["compress", str(digits_model), "-o", str(dst), "--method", "udfc+", *args,
+               "--report", str(tmp_path / "r.json"), "-q"])
+    assert rc in (0, None) and dst.exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["params_after"] < report["params_before"]
+
+
+def test_cli_rejects_sequential_without_udfc_plus(tmp_path, digits_model, capsys):
+    from onnx_udfc.cli import main
+    rc = main(["compress", str(digits_model), "-o", str(tmp_path / "o.onnx"), "--prune", "0.3",
+               "--method", "udfc", "--sequential"])
+    assert rc == 2 and not (tmp_path / "o.onnx").exists()
+    assert "sequential" in capsys.readouterr().err
