@@ -237,6 +237,14 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     params_before = count_params(m)
     timings["analyse"] = time.perf_counter() - t
 
+    inversion = None
+    if method_config.inverted:
+        t = time.perf_counter()
+        step("invert")
+        inversion = _invert(analysis.channels.model, progress)
+        method_config.samples = inversion.feed
+        timings["invert"] = time.perf_counter() - t
+
     t = time.perf_counter()
     step("plan")
     moments, scores = None, None
@@ -313,7 +321,20 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         predicted_error=energy, folded_bn=sorted(bn_stats), timings=timings,
         compensation=compensation, quantization=quantization)
     report.storage = storage
+    report.inversion = inversion.summary() if inversion is not None else None
     return m, report
+
+
+def _invert(model: onnx.ModelProto, progress: Callable[[str], None] | None):
+    """The model-inversion batch of ``--moments inverted`` (:mod:`onnx_udfc.inversion`)."""
+    from onnx_udfc.inversion import cached_inverted_inputs
+
+    detail = getattr(progress, "detail", None)
+
+    def tick(i: int, steps: int, loss: float) -> None:
+        if detail is not None and (i % 5 == 0 or i == steps):
+            detail(f"invert {i}/{steps}")
+    return cached_inverted_inputs(model, progress=tick)
 
 
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -52,11 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                         "activation moments")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="udfc+: measure the moments on these preprocessed inputs instead")
-    c.add_argument("--moments", choices=["auto", "sampled", "propagated"], default="auto",
+    c.add_argument("--moments", choices=["auto", "sampled", "inverted", "propagated"],
+                   default="auto",
                    help="udfc+ without --calibration: 'sampled' runs synthetic images through "
                         "the network with BatchNorms re-anchored to their statistics, "
-                        "'propagated' computes the moments analytically; auto: sampled for "
-                        "networks with BN or Conv layers, propagated for plain MLPs")
+                        "'inverted' first fits the images to the BatchNorm statistics "
+                        "(model inversion: minutes, the most accurate), 'propagated' computes "
+                        "the moments analytically; auto: sampled for networks with BN or Conv "
+                        "layers, propagated for plain MLPs")
     c.add_argument("--sequential", action="store_true",
                    help="udfc+: fit each layer's reconstruction on the compressed-so-far "
                         "network (slower; best with --calibration)")
@@ -206,8 +209,9 @@ def _compress(args) -> int:
         raise UdfcError(f"{out}: output path is the input model; choose another path")
     if out.parent and not out.parent.is_dir():
         raise UdfcError(f"{out}: output directory '{out.parent}' does not exist")
-    stages = ["load", "analyse", "plan", "solve", "rewrite"] + \
-        (["quantize"] if args.bits else []) + \
+    inverting = args.method == "udfc+" and args.moments == "inverted" and not args.calibration
+    stages = ["load", "analyse"] + (["invert"] if inverting else []) + \
+        ["plan", "solve", "rewrite"] + (["quantize"] if args.bits else []) + \
         (["store"] if args.format == "qdq" else []) + ["save"] + \
         ([] if args.no_verify else ["verify"]) + (["latency"] if args.latency else [])
     progress = Progress(stages, args.quiet)

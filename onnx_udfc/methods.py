@@ -45,12 +45,18 @@ class MethodConfig:
     # granularity), the layout of ONNX's blocked DequantizeLinear
     moments: str = "auto"  # udfc+: where the activation moments come from (udfc_plus.MOMENTS)
     sequential: bool = False  # udfc+: fit each layer on the compressed-so-far network
+    samples: Any = None  # udfc+ --moments inverted: the fitted input batch
+
+    @property
+    def inverted(self) -> bool:
+        """True when this run needs the model-inversion batch (udfc+ without calibration)."""
+        return self.method == "udfc+" and self.moments == "inverted" and self.calibration is None
 
     @property
     def plus(self) -> udfc_plus.PlusConfig:
         """The udfc+ hyperparameters with this run's choices."""
         return dataclasses.replace(udfc_plus.DEFAULT, moments=self.moments,
-                                   sequential=self.sequential)
+                                   sequential=self.sequential, samples=self.samples)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -157,6 +163,8 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
             from onnx_udfc.calibrate import load_calibration
             feed = {k: v[:plus.seq_limit]
                     for k, v in load_calibration(cfg.calibration, ctx.model).items()}
+        elif plus.samples is not None:
+            feed = plus.samples
         else:
             from onnx_udfc.synthetic import synthetic_inputs
             feed = synthetic_inputs(ctx.model, input_mean=plus.input_mean,

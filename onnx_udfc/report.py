@@ -60,6 +60,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     storage: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    inversion: dict[str, Any] | None = None  # --moments inverted: how the fit went
 
     @property
     def flops_before(self) -> int:
@@ -116,6 +117,13 @@ class Report:
                                 f"; {lat['after_folded_ms']:.3g} ms with "
                                 "session.disable_quant_qdq=1 (weights dequantized at load)"
                                 if lat.get("after_folded_ms") is not None else ""))
+        if self.inversion:
+            inv = self.inversion
+            stopped = inv["gradient_stopped_at"]
+            lines.append(f"invert  {inv['steps']} steps on {inv['batchnorms']} BatchNorms, "
+                         f"loss {inv['loss_start']:.3g} -> {inv['loss_end']:.3g} "
+                         f"({inv['seconds']:.1f} s)" + (
+                             f"; gradient stopped at {', '.join(stopped)}" if stopped else ""))
         comps = [x["compensation"] for x in self.layers if x.get("compensation")]
         if comps:
             done = sum(1 for c in comps if c["compensated"])
@@ -221,6 +229,15 @@ class Progress:
         width = 24
         filled = width * self.done // len(self.stages)
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {name:<12}")
+        sys.stderr.flush()
+
+    def detail(self, text: str) -> None:
+        """Rewrite the current stage's label (``invert 120/300``) without advancing."""
+        if not self.enabled:
+            return
+        width = 24
+        filled = width * self.done // len(self.stages)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text:<20}")
         sys.stderr.flush()
 
     def close(self) -> None:

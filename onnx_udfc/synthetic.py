@@ -157,9 +157,12 @@ def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 def sampled_moments(model: onnx.ModelProto, tensors: list[str], shapes: dict | None = None,
                     seed: int = 0,
                     input_mean: tuple[float, ...] | None = None,
-                    input_std: tuple[float, ...] | None = None) -> dict[str, TensorMoments]:
-    """Moments of ``tensors`` measured on synthetic inputs with re-anchored BatchNorms."""
+                    input_std: tuple[float, ...] | None = None,
+                    feed: dict[str, np.ndarray] | None = None) -> dict[str, TensorMoments]:
+    """Moments of ``tensors`` measured on synthetic inputs (``feed``, pink noise by default)
+    with re-anchored BatchNorms."""
     from onnx_udfc.calibrate import measure
 
-    feed = synthetic_inputs(model, seed, input_mean, input_std)
+    if feed is None:
+        feed = synthetic_inputs(model, seed, input_mean, input_std)
     return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors)

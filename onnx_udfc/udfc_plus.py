@@ -19,7 +19,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -59,14 +59,16 @@ class PlusConfig:
     seq_limit: int = 256  # calibration inputs used by the sequential fit
     gptq: bool = True  # round weights with error feedback (onnx_udfc.gptq) under the moments
     gptq_max_inputs: int = 600  # larger layers round to nearest: GPTQ costs O(out x in^2)
+    # --moments inverted: the fitted batch (onnx_udfc.inversion), set once per run
+    samples: Any = field(default=None, compare=False, repr=False)
 
 
 DEFAULT = PlusConfig()
-MOMENTS = ("auto", "sampled", "propagated")
+MOMENTS = ("auto", "sampled", "propagated", "inverted")
 
 
 def moment_source(model: onnx.ModelProto, cfg: PlusConfig) -> str:
-    """``sampled`` or ``propagated`` (resolving ``auto``)."""
+    """``sampled``, ``inverted`` or ``propagated`` (resolving ``auto``)."""
     if cfg.moments != "auto":
         return cfg.moments
     ops = {n.op_type for n in model.graph.node}
@@ -117,11 +119,11 @@ def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
     if calibration is not None:
         from onnx_udfc.calibrate import measure
         return measure(model, calibration, tensors or [])
-    if moment_source(model, cfg) == "sampled":
+    if moment_source(model, cfg) in ("sampled", "inverted"):
         from onnx_udfc.synthetic import sampled_moments
         try:
             return sampled_moments(model, tensors or [], shapes, input_mean=cfg.input_mean,
-                                   input_std=cfg.input_std)
+                                   input_std=cfg.input_std, feed=cfg.samples)
         except Exception:  # noqa: BLE001 - ORT refuses the batch (a fixed batch size baked
             pass  # into the graph, ...): the analytic propagation needs no run
     return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,

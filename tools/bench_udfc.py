@@ -91,6 +91,8 @@ BATCH = 256
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "udfc+prop": ("udfc+", {"moments": "propagated"}, False),
     "udfc+seq": ("udfc+", {"sequential": True}, False),
+    "udfc+inv": ("udfc+", {"moments": "inverted"}, False),
+    "udfc+inv+seq": ("udfc+", {"moments": "inverted", "sequential": True}, False),
     "oracle": ("udfc+", {}, True),
     "oracle+seq": ("udfc+", {"sequential": True}, True),
 }
@@ -183,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", type=_choices((*METHODS, *VARIANTS)),
                     default=["prune", "nm", "udfc"],
                     help="udfc+prop = udfc+ with analytically propagated moments; "
-                         "udfc+seq = udfc+ --sequential (data-free); oracle = udfc+ fed with "
+                         "udfc+seq = udfc+ --sequential (data-free); udfc+inv(+seq) = "
+                         "udfc+ --moments inverted (with --sequential); oracle = udfc+ fed with "
                          "moments measured on the evaluation images (data-driven upper bound); "
                          "oracle+seq = the same with --sequential")
     ap.add_argument("--ratios", type=_floats, default=[0.3, 0.4, 0.5])

@@ -1,0 +1,244 @@
+"""Model inversion (``--moments inverted``): the reverse pass appended to the ONNX graph, the
+Adam fit to the BatchNorm statistics, and its use by udfc+."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_udfc import api, inversion, synthetic
+from onnx_udfc.cli import main
+from onnx_udfc.errors import UdfcError
+from onnx_udfc.inversion import cached_inverted_inputs, inversion_model, inverted_inputs
+from onnx_udfc.report import Progress
+from onnx_udfc.verify import session
+
+
+def _bn(prefix: str, x: str, c: int, rng: np.random.Generator, inits: list) -> onnx.NodeProto:
+    names = [f"{prefix}_{k}" for k in ("g", "b", "m", "v")]
+    values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.5, c),
+              rng.uniform(0.5, 2.0, c)]
+    inits += [numpy_helper.from_array(v.astype(np.float32), n)
+              for n, v in zip(names, values, strict=True)]
+    return helper.make_node("BatchNormalization", [x, *names], [f"{prefix}_y"], name=prefix)
+
+
+def _conv(prefix: str, x: str, cin: int, cout: int, rng: np.random.Generator, inits: list,
+          stride: int = 1, k: int = 3) -> onnx.NodeProto:
+    w = rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, f"{prefix}_w"))
+    return helper.make_node("Conv", [x, f"{prefix}_w"], [f"{prefix}_y"], name=prefix,
+                            kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+
+
+def residual_net(extra: str | None = None, opset: int = 17) -> onnx.ModelProto:
+    """conv-bn-relu, a strided conv with a Slice+Pad shortcut (ResNet 'option A'), an Add, a
+    LeakyRelu, a Concat, a Clip and a MaxPool: every rule of the reverse pass on one path."""
+    rng = np.random.default_rng(0)
+    inits: list = []
+    n = [_conv("c1", "x", 3, 4, rng, inits), _bn("b1", "c1_y", 4, rng, inits)]
+    n.append(helper.make_node("Relu", ["b1_y"], ["r1"]))
+    n += [_conv("c2", "r1", 4, 8, rng, inits, stride=2), _bn("b2", "c2_y", 8, rng, inits)]
+    for name, value in (("s_starts", [0, 0]), ("s_ends", [1 << 30, 1 << 30]),
+                        ("s_axes", [2, 3]), ("s_steps", [2, 2]),
+                        ("p_pads", [0, 2, 0, 0, 0, 2, 0, 0])):
+        inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+    n.append(helper.make_node("Slice", ["r1", "s_starts", "s_ends", "s_axes", "s_steps"],
+                              ["sl"]))
+    n.append(helper.make_node("Pad", ["sl", "p_pads"], ["pd"], mode="constant"))
+    n.append(helper.make_node("Add", ["b2_y", "pd"], ["sum"]))
+    n.append(helper.make_node("LeakyRelu", ["sum"], ["lr"], alpha=0.1))
+    last = "lr"
+    if extra:
+        n.append(helper.make_node(extra, ["lr"], ["odd"]))
+        last = "odd"
+    n.append(helper.make_node("Concat", [last, "lr"], ["cat"], axis=1))
+    n += [_conv("c3", "cat", 16, 6, rng, inits), _bn("b3", "c3_y", 6, rng, inits)]
+    inits += [numpy_helper.from_array(np.asarray(0.0, np.float32), "lo"),
+              numpy_helper.from_array(np.asarray(6.0, np.float32), "hi")]
+    n.append(helper.make_node("Clip", ["b3_y", "lo", "hi"], ["cl"]))
+    n.append(helper.make_node("MaxPool", ["cl"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]))
+    n += [_conv("c4", "mp", 6, 5, rng, inits, k=1), _bn("b4", "c4_y", 5, rng, inits)]
+    n.append(helper.make_node("GlobalAveragePool", ["b4_y"], ["out"]))
+    graph = helper.make_graph(
+        n, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _reference_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """The BN-statistics loss recomputed in NumPy from the network's own tensors."""
+    bns = [nd for nd in model.graph.node if nd.op_type == "BatchNormalization"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    for nd in bns:
+        probe.graph.output.append(onnx.ValueInfoProto(name=nd.input[0]))
+    names = [nd.input[0] for nd in bns]
+    values = session(probe).run(names, {"x": x})
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    total = 0.0
+    for nd, v in zip(bns, values, strict=True):
+        v = v.astype(np.float64)
+        total += np.linalg.norm(v.mean((0, 2, 3)) - inits[nd.input[3]])
+        total += np.linalg.norm(v.var((0, 2, 3)) - inits[nd.input[4]])
+    return total
+
+
+def test_inversion_loss_is_the_bn_statistics_distance():
+    model = residual_net()
+    inv, name, count, stopped = inversion_model(model, 4)
+    onnx.checker.check_model(inv, full_check=True)
+    assert (name, count, stopped) == ("x", 4, [])
+    x = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    loss = session(inv).run(["udfc_inversion_loss"], {"x": x})[0]
+    assert float(loss) == pytest.approx(_reference_loss(model, x), rel=1e-4)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_inversion_gradient_matches_finite_differences(opset):
+    model = residual_net(opset=opset)
+    inv, name, _, stopped = inversion_model(model, 4)
+    assert stopped == []
+    sess = session(inv)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    grad = sess.run(["udfc_inversion_grad"], {"x": x})[0]
+    assert grad.shape == x.shape and np.abs(grad).max() > 0
+    x64 = x.astype(np.float64)
+    for _ in range(4):
+        d = rng.normal(size=x.shape) * 1e-3
+        up = _reference_loss(model, (x64 + d).astype(np.float32))
+        down = _reference_loss(model, (x64 - d).astype(np.float32))
+        assert (up - down) / 2 == pytest.approx(float((grad * d).sum()), rel=0.05, abs=1e-5)
+
+
+def test_an_op_without_a_rule_stops_the_gradient_and_is_reported():
+    model = residual_net(extra="Softsign")
+    _, _, _, stopped = inversion_model(model, 2)
+    assert stopped == ["Softsign"]
+    fit = inverted_inputs(model, steps=3)
+    assert fit.stopped == ["Softsign"]
+    assert fit.summary()["gradient_stopped_at"] == ["Softsign"]
+
+
+def test_inversion_needs_batchnorm_and_a_static_input():
+    model = residual_net()
+    no_bn = onnx.ModelProto()
+    no_bn.CopyFrom(model)
+    for node in no_bn.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.op_type = "Identity"
+            del node.input[1:]
+    with pytest.raises(UdfcError, match="BatchNormalization"):
+        inversion_model(no_bn, 2)
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(model)
+    dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
+    with pytest.raises(UdfcError, match="static input shape"):
+        inverted_inputs(dynamic, steps=1)
+
+
+def test_fit_drives_the_statistics_toward_the_running_ones():
+    model = residual_net()
+    ticks = []
+    fit = inverted_inputs(model, steps=150, progress=lambda i, n, loss: ticks.append(i))
+    assert ticks == list(range(1, 151))
+    x = fit.feed["x"]
+    assert x.shape == (synthetic.SAMPLES, 3, 8, 8) and x.dtype == np.float32
+    assert fit.loss_end < 0.6 * fit.loss_start  # a random toy net: not every target is reachable
+    assert fit.loss_end == pytest.approx(_reference_loss(model, x), rel=1e-3)
+    again = inverted_inputs(model, steps=150)
+    np.testing.assert_array_equal(again.feed["x"], x)  # deterministic
+
+
+def test_cache_returns_the_same_fit(monkeypatch):
+    model = residual_net()
+    first = cached_inverted_inputs(model, steps=2)
+    monkeypatch.setattr(inversion, "inverted_inputs",
+                        lambda *a, **k: pytest.fail("recomputed a cached fit"))
+    assert cached_inverted_inputs(model, steps=2) is first
+
+
+def test_digits_model_inverts_through_maxpool(digits_model):
+    from onnx_udfc import normalize
+
+    model = onnx.load(digits_model)
+    normalize.normalize(model)
+    fit = inverted_inputs(model, steps=60)
+    assert fit.stopped == [] and fit.batchnorms > 0
+    assert fit.loss_end < 0.3 * fit.loss_start
+
+
+def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
+    import onnx_udfc.synthetic as synthetic
+
+    # pink noise starts the fit, once; neither the moments nor the sequential fit may then
+    # fall back to it
+    original, calls = synthetic.synthetic_inputs, []
+
+    def once(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            pytest.fail("pink noise used with --moments inverted")
+        return original(*a, **k)
+    monkeypatch.setattr(synthetic, "synthetic_inputs", once)
+    model, report = api.compress(str(digits_model), prune=0.3, bits=4, method="udfc+",
+                                 moments="inverted", sequential=True)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.inversion["steps"] == inversion.STEPS
+    assert report.inversion["loss_end"] < report.inversion["loss_start"]
+    assert "invert" in report.timings
+    assert "invert" in report.summary()
+    assert report.to_dict()["inversion"]["batchnorms"] > 0
+    comp = [x["compensation"] for x in report.layers if x.get("compensation")]
+    assert comp and all(c["compensated"] for c in comp)
+
+
+def test_calibration_skips_the_inversion(digits_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(inversion, "cached_inverted_inputs",
+                        lambda *a, **k: pytest.fail("inverted despite calibration data"))
+    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    model = onnx.load(digits_model)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).normal(size=(16, *shape[1:])).astype(np.float32)
+    _, report = api.compress(str(digits_model), prune=0.3, method="udfc+",
+                             moments="inverted", calibration=x)
+    assert report.inversion is None
+
+
+def test_cli_inverted_moments_writes_the_fit_to_the_report(digits_model, tmp_path, capsys):
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["compress", str(digits_model), "-o", str(out), "--prune", "0.3",
+                 "--method", "udfc+", "--moments", "inverted", "--report", str(rep),
+                 "--no-verify"]) == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    assert json.loads(rep.read_text())["inversion"]["steps"] == inversion.STEPS
+    assert "invert  " in capsys.readouterr().out
+
+
+def test_cli_inverted_moments_on_a_model_without_batchnorm_fails_cleanly(tmp_path, capsys):
+    model = residual_net()
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.op_type = "Identity"
+            del node.input[1:]
+    src, out = tmp_path / "nobn.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert main(["compress", str(src), "-o", str(out), "--prune", "0.3", "--method", "udfc+",
+                 "--moments", "inverted", "--no-verify"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BatchNormalization" in err[0]
+    assert not out.exists()
+
+
+def test_progress_detail_is_silent_off_a_tty(capsys):
+    p = Progress(["load", "invert"])
+    p("load")
+    p.detail("invert 5/300")
+    p.close()
+    assert capsys.readouterr().err == ""
