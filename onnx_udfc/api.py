@@ -163,6 +163,7 @@ class CompressOptions:
     opset: int | None = None
     moments: str = "auto"
     sequential: bool = False
+    seed: int = 0
 
 
 def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1",
@@ -175,7 +176,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
              format: str = "fake", block_size: int | None = None, container: str = "auto",
              opset: int | None = None, budget_flops: float | None = None,
              fold_bn_scales: bool = False, moments: str = "auto", sequential: bool = False,
-             ) -> tuple[onnx.ModelProto, Report]:
+             seed: int = 0) -> tuple[onnx.ModelProto, Report]:
     """Load, analyse, plan, compensate, prune, quantize and check; returns the compressed model
     and its report.
 
@@ -185,7 +186,8 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     asymmetric) at ``granularity`` (tensor, channel); layers whose name matches ``exclude`` or
     ``quant_exclude`` stay in float. ``method="udfc+"``: reconstruction and bias correction
     from a model of the activation moments (:mod:`onnx_udfc.udfc_plus`), measured on
-    ``calibration`` inputs (array, dict or ``.npz``) when given.
+    ``calibration`` inputs (array, dict or ``.npz``) when given, else on synthetic samples
+    drawn with ``seed`` (the start of the inversion too, ``moments="inverted"``).
 
     ``block_size``: block-wise scales, one per ``block_size`` input channels (overrides
     ``granularity``). ``format="qdq"`` stores the quantized weights as integers read by
@@ -203,12 +205,12 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     options = CompressOptions(prune, criterion, list(exclude), prune_coupled, round_to, fold_bn,
                               dict(input_shapes) if input_shapes else None, method, bits,
                               quantizer, granularity, alpha1, alpha2, list(quant_exclude),
-                              format, block_size, container, opset, moments, sequential)
+                              format, block_size, container, opset, moments, sequential, seed)
     PruneConfig(ratio=prune, criterion=criterion, exclude=list(exclude),
                 round_to=round_to).validate()
     method_config = MethodConfig(method, bits, quantizer, granularity, alpha1, alpha2,
                                  calibration=calibration, block_size=block_size,
-                                 moments=moments, sequential=sequential)
+                                 moments=moments, sequential=sequential, seed=seed)
     method_config.validate()
     storage_config = StorageConfig(format, container, opset)
     if fold_bn_scales and format != "qdq":
@@ -241,7 +243,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     if method_config.inverted:
         t = time.perf_counter()
         step("invert")
-        inversion = _invert(analysis.channels.model, progress)
+        inversion = _invert(analysis.channels.model, progress, seed)
         method_config.samples = inversion.feed
         timings["invert"] = time.perf_counter() - t
 
@@ -325,7 +327,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     return m, report
 
 
-def _invert(model: onnx.ModelProto, progress: Callable[[str], None] | None):
+def _invert(model: onnx.ModelProto, progress: Callable[[str], None] | None, seed: int = 0):
     """The model-inversion batch of ``--moments inverted`` (:mod:`onnx_udfc.inversion`)."""
     from onnx_udfc.inversion import cached_inverted_inputs
 
@@ -334,7 +336,7 @@ def _invert(model: onnx.ModelProto, progress: Callable[[str], None] | None):
     def tick(i: int, steps: int, loss: float) -> None:
         if detail is not None and (i % 5 == 0 or i == steps):
             detail(f"invert {i}/{steps}")
-    return cached_inverted_inputs(model, progress=tick)
+    return cached_inverted_inputs(model, seed=seed, progress=tick)
 
 
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", action="store_true",
                    help="udfc+: fit each layer's reconstruction on the compressed-so-far "
                         "network (slower; best with --calibration)")
+    c.add_argument("--seed", type=_seed, default=0,
+                   help="udfc+ without --calibration: seed of the synthetic samples (and of "
+                        "the inversion's start); results vary with it by about 0.5 points")
     c.add_argument("--bits", type=_bits, metavar="B",
                    help="fake-quantize every weight layer to B bits (2..8)")
     c.add_argument("--quantizer", choices=["paper", "symmetric", "asymmetric"],
@@ -140,6 +143,16 @@ def _bits(text: str) -> int:
             from None
     if not 2 <= value <= 8:
         raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got '{text}'")
     return value
 
 
@@ -225,7 +238,7 @@ def _compress(args) -> int:
             quant_exclude=args.quant_exclude, format=args.format, block_size=args.block_size,
             container=args.container, opset=args.opset, calibration=args.calibration,
             budget_flops=args.budget_flops, fold_bn_scales=args.fold_bn_scales,
-            moments=args.moments, sequential=args.sequential)
+            moments=args.moments, sequential=args.sequential, seed=args.seed)
         progress("save")
         t = time.perf_counter()
         report.size_after = api.save_compressed(model, out, source=args.model,

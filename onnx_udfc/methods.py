@@ -46,6 +46,7 @@ class MethodConfig:
     moments: str = "auto"  # udfc+: where the activation moments come from (udfc_plus.MOMENTS)
     sequential: bool = False  # udfc+: fit each layer on the compressed-so-far network
     samples: Any = None  # udfc+ --moments inverted: the fitted input batch
+    seed: int = 0  # udfc+: of the synthetic samples / the inversion's start
 
     @property
     def inverted(self) -> bool:
@@ -56,7 +57,8 @@ class MethodConfig:
     def plus(self) -> udfc_plus.PlusConfig:
         """The udfc+ hyperparameters with this run's choices."""
         return dataclasses.replace(udfc_plus.DEFAULT, moments=self.moments,
-                                   sequential=self.sequential, samples=self.samples)
+                                   sequential=self.sequential, samples=self.samples,
+                                   seed=self.seed)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +71,9 @@ class MethodConfig:
                             f"(choose {', '.join(udfc_plus.MOMENTS)})")
         if self.sequential and self.method != "udfc+":
             raise UdfcError("--sequential applies to --method udfc+ only")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) \
+                or self.seed < 0:
+            raise UdfcError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.quantizer not in QUANTIZERS:
             raise UdfcError(f"unknown quantizer '{self.quantizer}' "
                             f"(choose {', '.join(QUANTIZERS)})")
@@ -167,7 +172,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
             feed = plus.samples
         else:
             from onnx_udfc.synthetic import synthetic_inputs
-            feed = synthetic_inputs(ctx.model, input_mean=plus.input_mean,
+            feed = synthetic_inputs(ctx.model, plus.seed, input_mean=plus.input_mean,
                                     input_std=plus.input_std)
         # with real inputs every channel is refitted; on synthetic ones only the pruned
         # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)

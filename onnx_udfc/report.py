@@ -120,7 +120,9 @@ class Report:
         if self.inversion:
             inv = self.inversion
             stopped = inv["gradient_stopped_at"]
-            lines.append(f"invert  {inv['steps']} steps on {inv['batchnorms']} BatchNorms, "
+            lines.append(f"invert  {inv['steps']} steps on {inv['batchnorms']} BatchNorms"
+                         f"{' + class prior' if inv.get('class_prior') else ''}, "
+                         f"{inv.get('groups', 1)} group(s), "
                          f"loss {inv['loss_start']:.3g} -> {inv['loss_end']:.3g} "
                          f"({inv['seconds']:.1f} s)" + (
                              f"; gradient stopped at {', '.join(stopped)}" if stopped else ""))

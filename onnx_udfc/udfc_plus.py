@@ -54,6 +54,7 @@ class PlusConfig:
     # NM ResNet-56 and LeNet-300-100, see README)
     moments: str = "auto"
     sequential: bool = False  # onnx_udfc.sequential
+    seed: int = 0  # of the synthetic samples (and the inversion's start)
     seq_lam: float = 0.01
     seq_const_scale: float = 1.0
     seq_limit: int = 256  # calibration inputs used by the sequential fit
@@ -122,7 +123,8 @@ def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
     if moment_source(model, cfg) in ("sampled", "inverted"):
         from onnx_udfc.synthetic import sampled_moments
         try:
-            return sampled_moments(model, tensors or [], shapes, input_mean=cfg.input_mean,
+            return sampled_moments(model, tensors or [], shapes, cfg.seed,
+                                   input_mean=cfg.input_mean,
                                    input_std=cfg.input_std, feed=cfg.samples)
         except Exception:  # noqa: BLE001 - ORT refuses the batch (a fixed batch size baked
             pass  # into the graph, ...): the analytic propagation needs no run

@@ -13,7 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_udfc import api, inversion, synthetic
 from onnx_udfc.cli import main
 from onnx_udfc.errors import UdfcError
-from onnx_udfc.inversion import cached_inverted_inputs, inversion_model, inverted_inputs
+from onnx_udfc.inversion import (
+    cached_inverted_inputs,
+    group_count,
+    inversion_model,
+    inverted_inputs,
+)
 from onnx_udfc.report import Progress
 from onnx_udfc.verify import session
 
@@ -35,9 +40,11 @@ def _conv(prefix: str, x: str, cin: int, cout: int, rng: np.random.Generator, in
                             kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
 
 
-def residual_net(extra: str | None = None, opset: int = 17) -> onnx.ModelProto:
+def residual_net(extra: str | None = None, opset: int = 17, head: bool = False
+                 ) -> onnx.ModelProto:
     """conv-bn-relu, a strided conv with a Slice+Pad shortcut (ResNet 'option A'), an Add, a
-    LeakyRelu, a Concat, a Clip and a MaxPool: every rule of the reverse pass on one path."""
+    LeakyRelu, a Concat, a Clip and a MaxPool: every rule of the reverse pass on one path.
+    ``head``: a classifier (AveragePool, Flatten, Gemm, Softmax) instead of the pooled map."""
     rng = np.random.default_rng(0)
     inits: list = []
     n = [_conv("c1", "x", 3, 4, rng, inits), _bn("b1", "c1_y", 4, rng, inits)]
@@ -63,15 +70,27 @@ def residual_net(extra: str | None = None, opset: int = 17) -> onnx.ModelProto:
     n.append(helper.make_node("Clip", ["b3_y", "lo", "hi"], ["cl"]))
     n.append(helper.make_node("MaxPool", ["cl"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]))
     n += [_conv("c4", "mp", 6, 5, rng, inits, k=1), _bn("b4", "c4_y", 5, rng, inits)]
-    n.append(helper.make_node("GlobalAveragePool", ["b4_y"], ["out"]))
+    out = [1, 5, 1, 1]
+    if head:
+        inits += [numpy_helper.from_array(rng.normal(0, 1, (3, 5)).astype(np.float32), "fc_w"),
+                  numpy_helper.from_array(rng.normal(0, 1, 3).astype(np.float32), "fc_b")]
+        n += [helper.make_node("AveragePool", ["b4_y"], ["ap"], kernel_shape=[2, 2],
+                               strides=[2, 2]),
+              helper.make_node("Flatten", ["ap"], ["fl"]),
+              helper.make_node("Gemm", ["fl", "fc_w", "fc_b"], ["logits"], transB=1),
+              helper.make_node("Softmax", ["logits"], ["out"], axis=1)]
+        out = [1, 3]
+    else:
+        n.append(helper.make_node("GlobalAveragePool", ["b4_y"], ["out"]))
     graph = helper.make_graph(
         n, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5, 1, 1])], inits)
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _reference_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
-    """The BN-statistics loss recomputed in NumPy from the network's own tensors."""
+def _reference_loss(model: onnx.ModelProto, x: np.ndarray, groups: int = 1) -> float:
+    """The BN-statistics loss recomputed in NumPy from the network's own tensors, averaged
+    over ``groups`` consecutive groups of the batch."""
     bns = [nd for nd in model.graph.node if nd.op_type == "BatchNormalization"]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -83,26 +102,69 @@ def _reference_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     total = 0.0
     for nd, v in zip(bns, values, strict=True):
-        v = v.astype(np.float64)
-        total += np.linalg.norm(v.mean((0, 2, 3)) - inits[nd.input[3]])
-        total += np.linalg.norm(v.var((0, 2, 3)) - inits[nd.input[4]])
+        for part in np.split(v.astype(np.float64), groups):
+            total += np.linalg.norm(part.mean((0, 2, 3)) - inits[nd.input[3]]) / groups
+            total += np.linalg.norm(part.var((0, 2, 3)) - inits[nd.input[4]]) / groups
     return total
 
 
-def test_inversion_loss_is_the_bn_statistics_distance():
+@pytest.mark.parametrize(("batch", "group_size", "groups"), [(4, 16, 1), (8, 2, 4), (6, 4, 1)])
+def test_inversion_loss_is_the_bn_statistics_distance(batch, group_size, groups):
+    assert group_count(batch, group_size) == groups
     model = residual_net()
-    inv, name, count, stopped = inversion_model(model, 4)
+    inv, name, count, stopped = inversion_model(model, batch, group_size)
     onnx.checker.check_model(inv, full_check=True)
     assert (name, count, stopped) == ("x", 4, [])
-    x = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(batch, 3, 8, 8)).astype(np.float32)
     loss = session(inv).run(["udfc_inversion_loss"], {"x": x})[0]
-    assert float(loss) == pytest.approx(_reference_loss(model, x), rel=1e-4)
+    assert float(loss) == pytest.approx(_reference_loss(model, x, groups), rel=1e-4)
 
 
-@pytest.mark.parametrize("opset", [13, 17, 18])
-def test_inversion_gradient_matches_finite_differences(opset):
+def _class_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """Cross-entropy of the logits to the labels i mod K, recomputed in NumPy."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    probe.graph.output.append(onnx.ValueInfoProto(name="logits"))
+    z = session(probe).run(["logits"], {"x": x})[0].astype(np.float64)
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(z)), np.arange(len(z)) % z.shape[1]].mean())
+
+
+def test_class_prior_adds_the_cross_entropy_and_its_gradient_crosses_the_head():
+    model = residual_net(head=True)
+    inv, _, count, stopped = inversion_model(model, 6, 16, class_weight=0.5)
+    onnx.checker.check_model(inv, full_check=True)
+    assert (count, stopped) == (4, [])
+    sess = session(inv)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 3, 8, 8)).astype(np.float32)
+
+    def reference(v: np.ndarray) -> float:
+        return _reference_loss(model, v) + 0.5 * _class_loss(model, v)
+
+    loss, grad = sess.run(["udfc_inversion_loss", "udfc_inversion_grad"], {"x": x})
+    assert float(loss) == pytest.approx(reference(x), rel=1e-4)
+    x64 = x.astype(np.float64)
+    for _ in range(4):
+        d = rng.normal(size=x.shape) * 1e-3
+        up, down = reference((x64 + d).astype(np.float32)), reference((x64 - d).astype(np.float32))
+        assert (up - down) / 2 == pytest.approx(float((grad * d).sum()), rel=0.05, abs=1e-5)
+    # without the prior only the BN distance is left; the head carries no gradient then
+    bn_only = session(inversion_model(model, 6, 16, class_weight=0.0)[0])
+    assert float(bn_only.run(["udfc_inversion_loss"], {"x": x})[0]) == pytest.approx(
+        _reference_loss(model, x), rel=1e-4)
+
+
+def test_groups_divide_the_batch():
+    assert [group_count(n) for n in (1, 15, 16, 128, 100, 97)] == [1, 1, 1, 8, 5, 1]
+
+
+@pytest.mark.parametrize(("opset", "groups"), [(13, 1), (17, 2), (18, 1)])
+def test_inversion_gradient_matches_finite_differences(opset, groups):
     model = residual_net(opset=opset)
-    inv, name, _, stopped = inversion_model(model, 4)
+    inv, name, _, stopped = inversion_model(model, 4, 4 // groups)
     assert stopped == []
     sess = session(inv)
     rng = np.random.default_rng(2)
@@ -112,8 +174,8 @@ def test_inversion_gradient_matches_finite_differences(opset):
     x64 = x.astype(np.float64)
     for _ in range(4):
         d = rng.normal(size=x.shape) * 1e-3
-        up = _reference_loss(model, (x64 + d).astype(np.float32))
-        down = _reference_loss(model, (x64 - d).astype(np.float32))
+        up = _reference_loss(model, (x64 + d).astype(np.float32), groups)
+        down = _reference_loss(model, (x64 - d).astype(np.float32), groups)
         assert (up - down) / 2 == pytest.approx(float((grad * d).sum()), rel=0.05, abs=1e-5)
 
 
@@ -151,7 +213,8 @@ def test_fit_drives_the_statistics_toward_the_running_ones():
     x = fit.feed["x"]
     assert x.shape == (synthetic.SAMPLES, 3, 8, 8) and x.dtype == np.float32
     assert fit.loss_end < 0.6 * fit.loss_start  # a random toy net: not every target is reachable
-    assert fit.loss_end == pytest.approx(_reference_loss(model, x), rel=1e-3)
+    assert fit.loss_end == pytest.approx(_reference_loss(model, x, group_count(len(x))),
+                                         rel=1e-3)
     again = inverted_inputs(model, steps=150)
     np.testing.assert_array_equal(again.feed["x"], x)  # deterministic
 
@@ -172,6 +235,9 @@ def test_digits_model_inverts_through_maxpool(digits_model):
     fit = inverted_inputs(model, steps=60)
     assert fit.stopped == [] and fit.batchnorms > 0
     assert fit.loss_end < 0.3 * fit.loss_start
+    # the classifier head (Flatten, Gemm) carries the class prior's gradient
+    assert fit.class_prior and fit.groups == group_count(len(fit.feed["input"]))
+    assert fit.summary()["class_prior"] is True
 
 
 def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
@@ -217,8 +283,11 @@ def test_cli_inverted_moments_writes_the_fit_to_the_report(digits_model, tmp_pat
                  "--method", "udfc+", "--moments", "inverted", "--report", str(rep),
                  "--no-verify"]) == 0
     onnx.checker.check_model(str(out), full_check=True)
-    assert json.loads(rep.read_text())["inversion"]["steps"] == inversion.STEPS
-    assert "invert  " in capsys.readouterr().out
+    fit = json.loads(rep.read_text())["inversion"]
+    assert fit["steps"] == inversion.STEPS and fit["class_prior"] is True
+    assert fit["groups"] == group_count(synthetic.sample_count([1, 1, 8, 8]))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("invert  "))
+    assert "+ class prior" in line and f"{fit['groups']} group(s)" in line
 
 
 def test_cli_inverted_moments_on_a_model_without_batchnorm_fails_cleanly(tmp_path, capsys):

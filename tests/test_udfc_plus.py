@@ -75,3 +75,55 @@ def test_bias_correction_reduces_mean_error():
     bias = {k: float(np.abs((run(m, feeds)[0] - ref).mean(0)).mean())
             for k, m in {"rtn": rtn, "plus": plus}.items()}
     assert bias["plus"] < bias["rtn"]
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_seed_picks_the_synthetic_samples_reproducibly(digits_model):
+    def run_seed(seed: int):
+        return api.compress(str(digits_model), prune=0.3, bits=4, method="udfc+",
+                            moments="sampled", seed=seed)
+
+    (a, report), (b, _), (c, _) = run_seed(0), run_seed(0), run_seed(1)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert any(wa[k].shape == wc[k].shape and not np.array_equal(wa[k], wc[k]) for k in wa)
+    assert report.to_dict()["config"]["seed"] == 0
+
+
+def test_seed_starts_the_inversion(digits_model, monkeypatch):
+    from onnx_udfc import inversion
+
+    seen = []
+    real = inversion.cached_inverted_inputs
+
+    def spy(model, *a, **k):
+        seen.append(k.get("seed"))
+        return real(model, steps=2, seed=k.get("seed", 0))
+
+    monkeypatch.setattr(inversion, "cached_inverted_inputs", spy)
+    api.compress(str(digits_model), prune=0.3, method="udfc+", moments="inverted", seed=5)
+    assert seen == [5]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_bad_seed_is_refused_before_anything_runs(digits_model, seed):
+    from onnx_udfc.errors import UdfcError
+
+    with pytest.raises(UdfcError, match="seed must be a non-negative integer"):
+        api.compress(str(digits_model), prune=0.3, method="udfc+", seed=seed)
+
+
+def test_cli_bad_seed_is_a_one_line_usage_error(digits_model, tmp_path, capsys):
+    from onnx_udfc.cli import main
+
+    out = tmp_path / "o.onnx"
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(digits_model), "-o", str(out), "--method", "udfc+",
+              "--seed", "-3"])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed must be a non-negative integer" in err[0]

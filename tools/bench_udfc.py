@@ -201,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quant-only", action="store_true",
                     help="add the ratio-0 baselines (prune = RTN, udfc = RTN + Eq. 21 scales)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N images")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="udfc+ data-free: seed of the synthetic samples / inversion start (run "
+                         "the bench once per seed to see the spread)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -378,7 +381,8 @@ def bench_model(args: argparse.Namespace, manifest: dict[str, Any], name: str,
                 original, prune=ratio, method=base, **extra,
                 calibration=x if calibrated else None, bits=bits, criterion=criterion,
                 quantizer=args.quantizer, granularity=args.granularity, alpha1=args.alpha1,
-                alpha2=args.alpha2, quant_exclude=list(args.quant_exclude), check=False)
+                alpha2=args.alpha2, quant_exclude=list(args.quant_exclude), check=False,
+                seed=args.seed)
             p.compress_s = round(time.perf_counter() - t, 4)
             summarise_report(p, report.to_dict())
             t = time.perf_counter()
@@ -396,7 +400,7 @@ def bench_model(args: argparse.Namespace, manifest: dict[str, Any], name: str,
         log(f"  {method:5s} {criterion} ratio {ratio:.2f} {bits_s:3s}: {result}")
     return {
         "file": entry["file"], "dataset": entry["dataset"], "data_file": data_name,
-        "batchnorm": entry.get("batchnorm"), "images": n,
+        "batchnorm": entry.get("batchnorm"), "images": n, "seed": args.seed,
         "preprocess": entry["preprocess"],
         "top1_original_full_subset": top1_full, "top1_manifest": expected,
         "top1_original": top1_orig,
