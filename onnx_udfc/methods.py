@@ -178,7 +178,8 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
         # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
         for name, e in sequential_pruning(ctx, removed, todo, feed, cfg.calibration is None,
                                           plus.seq_lam, plus.seq_const_scale,
-                                          full=cfg.calibration is not None).items():
+                                          full=cfg.calibration is not None,
+                                          output_fit=plus.seq_output).items():
             out[name].update(e)
     return out
 

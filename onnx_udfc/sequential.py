@@ -144,20 +144,31 @@ def apply_fit(ctx: ChannelAnalysis, plans: list, b: np.ndarray) -> None:
 
 def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tuple[Any, list,
                        np.ndarray, np.ndarray, np.ndarray]], feed: dict[str, np.ndarray],
-                       synthetic: bool, lam: float, const_scale: float, full: bool = True
-                       ) -> dict[str, dict[str, Any]]:
+                       synthetic: bool, lam: float, const_scale: float, full: bool = True,
+                       output_fit: bool = True) -> dict[str, dict[str, Any]]:
     """Visit ``todo`` = [(producer, absorbers, classes, kept, pruned)] in order (see module
-    docstring). Returns per producer name its report entry."""
+    docstring); with ``output_fit`` each plain Conv absorber is then refitted on patches
+    (:mod:`onnx_udfc.output_fit`). Returns per producer name its report entry."""
+    from onnx_udfc.output_fit import output_target, refit_output
     from onnx_udfc.udfc_plus import absorb_constants, activation_tensor
 
     original = onnx.ModelProto()
     original.CopyFrom(ctx.model)
     stats = batch_statistics(original, feed, ctx.shapes) if synthetic else {}
     tensors = [activation_tensor(p.node, ctx) for p, *_ in todo]
-    reference = run_tensors(frozen(original, original, stats), feed, tensors)
+    targets_of = []
+    for (_p, found, cls, *_), t in zip(todo, tensors, strict=True):
+        direct = output_fit and ctx.shapes.get(t, [0, -1])[1] == len(cls)
+        targets_of.append([tg for ab in found if direct
+                           for tg in [output_target(ctx, ab.layer.node, t)] if tg is not None])
+    extra = [n for tgs in targets_of for tg in tgs
+             for n in (tg.node.output[0], tg.shortcut) if n]
+    reference = run_tensors(frozen(original, original, stats), feed, tensors + extra)
     out: dict[str, dict[str, Any]] = {}
-    for (p, found, cls, kept, pruned), t in zip(todo, tensors, strict=True):
-        current = run_tensors(frozen(ctx.model, original, stats), feed, [t])[t]
+    for (p, found, cls, kept, pruned), t, tgs in zip(todo, tensors, targets_of, strict=True):
+        shortcuts = [tg.shortcut for tg in tgs if tg.shortcut]
+        now = run_tensors(frozen(ctx.model, original, stats), feed, [t, *shortcuts])
+        current = now[t]
         xt, x = channels_last(current), channels_last(reference[t])
         targets = np.concatenate([kept, pruned])
         prior = np.zeros((kept.size, targets.size))
@@ -175,6 +186,17 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
             # constants first: they are folded with the columns as they are now
             missed = absorb_constants(ctx, found, cls[targets], const_scale * c)
             apply_fit(ctx, plans, b)
+        refitted = []
+        for tg in (tgs if ok else []):
+            var = None
+            if tg.batchnorm is not None:
+                o = tg.batchnorm.output[0]
+                var = stats[o][1].astype(np.float64) if o in stats else tensor_array(
+                    ctx.inits[tg.batchnorm.input[4]]).astype(np.float64)
+            if refit_output(ctx, original, tg, kept, current, reference[tg.node.output[0]],
+                            now.get(tg.shortcut) if tg.shortcut else None,
+                            reference.get(tg.shortcut) if tg.shortcut else None, var, lam):
+                refitted.append(tg.node.name or tg.node.output[0])
         name = p.node.name or p.tensor
         resid = x[:, pruned] - (xt[:, kept] @ b[:, kept.size:] + c[kept.size:])
         var = x[:, pruned].var(0)
@@ -184,6 +206,8 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
                      "absorbers": [a.layer.node.name for a in found], "degenerate": []}
         if missed:
             out[name]["constant_skipped"] = missed
+        if refitted:
+            out[name]["output_refit"] = refitted
         if not ok:
             out[name]["reason"] = "an absorber reads only part of the channels"
     return out

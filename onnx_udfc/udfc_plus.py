@@ -58,6 +58,7 @@ class PlusConfig:
     seq_lam: float = 0.01
     seq_const_scale: float = 1.0
     seq_limit: int = 256  # calibration inputs used by the sequential fit
+    seq_output: bool = True  # refit plain Conv absorbers on patches (onnx_udfc.output_fit)
     gptq: bool = True  # round weights with error feedback (onnx_udfc.gptq) under the moments
     gptq_max_inputs: int = 600  # larger layers round to nearest: GPTQ costs O(out x in^2)
     # --moments inverted: the fitted batch (onnx_udfc.inversion), set once per run
