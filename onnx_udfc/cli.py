@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                         "layers, propagated for plain MLPs")
     c.add_argument("--sequential", action="store_true",
                    help="udfc+: fit each layer's reconstruction on the compressed-so-far "
-                        "network (slower; best with --calibration)")
+                        "network, then refit the next Conv on patches of the kept channels "
+                        "(one network run per pruned layer; the most accurate, data-free too)")
     c.add_argument("--seed", type=_seed, default=0,
                    help="udfc+ without --calibration: seed of the synthetic samples (and of "
                         "the inversion's start); results vary with it by about 0.5 points")
