@@ -8,6 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnx_udfc.errors import UdfcError  # noqa: E402
+from onnx_udfc.core.errors import UdfcError  # noqa: E402
 
 __all__ = ["UdfcError", "__version__"]

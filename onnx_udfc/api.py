@@ -28,19 +28,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnx_udfc import io as _io
-from onnx_udfc import normalize as _normalize
-from onnx_udfc.errors import UdfcError
-from onnx_udfc.graph import ChannelAnalysis, ChannelGroup
-from onnx_udfc.graph import analyse as _analyse
-from onnx_udfc.methods import MethodConfig, compensate_pruning, quantize_model
-from onnx_udfc.metrics import count_params, layer_stats
-from onnx_udfc.plan import PruneConfig, PrunePlan, make_plan
-from onnx_udfc.qdq import StorageConfig, fake_summary, to_qdq
-from onnx_udfc.qdq_fold import fold_bn_into_scales
-from onnx_udfc.quantizers import QuantizedWeight
-from onnx_udfc.report import Report, build_report
-from onnx_udfc.rewrite import apply_removal
+from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
+from onnx_udfc.channels.analysis import analyse as _analyse
+from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.channels.rewrite import apply_removal
+from onnx_udfc.core import io as _io
+from onnx_udfc.core import normalize as _normalize
+from onnx_udfc.core.cost import count_params, layer_stats
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.quant.bn_scales import fold_bn_into_scales
+from onnx_udfc.quant.grids import QuantizedWeight
+from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq
+from onnx_udfc.report.report import Report, build_report
 
 load = _io.load_model
 save = _io.save_model
@@ -131,12 +131,12 @@ def quantize(model: onnx.ModelProto, bits: int, method: str = "udfc", quantizer:
 
 
 def verify(original: _io.ModelSource, compressed: _io.ModelSource, **options):
-    """Compare two models in ONNX Runtime (see :func:`onnx_udfc.verify.verify`).
+    """Compare two models in ONNX Runtime (see :func:`onnx_udfc.report.verify.verify`).
 
     >>> result = verify("a.onnx", model, data="inputs.npz")
     >>> result.fidelity[0].cosine, result.accuracy_after
     """
-    from onnx_udfc.verify import verify as _verify
+    from onnx_udfc.report.verify import verify as _verify
 
     return _verify(original, compressed, **options)
 
@@ -185,13 +185,13 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     (2..8) fake-quantizes every weight layer with ``quantizer`` (paper, symmetric,
     asymmetric) at ``granularity`` (tensor, channel); layers whose name matches ``exclude`` or
     ``quant_exclude`` stay in float. ``method="udfc+"``: reconstruction and bias correction
-    from a model of the activation moments (:mod:`onnx_udfc.udfc_plus`), measured on
+    from a model of the activation moments (:mod:`onnx_udfc.methods.plus`), measured on
     ``calibration`` inputs (array, dict or ``.npz``) when given, else on synthetic samples
     drawn with ``seed`` (the start of the inversion too, ``moments="inverted"``).
 
     ``block_size``: block-wise scales, one per ``block_size`` input channels (overrides
     ``granularity``). ``format="qdq"`` stores the quantized weights as integers read by
-    ``DequantizeLinear`` (:mod:`onnx_udfc.qdq`): int4/uint4 for bits <= 4 unless
+    ``DequantizeLinear`` (:mod:`onnx_udfc.quant.qdq`): int4/uint4 for bits <= 4 unless
     ``container="int8"``, the opset raised to ``opset`` or to what the storage needs.
 
     A ``ModelProto`` argument is copied, never modified. Raises :class:`UdfcError` on bad
@@ -251,16 +251,16 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     step("plan")
     moments, scores = None, None
     if criterion == "recon" and (prune > 0 or budget_flops is not None):
-        from onnx_udfc.select import reconstruction_scores
-        from onnx_udfc.udfc_plus import pruning_moments, single_blas_thread
+        from onnx_udfc.channels.select import reconstruction_scores
+        from onnx_udfc.methods.plus import pruning_moments, single_blas_thread
         with single_blas_thread():
             moments = pruning_moments(analysis.channels, method_config.calibration,
                                       method_config.plus)
             scores, _ = reconstruction_scores(analysis.channels, moments,
                                               analysis.channels.class_scores("l1"))
     group_ratios = {}
-    if budget_flops is not None:  # per-group ratios by predicted error (onnx_udfc.budget)
-        from onnx_udfc.budget import allocate
+    if budget_flops is not None:  # per-group ratios by predicted error (onnx_udfc.channels.budget)
+        from onnx_udfc.channels.budget import allocate
         group_ratios = allocate(analysis.channels, analysis.groups, budget_flops,
                                 PruneConfig(prune, criterion, list(exclude), prune_coupled),
                                 calibration if method == "udfc+" else None,
@@ -328,8 +328,8 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
 
 
 def _invert(model: onnx.ModelProto, progress: Callable[[str], None] | None, seed: int = 0):
-    """The model-inversion batch of ``--moments inverted`` (:mod:`onnx_udfc.inversion`)."""
-    from onnx_udfc.inversion import cached_inverted_inputs
+    """The model-inversion batch of ``--moments inverted`` (:mod:`onnx_udfc.moments.inverted`)."""
+    from onnx_udfc.moments.inverted import cached_inverted_inputs
 
     detail = getattr(progress, "detail", None)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from onnx_udfc import __version__
-from onnx_udfc.errors import UdfcError
+from onnx_udfc.core.errors import UdfcError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _inspect(args) -> int:
     from onnx_udfc import api
-    from onnx_udfc.io import parse_input_shapes
-    from onnx_udfc.metrics import count_params, layer_stats, total_macs
+    from onnx_udfc.core.cost import count_params, layer_stats, total_macs
+    from onnx_udfc.core.io import parse_input_shapes
 
     model = api.load(args.model)
     api.normalize(model)
@@ -213,9 +213,9 @@ def _inspect(args) -> int:
 
 def _compress(args) -> int:
     from onnx_udfc import api
-    from onnx_udfc.io import disk_size, parse_input_shapes
-    from onnx_udfc.report import Progress
-    from onnx_udfc.verify import verify
+    from onnx_udfc.core.io import disk_size, parse_input_shapes
+    from onnx_udfc.report.report import Progress
+    from onnx_udfc.report.verify import verify
 
     out = Path(args.output)
     src = Path(args.model)
@@ -256,7 +256,7 @@ def _compress(args) -> int:
                 result.accuracy_after
             report.timings["verify"] = time.perf_counter() - t
         if args.latency:
-            from onnx_udfc.latency import compare_latency
+            from onnx_udfc.report.latency import compare_latency
 
             progress("latency")
             report.latency = compare_latency(args.model, out, provider=args.provider,
@@ -268,7 +268,7 @@ def _compress(args) -> int:
     if args.report:
         report.write(args.report)
     if args.plot:
-        from onnx_udfc.plot import plot_report
+        from onnx_udfc.report.plot import plot_report
 
         plot_report(report.to_dict(), args.plot)
     if not args.quiet:
@@ -282,14 +282,15 @@ def _compress(args) -> int:
 def _evaluate(args) -> int:
     import numpy as np
 
-    from onnx_udfc.io import graph_inputs, load_model
-    from onnx_udfc.verify import accuracy, make_inputs, run, session
+    from onnx_udfc.core.io import graph_inputs, load_model
+    from onnx_udfc.core.ort import make_inputs, run, session
+    from onnx_udfc.report.verify import accuracy
 
     results = {}
     for path in args.models:
         model = load_model(path, check_finite=False)
         if args.dataset:
-            from onnx_udfc.datasets import load_dataset
+            from onnx_udfc.report.datasets import load_dataset
 
             images, labels = load_dataset(args.dataset)
             feed = {graph_inputs(model)[0].name: images[:args.limit] if args.limit else images}
@@ -309,8 +310,8 @@ def _evaluate(args) -> int:
 
 
 def _verify(args) -> int:
-    from onnx_udfc.io import load_model
-    from onnx_udfc.verify import verify
+    from onnx_udfc.core.io import load_model
+    from onnx_udfc.report.verify import verify
 
     for path in (args.original, args.compressed):
         load_model(path, check_finite=False)

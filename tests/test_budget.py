@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from onnx_udfc import api
-from onnx_udfc.budget import allocate, predicted_macs
-from onnx_udfc.errors import UdfcError
-from onnx_udfc.plan import PruneConfig
+from onnx_udfc.channels.budget import allocate, predicted_macs
+from onnx_udfc.channels.plan import PruneConfig
+from onnx_udfc.core.errors import UdfcError
 from tests.synthetic import Builder, max_diff
 
 

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_udfc import io as udfc_io
 from onnx_udfc.cli import main
+from onnx_udfc.core import io as udfc_io
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -285,7 +285,7 @@ def test_evaluate_missing_data_file(tmp_path, digits_model):
 
 
 def test_digits_split_matches_committed_test_set(digits_model):
-    from onnx_udfc.datasets import digits_test_set
+    from onnx_udfc.report.datasets import digits_test_set
 
     images, labels = digits_test_set()
     npz = np.load(digits_model.parent / "digits_test.npz")
@@ -305,7 +305,7 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
     import builtins
 
     from onnx_udfc import UdfcError
-    from onnx_udfc.plot import plot_report
+    from onnx_udfc.report.plot import plot_report
 
     real = builtins.__import__
 

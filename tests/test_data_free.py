@@ -10,13 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 from test_methods import _bn_chain
 
 from onnx_udfc import api
-from onnx_udfc.errors import UdfcError
-from onnx_udfc.io import infer_shapes
-from onnx_udfc.select import greedy_removal
-from onnx_udfc.sequential import batch_statistics, frozen
-from onnx_udfc.synthetic import pink_noise, sampled_moments, training_batchnorm
-from onnx_udfc.udfc_plus import DEFAULT, model_moments, moment_source
-from onnx_udfc.verify import session
+from onnx_udfc.channels.select import greedy_removal
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import infer_shapes
+from onnx_udfc.core.ort import session
+from onnx_udfc.methods.plus import DEFAULT, model_moments, moment_source
+from onnx_udfc.methods.sequential import batch_statistics, frozen
+from onnx_udfc.moments.sampled import pink_noise, sampled_moments, training_batchnorm
 from tests.synthetic import random_feeds, run
 
 

@@ -10,9 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from synthetic import BATCH, Builder, max_diff, random_feeds, run
 
-from onnx_udfc import api, compensate
-from onnx_udfc.normalize import fold_constants
-from onnx_udfc.stats import layer_stats, weight_layer
+from onnx_udfc import api
+from onnx_udfc.channels import absorbers as compensate
+from onnx_udfc.channels.stats import layer_stats, weight_layer
+from onnx_udfc.core.normalize import fold_constants
 
 
 def image(b: Builder, c: int = 3, hw: int = 8) -> str:
@@ -278,7 +279,7 @@ def test_linear_bias_add_is_part_of_the_layer(act):
     p = api.plan(a, 0.0)
     g = next(g for g in a.groups if "fc1" in g.producers)
     p.removed[g.classes[5]] = True
-    from onnx_udfc.methods import MethodConfig, compensate_pruning
+    from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning
 
     entry = compensate_pruning(a.channels, p.removed, MethodConfig("udfc", alpha1=1.0))["fc1"]
     assert entry["compensated"] and entry["predicted_error"] < 1e-3
@@ -381,7 +382,7 @@ def test_conv_transpose_absorbs_a_reconstruction_exactly():
     p = api.plan(a, 0.0)
     g = next(g for g in a.groups if "conv0" in g.producers)
     p.removed[g.classes[5]] = True
-    from onnx_udfc.methods import MethodConfig, compensate_pruning
+    from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning
 
     entry = compensate_pruning(a.channels, p.removed, MethodConfig("udfc"))["conv0"]
     assert entry["compensated"] and entry["absorbers"] == ["up"]

@@ -1,4 +1,4 @@
-"""Tests of data-free GPTQ rounding and the separable patch model (onnx_udfc.gptq)."""
+"""Tests of data-free GPTQ rounding and the separable patch model (onnx_udfc.quant.gptq)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from onnx_udfc.gptq import gptq_round, kron_hessian, tap_correlation
+from onnx_udfc.quant.gptq import gptq_round, kron_hessian, tap_correlation
 
 QMAX = 7  # 4-bit symmetric grid: codes -7 .. 7
 

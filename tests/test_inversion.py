@@ -10,17 +10,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_udfc import api, inversion, synthetic
+from onnx_udfc import api
 from onnx_udfc.cli import main
-from onnx_udfc.errors import UdfcError
-from onnx_udfc.inversion import (
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.ort import session
+from onnx_udfc.moments import inverted as inversion
+from onnx_udfc.moments import sampled as synthetic
+from onnx_udfc.moments.inverted import (
     cached_inverted_inputs,
     group_count,
     inversion_model,
     inverted_inputs,
 )
-from onnx_udfc.report import Progress
-from onnx_udfc.verify import session
+from onnx_udfc.report.report import Progress
 
 
 def _bn(prefix: str, x: str, c: int, rng: np.random.Generator, inits: list) -> onnx.NodeProto:
@@ -228,7 +230,7 @@ def test_cache_returns_the_same_fit(monkeypatch):
 
 
 def test_digits_model_inverts_through_maxpool(digits_model):
-    from onnx_udfc import normalize
+    from onnx_udfc.core import normalize
 
     model = onnx.load(digits_model)
     normalize.normalize(model)
@@ -241,7 +243,7 @@ def test_digits_model_inverts_through_maxpool(digits_model):
 
 
 def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
-    import onnx_udfc.synthetic as synthetic
+    import onnx_udfc.moments.sampled as synthetic
 
     # pink noise starts the fit, once; neither the moments nor the sequential fit may then
     # fall back to it

@@ -8,8 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import UdfcError, api
-from onnx_udfc.io import tensor_array
-from onnx_udfc.verify import compare, make_inputs, run, session
+from onnx_udfc.core.io import tensor_array
+from onnx_udfc.core.ort import make_inputs, run, session
+from onnx_udfc.report.verify import compare
 
 
 def _bn_chain(scale: float = 0.3, with_bn: bool = True) -> onnx.ModelProto:
@@ -83,10 +84,10 @@ def test_neuron_merging_compensates_and_reports():
 def test_fold_bn_keeps_the_paper_exact(shared):
     """With --fold-bn the saved (sigma/gamma)^2 loss weights give the paper's Eq. 20
     coefficients on the folded filters, identical to the BN-kept graph."""
-    from onnx_udfc.graph import analyse
-    from onnx_udfc.io import infer_shapes
-    from onnx_udfc.solve import eq20_pruning_coefficients
-    from onnx_udfc.stats import layer_stats, weight_layer
+    from onnx_udfc.channels.analysis import analyse
+    from onnx_udfc.channels.stats import layer_stats, weight_layer
+    from onnx_udfc.core.io import infer_shapes
+    from onnx_udfc.methods.equations import eq20_pruning_coefficients
 
     path = shared / "models" / "resnet56_cifar10_nm_bn.onnx"
     coefficients = []

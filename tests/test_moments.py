@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_udfc.moments import SMOOTH, Activation, gaussian_moments, relu_moments
+from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, relu_moments
 
 N_SAMPLES = 400_000
 

@@ -1,4 +1,4 @@
-"""Output-space refit of the next Conv in --sequential udfc+ (onnx_udfc.output_fit)."""
+"""Output-space refit of the next Conv in --sequential udfc+ (onnx_udfc.methods.output_fit)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_inversion import _bn, _conv
 
-from onnx_udfc import api, output_fit, udfc_plus
-from onnx_udfc.output_fit import patches, ridge_fit
-from onnx_udfc.verify import session
+from onnx_udfc import api
+from onnx_udfc.core.ort import session
+from onnx_udfc.methods import output_fit
+from onnx_udfc.methods import plus as udfc_plus
+from onnx_udfc.methods.output_fit import patches, ridge_fit
 
 
 def test_ridge_fit_is_least_squares_and_keeps_unweighted_outputs():

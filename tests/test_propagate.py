@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from test_methods import _bn_chain
 
-from onnx_udfc.io import infer_shapes
-from onnx_udfc.moments import SMOOTH, Activation, gaussian_moments, gaussian_variances
-from onnx_udfc.propagate import TensorMoments, conv_moments, propagate
-from onnx_udfc.udfc_plus import single_blas_thread
+from onnx_udfc.core.io import infer_shapes
+from onnx_udfc.methods.plus import single_blas_thread
+from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, gaussian_variances
+from onnx_udfc.moments.propagated import TensorMoments, conv_moments, propagate
 
 
 def _reference(w: np.ndarray, x: np.ndarray, r: float) -> np.ndarray:

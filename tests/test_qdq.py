@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_udfc import api
-from onnx_udfc.io import tensor_array
-from onnx_udfc.qdq import convert_opset, integer_tensor
-from onnx_udfc.quantizers import quantize_blocks_params
-from onnx_udfc.verify import make_inputs
+from onnx_udfc.core.io import tensor_array
+from onnx_udfc.core.ort import make_inputs
+from onnx_udfc.quant.grids import quantize_blocks_params
+from onnx_udfc.quant.qdq import convert_opset, integer_tensor
 
 MODES = {
     "int8-tensor": dict(bits=8, granularity="tensor"),

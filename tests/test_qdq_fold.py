@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from onnx_udfc import UdfcError, api
-from onnx_udfc.io import save_model
-from onnx_udfc.verify import make_inputs, run, session
+from onnx_udfc.core.io import save_model
+from onnx_udfc.core.ort import make_inputs, run, session
 
 
 @pytest.mark.parametrize("name", ["resnet56_cifar10_nm_bn", "resnet20_cifar10_bn"])

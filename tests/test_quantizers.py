@@ -1,11 +1,11 @@
-"""Tests of the weight quantizers (onnx_udfc.quantizers)."""
+"""Tests of the weight quantizers (onnx_udfc.quant.grids)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnx_udfc.quantizers import (
+from onnx_udfc.quant.grids import (
     paper_quantize,
     paper_quantize_params,
     quantize,

@@ -28,7 +28,7 @@ from synthetic import (
 )
 
 from onnx_udfc import api
-from onnx_udfc.plan import COUPLED_REASON
+from onnx_udfc.channels.plan import COUPLED_REASON
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)

@@ -7,7 +7,8 @@ import onnx
 import pytest
 
 from onnx_udfc import api
-from onnx_udfc.verify import compare, make_inputs, run, session
+from onnx_udfc.core.ort import make_inputs, run, session
+from onnx_udfc.report.verify import compare
 
 MODELS = ["resnet20_cifar10_bn", "resnet20_cifar10_folded", "resnet56_cifar10_nm_bn",
           "resnet56_cifar10_nm_folded", "resnet56_cifar10_bn", "lenet300100_fashionmnist_nm"]
@@ -118,7 +119,7 @@ def test_fold_batchnorm_keeps_outputs_and_stats(shared):
 def test_zero_filters_removed_exactly(shared):
     """Zeroing the lowest-l1 filters of block-internal convs (and their BN so the channel
     output is exactly zero) then pruning exactly those leaves the outputs unchanged."""
-    from onnx_udfc.io import set_tensor_array, tensor_array
+    from onnx_udfc.core.io import set_tensor_array, tensor_array
 
     path = shared / "models" / "resnet56_cifar10_nm_bn.onnx"
     model = api.load(path)

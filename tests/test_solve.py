@@ -1,4 +1,4 @@
-"""Tests of the compensation mathematics (onnx_udfc.solve) against independent references."""
+"""Tests of the compensation mathematics (methods.equations) against independent references."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize, minimize_scalar
 
-from onnx_udfc.quantizers import paper_quantize, quantize_params
-from onnx_udfc.solve import (
+from onnx_udfc.methods.equations import (
     ChannelStats,
     MergePairs,
     apply_neuron_merging,
@@ -23,6 +22,7 @@ from onnx_udfc.solve import (
     quantization_only_rtn,
     udfc_quantization_compensation,
 )
+from onnx_udfc.quant.grids import paper_quantize, quantize_params
 
 N, SHAPE = 12, (4, 2, 2)  # 12 channels, filters of 16 entries
 KEPT = np.array([0, 2, 3, 5, 6, 8, 9, 11])

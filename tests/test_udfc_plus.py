@@ -7,9 +7,9 @@ import pytest
 from test_methods import _bn_chain
 
 from onnx_udfc import api
-from onnx_udfc.moments import Activation, gaussian_moments
-from onnx_udfc.propagate import TensorMoments
-from onnx_udfc.udfc_plus import reconstruction
+from onnx_udfc.methods.plus import reconstruction
+from onnx_udfc.moments.gaussian import Activation, gaussian_moments
+from onnx_udfc.moments.propagated import TensorMoments
 from tests.synthetic import max_diff, random_feeds, run
 
 
@@ -95,7 +95,7 @@ def test_seed_picks_the_synthetic_samples_reproducibly(digits_model):
 
 
 def test_seed_starts_the_inversion(digits_model, monkeypatch):
-    from onnx_udfc import inversion
+    from onnx_udfc.moments import inverted as inversion
 
     seen = []
     real = inversion.cached_inverted_inputs
@@ -111,7 +111,7 @@ def test_seed_starts_the_inversion(digits_model, monkeypatch):
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
 def test_bad_seed_is_refused_before_anything_runs(digits_model, seed):
-    from onnx_udfc.errors import UdfcError
+    from onnx_udfc.core.errors import UdfcError
 
     with pytest.raises(UdfcError, match="seed must be a non-negative integer"):
         api.compress(str(digits_model), prune=0.3, method="udfc+", seed=seed)

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from onnx_udfc import api
-from onnx_udfc.errors import UdfcError
-from onnx_udfc.latency import FOLD_QDQ, interleaved, latency_session, random_feed
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.report.latency import FOLD_QDQ, interleaved, latency_session, random_feed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = [ROOT.parent / "shared" / "models" / "resnet56_cifar10_nm_bn.onnx",

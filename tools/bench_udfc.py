@@ -76,8 +76,8 @@ import onnxruntime
 
 import onnx_udfc
 from onnx_udfc import api
-from onnx_udfc.methods import GRANULARITIES, METHODS, QUANTIZERS
-from onnx_udfc.verify import run, session
+from onnx_udfc.core.ort import run, session
+from onnx_udfc.methods.compensate import GRANULARITIES, METHODS, QUANTIZERS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SHARED = REPO.parent / "shared"

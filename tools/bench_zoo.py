@@ -41,8 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from onnx_udfc import api, compensate  # noqa: E402
-from onnx_udfc import verify as V  # noqa: E402
+from onnx_udfc import api  # noqa: E402
+from onnx_udfc.channels import absorbers as compensate  # noqa: E402
+from onnx_udfc.core import ort as V  # noqa: E402
+from onnx_udfc.core.io import graph_inputs  # noqa: E402
+from onnx_udfc.report.verify import compare  # noqa: E402
 
 
 def load(path: Path) -> onnx.ModelProto:
@@ -61,7 +64,7 @@ def load(path: Path) -> onnx.ModelProto:
 
 def feeds(model: onnx.ModelProto, n: int, seed: int) -> list[dict[str, np.ndarray]]:
     """``n`` random samples: one batch when the batch axis is dynamic, else one run each."""
-    inputs = V.graph_inputs(model)
+    inputs = graph_inputs(model)
     dims0 = [i.type.tensor_type.shape.dim[0] for i in inputs]
     if all(not d.HasField("dim_value") for d in dims0):
         return [V.make_inputs(model, batch=n, seed=seed)[0]]
@@ -75,7 +78,7 @@ def run_all(model: onnx.ModelProto, samples: list[dict]) -> list[np.ndarray]:
 
 
 def fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float | None]:
-    f = V.compare(ref[:1], got[:1], ["out"])[0]
+    f = compare(ref[:1], got[:1], ["out"])[0]
     scale = float(np.abs(ref[0]).max()) or 1.0
     return {"cosine": f.cosine, "top1": f.top1_agreement, "max_abs": f.max_abs,
             "max_rel": f.max_abs / scale}

@@ -1,0 +1,111 @@
+"""ONNX Runtime plumbing: sessions, input feeds and batched runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import graph_inputs
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+              "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+              "tensor(bool)": np.bool_}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
+            optimize: bool = True, threads: int = 0, config: dict[str, str] | None = None,
+            exact_int4: bool = True):
+    """An ONNX Runtime session; ``provider`` is 'cpu' or 'cuda' (needs onnxruntime-gpu).
+
+    ``threads``: intra-op threads (0: one per core); ``config``: extra session config entries.
+    ``exact_int4`` pins the MatMulNBits accuracy level: ORT fuses int4 DequantizeLinear +
+    MatMul into MatMulNBits, whose default level quantizes activations to int8, so fidelity
+    would measure ORT's kernel rather than the stored weights. Latency runs turn it off to time
+    what a deployment gets.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UdfcError(f"unknown provider '{provider}' (choose cpu or cuda)")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise UdfcError(f"provider '{provider}' is not available in this onnxruntime "
+                        "(install onnxruntime-gpu and a CUDA driver)")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    if exact_int4:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=[wanted])
+    except Exception as exc:
+        raise UdfcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") \
+            from None
+
+
+def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
+                data: str | os.PathLike | None = None,
+                limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs from a ``.npz`` (arrays named like the inputs, or a single array; optional
+    ``labels``) or random normal ones of the model's static shape (dynamic dims -> ``batch``)."""
+    inputs = graph_inputs(model)
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise UdfcError(f"{path}: data file not found")
+        try:
+            npz = np.load(path)
+        except Exception as exc:
+            raise UdfcError(f"{path}: not a readable .npz file ({exc})") from None
+        labels = npz["labels"] if "labels" in npz.files else None
+        arrays = {k: npz[k] for k in npz.files if k not in ("labels", "labels_all")}
+        feed = {}
+        for inp in inputs:
+            if inp.name in arrays:
+                feed[inp.name] = arrays[inp.name]
+            elif len(inputs) == 1 and len(arrays) == 1:
+                feed[inp.name] = next(iter(arrays.values()))
+            else:
+                raise UdfcError(f"{path}: no array named '{inp.name}' for the model's input")
+        for name, arr in feed.items():
+            rank = len(next(i for i in inputs if i.name == name).type.tensor_type.shape.dim)
+            if arr.ndim != rank or not np.issubdtype(arr.dtype, np.floating):
+                raise UdfcError(f"{path}: array for '{name}' has shape {arr.shape} and dtype "
+                                f"{arr.dtype}; expected a preprocessed float array of rank {rank}")
+            feed[name] = arr[:limit].astype(np.float32) if limit else arr.astype(np.float32)
+        if labels is not None and limit:
+            labels = labels[:limit]
+        return feed, labels
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in inputs:
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feed[inp.name] = rng.integers(0, 2, size=dims).astype(dtype)
+    return feed, None
+
+
+def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
+    """Run in chunks of ``batch`` along the first axis (when the model's batch is dynamic)."""
+    n = len(next(iter(feed.values())))
+    dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
+    if not dynamic or n <= batch:
+        return sess.run(None, feed)
+    parts = [sess.run(None, {k: v[s:s + batch] for k, v in feed.items()})
+             for s in range(0, n, batch)]
+    return [np.concatenate(p) for p in zip(*parts, strict=True)]

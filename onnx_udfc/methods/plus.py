@@ -1,0 +1,431 @@
+"""``udfc+``: UDFC carried further with a statistical model of the activations.
+
+Pruning: each pruned channel's *post-activation* output ``x_j`` is reconstructed as
+``sum_i s_i x_i + c_j`` from the kept channels by least squares on moments,
+``s = (C_KK + lam * mean(diag C_KK) I)^-1 C_Kj`` and ``c_j = E[x_j] - s . E[x_K]`` (centred
+covariance C), where the moments come from :mod:`onnx_udfc.moments.propagated` (data-free: BatchNorm
+anchors + Gaussian activation model) or, with a calibration set, from the real activations
+measured in ONNX Runtime (:mod:`onnx_udfc.moments.measured`). ``s`` goes into the next layers' input
+columns exactly like Eq. 8; the constant ``c_j`` into their bias (or the BatchNorm mean that
+follows them; a Conv/Gemm without either gets a bias).
+
+Quantization: DFQ-style bias correction, ``E[(Wq - W) x] = (Wq - W) E[x]`` subtracted from each
+quantized layer's output, with E[x] from the same moments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_udfc.channels.absorbers import Absorber, _positions, apply_reconstruction
+from onnx_udfc.channels.analysis import ChannelAnalysis
+from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
+from onnx_udfc.core.io import set_tensor_array, tensor_array
+from onnx_udfc.moments.propagated import TensorMoments, propagate
+
+FOLLOW = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "Sigmoid", "Tanh",
+          "Gelu", "Identity", "Dropout"}
+
+
+@dataclass
+class PlusConfig:
+    """Hyperparameters of udfc+ (tuned on the NM ResNet-56 and LeNet-300-100 only)."""
+
+    lam: float = 0.01  # ridge, relative to the mean kept variance
+    spatial: float = 0.5  # correlation between the positions of a patch (no BN to fit it)
+    fit_spatial: bool = False  # fit it per layer to the BatchNorm's running variances
+    absorb_constant: bool = True
+    const_scale: float = 0.85  # shrink the absorbed constant toward 0
+    bias_correction: bool = True
+    scale_correction: bool = False  # LS scale per output channel, folded into a following BN
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    # "sampled" (moments.sampled), "propagated" (moments.propagated) or "auto": sampled
+    # for a network with BatchNorm or Conv layers, propagated for a plain MLP (measured on the
+    # NM ResNet-56 and LeNet-300-100, see README)
+    moments: str = "auto"
+    sequential: bool = False  # onnx_udfc.methods.sequential
+    seed: int = 0  # of the synthetic samples (and the inversion's start)
+    seq_lam: float = 0.01
+    seq_const_scale: float = 1.0
+    seq_limit: int = 256  # calibration inputs used by the sequential fit
+    seq_output: bool = True  # refit plain Conv absorbers on patches (onnx_udfc.methods.output_fit)
+    gptq: bool = True  # round weights with error feedback (onnx_udfc.quant.gptq) under the moments
+    gptq_max_inputs: int = 600  # larger layers round to nearest: GPTQ costs O(out x in^2)
+    # --moments inverted: the fitted batch (onnx_udfc.moments.inverted), set once per run
+    samples: Any = field(default=None, compare=False, repr=False)
+
+
+DEFAULT = PlusConfig()
+MOMENTS = ("auto", "sampled", "propagated", "inverted")
+
+
+def moment_source(model: onnx.ModelProto, cfg: PlusConfig) -> str:
+    """``sampled``, ``inverted`` or ``propagated`` (resolving ``auto``)."""
+    if cfg.moments != "auto":
+        return cfg.moments
+    ops = {n.op_type for n in model.graph.node}
+    return "sampled" if ops & {"BatchNormalization", "Conv", "ConvTranspose"} else "propagated"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def single_blas_thread() -> Iterator[None]:
+    """Run BLAS on one thread (when ``threadpoolctl`` is installed; a no-op otherwise).
+
+    udfc+ issues many mid-sized products (covariances of a few hundred channels). On a
+    2-core machine that is busy with anything else, OpenBLAS's multi-threaded kernels stall
+    on their spin-waits (measured: a 512x4608x512 product 4x slower, a matrix-vector product
+    80x slower than on one thread); on an idle machine one thread costs little here."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def plus_threads(cfg_arg: str) -> Callable[[F], F]:
+    """Decorate a stage so that it runs on one BLAS thread when its ``cfg_arg`` (a config
+    with a ``method``) selects ``udfc+`` (see :func:`single_blas_thread`)."""
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            cfg = sig.bind_partial(*args, **kwargs).arguments.get(cfg_arg)
+            if getattr(cfg, "method", None) != "udfc+":
+                return fn(*args, **kwargs)
+            with single_blas_thread():
+                return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
+                  calibration: Any = None, tensors: list[str] | None = None,
+                  max_full: int = 512) -> dict[str, TensorMoments]:
+    """Moments of the model's tensors: measured on ``calibration`` where given (for
+    ``tensors``), the data-free propagation otherwise."""
+    if calibration is not None:
+        from onnx_udfc.moments.measured import measure
+        return measure(model, calibration, tensors or [])
+    if moment_source(model, cfg) in ("sampled", "inverted"):
+        from onnx_udfc.moments.sampled import sampled_moments
+        try:
+            return sampled_moments(model, tensors or [], shapes, cfg.seed,
+                                   input_mean=cfg.input_mean,
+                                   input_std=cfg.input_std, feed=cfg.samples)
+        except Exception:  # noqa: BLE001 - ORT refuses the batch (a fixed batch size baked
+            pass  # into the graph, ...): the analytic propagation needs no run
+    return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,
+                     max_full=max_full, input_mean=cfg.input_mean,
+                     input_std=cfg.input_std, keep=tensors)
+
+
+def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
+    """The last tensor of the BN/activation chain after ``node`` (same channels)."""
+    t = node.output[0]
+    while True:
+        readers = ctx.consumers.get(t, [])
+        if len(readers) != 1 or readers[0].op_type not in FOLLOW or readers[0].input[0] != t:
+            return t
+        t = readers[0].output[0]
+
+
+def reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
+                   lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(coefficients [|P|, |K|], constants [|P|], relative residual variance [|P|])``."""
+    c = m.full
+    ckk = c[np.ix_(kept, kept)]
+    ckj = c[np.ix_(kept, pruned)]
+    d = float(np.mean(np.diag(ckk))) if kept.size else 0.0
+    reg = ckk + (lam * d + 1e-12 * max(d, 1e-30)) * np.eye(kept.size)
+    s = np.linalg.solve(reg, ckj) if kept.size else np.zeros((0, pruned.size))
+    const = m.mean[pruned] - s.T @ m.mean[kept]
+    vj = np.diag(c)[pruned]
+    res = vj - 2 * np.einsum("kp,kp->p", s, ckj) + np.einsum("kp,kp->p", ckk @ s, s)
+    rel = np.divide(res, vj, out=np.zeros_like(vj), where=vj > 0)
+    return s.T, const, np.clip(rel, 0.0, None)
+
+
+def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray) -> bool:
+    """Add ``delta`` (per output channel) to the layer's output, before any BN; False if
+    impossible (MatMul without bias)."""
+    node, inits = layer.node, ctx.inits
+    if layer.bias(inits) is not None:
+        init = inits[node.input[2]]
+        b = tensor_array(init)
+        set_tensor_array(init, (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype))
+        return True
+    outputs = {o.name for o in ctx.graph.output}
+    bn = follower_batchnorm(node, ctx.consumers, outputs)
+    if bn is not None and bn.input[3] in inits and inits[bn.input[3]] is not None:
+        init = inits[bn.input[3]]
+        mu = tensor_array(init)
+        set_tensor_array(init, (mu.astype(np.float64) - delta).astype(mu.dtype))
+        return True
+    if node.op_type not in ("Conv", "Gemm"):
+        return False
+    dtype = tensor_array(inits[layer.weight]).dtype
+    name = f"{layer.weight}__udfc_bias"
+    while name in inits:
+        name += "_"
+    t = numpy_helper.from_array(delta.astype(dtype), name)
+    ctx.graph.initializer.append(t)
+    ctx.inits[name] = ctx.graph.initializer[-1]
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return True
+
+
+def absorb_constants(ctx: ChannelAnalysis, found: list[Absorber], pruned_cls: np.ndarray,
+                     const: np.ndarray) -> list[str]:
+    """Fold ``sum_j c_j W'[:, j]`` (over all positions/taps of channel j) into each absorber's
+    output bias. Returns the absorbers that could not take it."""
+    skipped = []
+    for ab in found:
+        pp = _positions(ctx, ab.tensor, pruned_cls)
+        w = tensor_array(ctx.inits[ab.layer.weight]).astype(np.float64)
+        w = np.moveaxis(w, (ab.layer.in_axis, ab.layer.out_axis), (0, 1))
+        if pp is None:
+            skipped.append(ab.layer.node.name)
+            continue
+        cols = w[pp.reshape(-1)].reshape(pp.shape[0], pp.shape[1], w.shape[1], -1)
+        taps = tap_coverage(ctx, ab) if cols.shape[3] > 1 else None
+        if taps is not None and taps.size == cols.shape[3]:
+            cols = cols * taps
+        delta = np.einsum("j,jmor->o", const, cols)
+        if not add_output_bias(ctx, ab.layer, delta):
+            skipped.append(ab.layer.node.name)
+    return skipped
+
+
+def tap_coverage(ctx: ChannelAnalysis, ab: Absorber) -> np.ndarray | None:
+    """For a Conv absorber: the share of output positions where each kernel tap reads a real
+    (not padded) input, flattened like the kernel; a constant input is then reproduced exactly
+    on average over the positions."""
+    node = ab.layer.node
+    shape = ctx.shapes.get(node.input[0])
+    w = ctx.inits[node.input[1]]
+    if node.op_type != "Conv" or shape is None or len(shape) < 3:
+        return None
+    kernel = [int(d) for d in w.dims[2:]]
+    spatial = shape[2:]
+    if not all(isinstance(d, int) for d in spatial) or len(spatial) != len(kernel):
+        return None
+    nd = len(kernel)
+    a = {x.name: x for x in node.attribute}
+    if "auto_pad" in a and a["auto_pad"].s not in (b"NOTSET", b""):
+        return None
+    pads = list(a["pads"].ints) if "pads" in a else [0] * 2 * nd
+    strides = list(a["strides"].ints) if "strides" in a else [1] * nd
+    dil = list(a["dilations"].ints) if "dilations" in a else [1] * nd
+    cover = np.ones(1)
+    for ax in range(nd):
+        size, k, pb, st, d = spatial[ax], kernel[ax], pads[ax], strides[ax], dil[ax]
+        n_out = (size + pb + pads[ax + nd] - d * (k - 1) - 1) // st + 1
+        pos = np.arange(n_out)[:, None] * st - pb + np.arange(k)[None, :] * d
+        frac = ((pos >= 0) & (pos < size)).mean(0)
+        cover = np.outer(cover, frac).reshape(-1)
+    return cover
+
+
+def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.ndarray,
+                 kept: np.ndarray, pruned: np.ndarray, moments: dict[str, TensorMoments],
+                 cfg: PlusConfig | None = None) -> dict[str, Any]:
+    """Reconstruct producer ``p``'s pruned channels (original indices) from its kept ones."""
+    cfg = cfg or DEFAULT
+    t = activation_tensor(p.node, ctx)
+    m = moments.get(t)
+    n = len(p.slots)
+    if m is None or m.mean.size != n:
+        return {"compensated": False, "reason": f"no moments for '{t}'"}
+    coef, const, rel = reconstruction(m, kept, pruned, cfg.lam)
+    skipped = apply_reconstruction(ctx, found, cls[kept], cls[pruned], coef)
+    entry: dict[str, Any] = {"compensated": not skipped, "stats": "moments",
+                             "predicted_error": float(np.mean(np.sqrt(rel))),
+                             "absorbers": [a.layer.node.name for a in found], "degenerate": []}
+    if cfg.absorb_constant and not skipped:
+        missed = absorb_constants(ctx, found, cls[pruned], cfg.const_scale * const)
+        if missed:
+            entry["constant_skipped"] = missed
+    if skipped:
+        entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
+    return entry
+
+
+def _patch_products(dims: list[int], layer: LayerWeights, f: np.ndarray, fq: np.ndarray,
+                    m: TensorMoments, r: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``E[(w.x)(wq.x)]``, ``E[(wq.x)^2]`` and ``E[(wq - w).x]`` per output channel under
+    the moment model (Conv patches: ``E[x x^T] (x) ((1 - r) I + r 11^T)``)."""
+    node = layer.node
+    sec = m.second
+    if node.op_type == "Conv":
+        group = int(next((a.i for a in node.attribute if a.name == "group"), 1))
+        o = f.shape[0]
+        cg = dims[1]
+        if m.mean.size != cg * group or group != 1 and group != o:
+            return None
+        w3, q3 = f.reshape(o, cg, -1), fq.reshape(o, cg, -1)
+        if group > 1:  # depthwise: each output channel sees one input channel
+            idx = np.arange(o) // (o // group)
+            d = np.diag(sec)[idx]
+            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                ind = np.einsum("op,op->o", a[:, 0], b[:, 0])
+                return d * ((1 - r) * ind + r * a[:, 0].sum(1) * b[:, 0].sum(1))
+            mean = m.mean[idx] * (q3 - w3)[:, 0].sum(1)
+        else:
+            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                ind = np.zeros(a.shape[0])
+                for k in range(a.shape[2]):
+                    ind += np.sum((a[:, :, k] @ sec) * b[:, :, k], axis=1)
+                sa, sb = a.sum(2), b.sum(2)
+                return (1 - r) * ind + r * np.sum((sa @ sec) * sb, axis=1)
+            mean = (q3 - w3).sum(2) @ m.mean
+        return cross(w3, q3), cross(q3, q3), mean
+    if f.shape[1] != m.mean.size:
+        return None
+    return (np.sum((f @ sec) * fq, axis=1), np.sum((fq @ sec) * fq, axis=1),
+            (fq - f) @ m.mean)
+
+
+def bias_correction(ctx: ChannelAnalysis, layer: LayerWeights, f: np.ndarray, fq: np.ndarray,
+                    moments: dict[str, TensorMoments], cfg: PlusConfig | None = None) -> bool:
+    """Correct the quantized layer's output: with a following BatchNorm (and no bias) the
+    least-squares scale ``s = E[y yq] / E[yq^2]`` goes into its gamma; then
+    ``E[s yq - y]`` is removed from its output (bias, or the BN mean)."""
+    cfg = cfg or DEFAULT
+    m = moments.get(layer.node.input[0])
+    if m is None:
+        return False
+    dims = [int(d) for d in ctx.inits[layer.weight].dims]
+    if not cfg.scale_correction:
+        err = _mean_out(dims, layer, fq - f, m)
+        return err is not None and add_output_bias(ctx, layer, -err)
+    prods = _patch_products(dims, layer, f, fq, m, cfg.spatial)
+    if prods is None:
+        return False
+    yyq, yqyq, err_mean = prods
+    outputs = {o.name for o in ctx.graph.output}
+    bn = follower_batchnorm(layer.node, ctx.consumers, outputs)
+    if cfg.scale_correction and bn is not None and layer.bias(ctx.inits) is None \
+            and all(n in ctx.inits for n in bn.input[1:5]):
+        scale = np.divide(yyq, yqyq, out=np.ones_like(yyq), where=yqyq > 0)
+        scale = np.where((scale > 0.5) & (scale < 2.0), scale, 1.0)
+        # y ~ s yq - delta, delta = E[s yq - y] = s (Wq - W) m + (s - 1) W m
+        wm = _mean_out(dims, layer, f, m)
+        if wm is None:
+            return False
+        delta = scale * err_mean + (scale - 1.0) * wm
+        g_init, mu_init = ctx.inits[bn.input[1]], ctx.inits[bn.input[3]]
+        g, mu = tensor_array(g_init), tensor_array(mu_init)
+        set_tensor_array(g_init, (g.astype(np.float64) * scale).astype(g.dtype))
+        set_tensor_array(mu_init, ((mu.astype(np.float64) + delta) / scale).astype(mu.dtype))
+        return True
+    return add_output_bias(ctx, layer, -err_mean)
+
+
+def _mean_out(dims: list[int], layer: LayerWeights, f: np.ndarray,
+              m: TensorMoments) -> np.ndarray | None:
+    """``f . E[x]`` per output channel (None if the channels do not line up)."""
+    if layer.node.op_type == "Conv":
+        o = f.shape[0]
+        w = f.reshape(o, dims[1], -1).sum(2)
+        if w.shape[1] == m.mean.size:
+            return w @ m.mean
+        if w.shape[1] == 1 and o % m.mean.size == 0:  # depthwise
+            return w[:, 0] * m.mean[np.arange(o) // (o // m.mean.size)]
+        return None
+    return f @ m.mean if f.shape[1] == m.mean.size else None
+
+
+def pruning_moments(ctx: ChannelAnalysis, calibration: Any = None,
+                    cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
+    """Moments of every producer's activation output (before any change to the model)."""
+    names = [activation_tensor(p.node, ctx) for p in ctx.producers]
+    return model_moments(ctx.model, ctx.shapes, cfg or DEFAULT, calibration, names)
+
+
+def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, calibration: Any = None,
+                  cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
+    """Moments of the inputs of every weight layer (for the bias correction)."""
+    cfg = cfg or DEFAULT
+    if not cfg.bias_correction:
+        return {}
+    names = [n.input[0] for n in model.graph.node if weight_layer(n, ctx.inits) is not None]
+    # the bias correction needs means only, which need variances only; GPTQ full covariances
+    full = 512 if cfg.scale_correction or cfg.gptq else 0
+    return model_moments(model, ctx.shapes, cfg, calibration, names, max_full=full)
+
+
+def grid_function(q: Any) -> Callable[[np.ndarray, int], np.ndarray] | None:
+    """The nearest-level map of a per-tensor or per-output-channel :class:`QuantResult` grid
+    (column values ``[O]`` -> levels), None for block-wise grids."""
+    if q.block_size is not None:
+        return None
+    scale = np.asarray(q.scale, dtype=np.float64)
+    if q.scheme == "paper":
+        levels = 2 ** q.bits - 1
+        half = scale * levels / 2.0  # max|W|
+
+        def paper(v: np.ndarray, _j: int) -> np.ndarray:
+            safe = np.where(half > 0, half, 1.0)
+            n = np.clip(np.round(levels * (v / (2.0 * safe) + 0.5)), 0, levels)
+            return np.where(half > 0, half * (2.0 / levels * n - 1.0), 0.0)
+        return paper
+    zp = np.asarray(q.zero_point, dtype=np.float64)
+    lo, hi = (-(2 ** (q.bits - 1) - 1), 2 ** (q.bits - 1) - 1) if q.scheme == "symmetric" \
+        else (0, 2 ** q.bits - 1)
+
+    def integer(v: np.ndarray, _j: int) -> np.ndarray:
+        return (np.clip(np.round(v / scale) + zp, lo, hi) - zp) * scale
+    return integer
+
+
+def gptq_layer(layer: LayerWeights, f: np.ndarray, q: Any, moments: dict[str, TensorMoments],
+               dims: list[int], cfg: PlusConfig | None = None) -> Any:
+    """Re-round ``f [O, D]`` on ``q``'s grid with GPTQ under the input's second moments
+    (Conv patches: channel moments (x) the ``spatial`` tap model); returns the new
+    :class:`QuantResult`, or None when the layer's input has no full moments."""
+    import dataclasses
+
+    from onnx_udfc.quant.gptq import gptq_round, kron_hessian
+
+    cfg = cfg or DEFAULT
+    m = moments.get(layer.node.input[0])
+    grid = grid_function(q)
+    if m is None or m.diagonal or grid is None or f.shape[1] > cfg.gptq_max_inputs:
+        return None
+    second = m.cov + np.outer(m.mean, m.mean)
+    if layer.node.op_type == "Conv":
+        group = int(next((a.i for a in layer.node.attribute if a.name == "group"), 1))
+        taps = int(np.prod(dims[2:])) if len(dims) > 2 else 1
+        if group != 1 or dims[1] != m.mean.size or f.shape[1] != dims[1] * taps:
+            return None
+        r = cfg.spatial
+        hessian = kron_hessian(second, (1 - r) * np.eye(taps) + r * np.ones((taps, taps)))
+    elif f.shape[1] == m.mean.size:
+        hessian = second
+    else:
+        return None
+    deq = gptq_round(f, hessian, grid)
+    codes = None
+    if q.q is not None:
+        scale = np.asarray(q.scale, dtype=np.float64).reshape(-1, *([1] * (f.ndim - 1)))
+        zp = np.asarray(q.zero_point, dtype=np.float64).reshape(scale.shape)
+        codes = (np.round(deq / scale) + zp).astype(q.q.dtype).reshape(q.q.shape)
+    return dataclasses.replace(q, dequantized=deq.astype(q.dequantized.dtype).reshape(
+        q.dequantized.shape), q=codes)

@@ -1,0 +1,213 @@
+"""Sequential udfc+: each layer's reconstruction sees the errors of the layers before it.
+
+Per-layer udfc+ reconstructs a pruned channel of the *original* network from the kept channels
+of the *original* network. After the first pruned layer the kept channels are no longer the
+original ones: errors pile up. Here the producers are visited in graph order and, for each, the
+compressed-so-far network and the original run side by side on the same inputs (the user's
+calibration set, or the synthetic BN-anchored samples of :mod:`onnx_udfc.moments.sampled`). Every
+original channel ``z`` the absorbers read (kept and pruned) is then regressed on the kept
+channels of the compressed network,
+
+    x_z ~ b_z^T x~_K + c_z,   b_z = (C~_KK + lam I)^-1 (C~x_Kz + lam e_z),
+
+the ridge pulling a kept channel toward itself (``e_z``: the unit vector of z when kept, 0 when
+pruned). The absorbers' columns become ``W'_K = sum_z W_z b_z^T`` and the constants go into
+their bias: the next layer's output is the least-squares fit of the original's, given the
+drifted inputs it will really receive.
+
+With synthetic samples the compressed network's BatchNorms normalise by the batch statistics
+the *original* network had on those samples (frozen), so an uncompressed network reproduces
+the original exactly and only the compression shows as a difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_udfc.channels.absorbers import Absorber, ColumnView, _positions, _present
+from onnx_udfc.channels.analysis import ChannelAnalysis
+from onnx_udfc.core.io import tensor_array
+from onnx_udfc.core.ort import session
+
+
+def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                     shapes: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """BN output name -> (batch mean, batch variance) of its input on ``feed`` (one batch)."""
+    from onnx_udfc.moments.sampled import free_batch, training_batchnorm
+
+    probe = free_batch(training_batchnorm(model, shapes))
+    bns = [n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    names = []
+    for o in bns:
+        for part in ("mu", "var"):
+            name = f"{o}__bnstat_{part}"
+            if any(name in n.output for n in probe.graph.node):
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                names.append(name)
+    if not names:
+        return {}
+    values = dict(zip(names, session(probe).run(names, feed), strict=True))
+    return {o: (values[f"{o}__bnstat_mu"].reshape(-1), values[f"{o}__bnstat_var"].reshape(-1))
+            for o in bns if f"{o}__bnstat_mu" in values}
+
+
+def frozen(model: onnx.ModelProto, original: onnx.ModelProto,
+           stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose BNs use the original's batch statistics; a change the
+    compression made to a BN mean (an absorbed constant) is kept as an offset."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not stats:
+        return out
+    inits = {t.name: t for t in out.graph.initializer}
+    orig = {t.name: t for t in original.graph.initializer}
+    for node in out.graph.node:
+        st = stats.get(node.output[0]) if node.op_type == "BatchNormalization" else None
+        if st is None or node.input[3] not in inits or node.input[4] not in inits:
+            continue
+        mu_now = tensor_array(inits[node.input[3]]).astype(np.float64)
+        mu_orig = tensor_array(orig[node.input[3]]).astype(np.float64) \
+            if node.input[3] in orig else mu_now
+        offset = mu_now - mu_orig if mu_orig.shape == mu_now.shape else 0.0
+        dtype = tensor_array(inits[node.input[3]]).dtype
+        inits[node.input[3]].CopyFrom(numpy_helper.from_array(
+            (st[0] + offset).astype(dtype), node.input[3]))
+        inits[node.input[4]].CopyFrom(numpy_helper.from_array(
+            st[1].astype(dtype), node.input[4]))
+    return out
+
+
+def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: list[str]
+                ) -> dict[str, np.ndarray]:
+    from onnx_udfc.moments.sampled import free_batch
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    free_batch(probe)
+    have = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    names = list(dict.fromkeys(tensors))
+    return dict(zip(names, session(probe).run(names, feed), strict=True))
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float64)
+
+
+def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
+        prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(B [|K|, |Z|], c [|Z|])`` with ``x[:, Z] ~ xt[:, K] B + c`` (ridge toward ``prior``)."""
+    mt, m = xt[:, kept].mean(0), x[:, targets].mean(0)
+    a = xt[:, kept] - mt
+    ckk = a.T @ a / len(a)
+    ckz = a.T @ (x[:, targets] - m) / len(a)
+    d = float(np.mean(np.diag(ckk))) if kept.size else 0.0
+    r = lam * d + 1e-12 * max(d, 1e-30)
+    b = np.linalg.solve(ckk + r * np.eye(kept.size), ckz + r * prior)
+    return b, m - mt @ b
+
+
+def fit_plans(ctx: ChannelAnalysis, found: list[Absorber], kept_cls: np.ndarray,
+              target_cls: np.ndarray) -> list | None:
+    """Per absorber the positions of the kept and target channels; None when an absorber does
+    not read them all."""
+    plans = []
+    for ab in found:
+        if not _present(ctx, ab.tensor, target_cls).all():
+            return None
+        pk = _positions(ctx, ab.tensor, kept_cls)
+        pz = _positions(ctx, ab.tensor, target_cls)
+        if pk is None or pz is None or pk.shape[1] != pz.shape[1]:
+            return None
+        plans.append((ab, pk, pz))
+    return plans
+
+
+def apply_fit(ctx: ChannelAnalysis, plans: list, b: np.ndarray) -> None:
+    """``W'_K = sum_z W_z b_z^T`` in every absorber, the other target columns zeroed (they are
+    removed next)."""
+    for ab, pk, pz in plans:
+        view = ColumnView(ctx, ab)
+        for k in range(pk.shape[1]):
+            cols = view.cols[pz[:, k]].copy()
+            view.cols[pz[:, k]] = 0.0
+            view.cols[pk[:, k]] = b @ cols
+        view.write()
+    return True
+
+
+def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tuple[Any, list,
+                       np.ndarray, np.ndarray, np.ndarray]], feed: dict[str, np.ndarray],
+                       synthetic: bool, lam: float, const_scale: float, full: bool = True,
+                       output_fit: bool = True) -> dict[str, dict[str, Any]]:
+    """Visit ``todo`` = [(producer, absorbers, classes, kept, pruned)] in order (see module
+    docstring); with ``output_fit`` each plain Conv absorber is then refitted on patches
+    (:mod:`onnx_udfc.methods.output_fit`). Returns per producer name its report entry."""
+    from onnx_udfc.methods.output_fit import output_target, refit_output
+    from onnx_udfc.methods.plus import absorb_constants, activation_tensor
+
+    original = onnx.ModelProto()
+    original.CopyFrom(ctx.model)
+    stats = batch_statistics(original, feed, ctx.shapes) if synthetic else {}
+    tensors = [activation_tensor(p.node, ctx) for p, *_ in todo]
+    targets_of = []
+    for (_p, found, cls, *_), t in zip(todo, tensors, strict=True):
+        direct = output_fit and ctx.shapes.get(t, [0, -1])[1] == len(cls)
+        targets_of.append([tg for ab in found if direct
+                           for tg in [output_target(ctx, ab.layer.node, t)] if tg is not None])
+    extra = [n for tgs in targets_of for tg in tgs
+             for n in (tg.node.output[0], tg.shortcut) if n]
+    reference = run_tensors(frozen(original, original, stats), feed, tensors + extra)
+    out: dict[str, dict[str, Any]] = {}
+    for (p, found, cls, kept, pruned), t, tgs in zip(todo, tensors, targets_of, strict=True):
+        shortcuts = [tg.shortcut for tg in tgs if tg.shortcut]
+        now = run_tensors(frozen(ctx.model, original, stats), feed, [t, *shortcuts])
+        current = now[t]
+        xt, x = channels_last(current), channels_last(reference[t])
+        targets = np.concatenate([kept, pruned])
+        prior = np.zeros((kept.size, targets.size))
+        prior[np.arange(kept.size), np.arange(kept.size)] = 1.0
+        if full:
+            b, c = fit(xt, x, kept, targets, prior, lam)
+        else:
+            bp, cp = fit(xt, x, kept, pruned, prior[:, kept.size:], lam)
+            b, c = np.hstack([prior[:, :kept.size], bp]), np.concatenate([np.zeros(kept.size),
+                                                                           cp])
+        plans = fit_plans(ctx, found, cls[kept], cls[targets])
+        ok = plans is not None
+        missed = []
+        if plans is not None:
+            # constants first: they are folded with the columns as they are now
+            missed = absorb_constants(ctx, found, cls[targets], const_scale * c)
+            apply_fit(ctx, plans, b)
+        refitted = []
+        for tg in (tgs if ok else []):
+            var = None
+            if tg.batchnorm is not None:
+                o = tg.batchnorm.output[0]
+                var = stats[o][1].astype(np.float64) if o in stats else tensor_array(
+                    ctx.inits[tg.batchnorm.input[4]]).astype(np.float64)
+            if refit_output(ctx, original, tg, kept, current, reference[tg.node.output[0]],
+                            now.get(tg.shortcut) if tg.shortcut else None,
+                            reference.get(tg.shortcut) if tg.shortcut else None, var, lam):
+                refitted.append(tg.node.name or tg.node.output[0])
+        name = p.node.name or p.tensor
+        resid = x[:, pruned] - (xt[:, kept] @ b[:, kept.size:] + c[kept.size:])
+        var = x[:, pruned].var(0)
+        rel = np.divide(resid.var(0), var, out=np.zeros_like(var), where=var > 0)
+        out[name] = {"compensated": ok, "stats": "sequential",
+                     "predicted_error": float(np.mean(np.sqrt(np.clip(rel, 0, None)))),
+                     "absorbers": [a.layer.node.name for a in found], "degenerate": []}
+        if missed:
+            out[name]["constant_skipped"] = missed
+        if refitted:
+            out[name]["output_refit"] = refitted
+        if not ok:
+            out[name]["reason"] = "an absorber reads only part of the channels"
+    return out

@@ -1,0 +1,72 @@
+"""Data-aware moments for ``udfc+ --calibration``: the channel means and covariances of chosen
+tensors, measured in ONNX Runtime on a few user inputs (positions pooled with the batch)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_udfc.core.io import graph_inputs
+from onnx_udfc.core.ort import make_inputs, session
+from onnx_udfc.moments.propagated import TensorMoments
+
+BATCH = 128
+ROWS = 1 << 14  # positions per batch that enter a covariance (an even stride through them)
+
+
+def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """A feed dict from an array (the single input), a dict, or a ``.npz`` path."""
+    if isinstance(source, dict):
+        return {k: np.asarray(v, dtype=np.float32) for k, v in source.items()}
+    if isinstance(source, np.ndarray):
+        return {graph_inputs(model)[0].name: source.astype(np.float32)}
+    if isinstance(source, str | os.PathLike):
+        return make_inputs(model, data=source)[0]
+    raise TypeError(f"calibration must be an array, a dict or a .npz path, not {type(source)}")
+
+
+def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str, TensorMoments]:
+    """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1."""
+    feed = load_calibration(source, model)
+    wanted = list(dict.fromkeys(t for t in tensors if t))
+    inputs = {i.name for i in model.graph.input}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for t in wanted:
+        if t not in have and t not in inputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    sess = session(probe)
+    names = [o.name for o in sess.get_outputs()]
+    keep = [t for t in wanted if t in names]
+    n = len(next(iter(feed.values())))
+    sums: dict[str, list] = {}
+    for start in range(0, n, BATCH):
+        part = {k: v[start:start + BATCH] for k, v in feed.items()}
+        res = dict(zip(names, sess.run(names, part), strict=True))
+        res.update({k: v for k, v in part.items() if k in wanted})
+        for t in wanted:
+            a = res.get(t)
+            if a is None or a.ndim < 2:
+                continue
+            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+            x = x[::max(1, len(x) // ROWS)]
+            acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
+            acc[0] += x.shape[0]
+            acc[1] = acc[1] + x.sum(0, dtype=np.float64)
+            # products in float32 (BLAS speed), centred first so no large mean cancels
+            shift = acc[4] if len(acc) > 4 else x.mean(0, dtype=np.float64)
+            if len(acc) == 4:
+                acc.append(shift)
+            xc = (x - shift.astype(x.dtype)).astype(np.float32)
+            acc[2] = acc[2] + (xc.T @ xc).astype(np.float64)
+    del keep
+    out = {}
+    for t, (cnt, s1, s2, hw, shift) in sums.items():
+        mean = s1 / cnt
+        d = mean - shift.reshape(-1)  # s2 holds the products about ``shift``
+        out[t] = TensorMoments(mean, s2 / cnt - np.outer(d, d), hw)
+    return out

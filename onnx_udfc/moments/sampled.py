@@ -1,0 +1,168 @@
+"""Data-free moments by sampling: synthetic inputs through the real network, every
+BatchNormalization re-anchored to its own running statistics (``--moments sampled``).
+
+The analytic propagation (:mod:`~.propagated`) gets each channel's marginal right where a
+BatchNorm anchors it, but has to *model* how channels co-vary: a Gaussian activation model and a
+fixed correlation between the positions of a patch. Here nothing is modelled past the input.
+Smooth random images (a ``1/f`` amplitude spectrum, like natural images; white Gaussian vectors
+for non-image inputs) run through the network in ONNX Runtime with each BatchNormalization in
+*training* form: it normalises its input by the batch's own per-channel mean and variance, then
+applies gamma and beta. Every BN output therefore has exactly the mean ``beta`` and spread
+``|gamma|`` it had on the training data, while the cross-channel and spatial structure comes
+from the real weights and activations. The same measurement code as ``--calibration``
+(:func:`onnx_udfc.moments.measured.measure`) reads the moments off.
+
+Without BatchNorm (a folded export) nothing re-anchors the marginals: the samples then only
+carry the input model through the network, like the propagation does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_udfc.core.io import graph_inputs, opset_version
+from onnx_udfc.moments.propagated import TensorMoments
+
+SAMPLES = 128  # images (fewer for large inputs, see sample_count)
+POSITIONS = 1 << 17  # input positions (images x pixels) to aim for
+COLOR_CORRELATION = 0.8  # between the colour channels of a natural image
+
+
+def pink_noise(shape: tuple[int, ...], rng: np.random.Generator,
+               color_correlation: float = COLOR_CORRELATION) -> np.ndarray:
+    """``(N, C, H, W)`` images with a ``1/f`` amplitude spectrum, each channel of the batch
+    standardised to mean 0, variance 1, channels correlated by ``color_correlation``."""
+    n, c = shape[:2]
+    spatial = shape[2:]
+    freqs = np.meshgrid(*[np.fft.fftfreq(s) for s in spatial], indexing="ij")
+    radius = np.sqrt(sum(f ** 2 for f in freqs))
+    radius.flat[0] = 1.0
+    amp = 1.0 / radius
+    amp.flat[0] = 0.0
+
+    def field(k: int) -> np.ndarray:
+        noise = rng.standard_normal((n, k, *spatial))
+        axes = tuple(range(2, 2 + len(spatial)))
+        return np.real(np.fft.ifftn(np.fft.fftn(noise, axes=axes) * amp, axes=axes))
+
+    shared = field(1)
+    x = np.sqrt(color_correlation) * shared + np.sqrt(1 - color_correlation) * field(c)
+    axes = (0, *range(2, x.ndim))
+    x = (x - x.mean(axes, keepdims=True)) / (x.std(axes, keepdims=True) + 1e-12)
+    return x
+
+
+def sample_count(dims: list[int]) -> int:
+    """Images per batch: ``SAMPLES`` small ones, fewer large ones (at least 8)."""
+    pixels = int(np.prod(dims[2:])) if len(dims) > 2 else 1
+    return int(max(8, min(SAMPLES, POSITIONS // max(pixels, 1))))
+
+
+def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
+                     input_mean: tuple[float, ...] | None = None,
+                     input_std: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+    """A feed of synthetic inputs for every float input of static shape (batch dimension
+    free); image-like inputs (rank >= 3, spatial size >= 4) get pink noise."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in graph_inputs(model):
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        if not dims or any(d <= 0 for d in dims[1:]):
+            continue
+        n = sample_count(dims)
+        shape = (n, *dims[1:])
+        if len(dims) >= 3 and min(dims[2:]) >= 4:
+            x = pink_noise(shape, rng)
+        else:
+            x = rng.standard_normal(shape)
+        if len(dims) >= 2 and (input_mean is not None or input_std is not None):
+            c = dims[1]
+            mean = np.asarray(input_mean if input_mean is not None else [0.0] * c)
+            std = np.asarray(input_std if input_std is not None else [1.0] * c)
+            bshape = (1, c) + (1,) * (len(dims) - 2)
+            x = x * std.reshape(bshape) + mean.reshape(bshape)
+        feed[inp.name] = x.astype(np.float32)
+    return feed
+
+
+def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose BatchNormalization nodes normalise by batch statistics
+    (``shapes``: tensor name -> shape, for the rank of each BN's input; 4 when unknown)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name for t in out.graph.initializer}
+    opset = opset_version(out)
+    nodes: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        if node.op_type != "BatchNormalization" or not all(n in inits for n in node.input[1:3]):
+            nodes.append(node)
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        x, gamma, beta = node.input[0], node.input[1], node.input[2]
+        p = f"{node.output[0]}__bnstat"
+        eps_name = f"{p}_eps"
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray(eps, np.float32),
+                                                             eps_name))
+        shape_name = f"{p}_cshape"
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray([-1], np.int64),
+                                                             shape_name))
+        known = (shapes or {}).get(x)
+        rank = len(known) if known else 4  # channel axis 1; reduced over all the others
+        axes = [0, *range(2, rank)]
+
+        def reduce_mean(src: str, dst: str, axes: list[int] = axes, p: str = p
+                        ) -> list[onnx.NodeProto]:
+            if opset >= 18:
+                name = f"{p}_axes"
+                if name not in {t.name for t in out.graph.initializer}:
+                    out.graph.initializer.append(numpy_helper.from_array(
+                        np.asarray(axes, np.int64), name))
+                return [helper.make_node("ReduceMean", [src, name], [dst], keepdims=1)]
+            return [helper.make_node("ReduceMean", [src], [dst], axes=axes, keepdims=1)]
+
+        bshape = f"{p}_bshape"
+        out.graph.initializer.append(numpy_helper.from_array(
+            np.asarray([1, -1] + [1] * (rank - 2), np.int64), bshape))
+        nodes += reduce_mean(x, f"{p}_mu")
+        nodes.append(helper.make_node("Sub", [x, f"{p}_mu"], [f"{p}_xc"]))
+        nodes.append(helper.make_node("Mul", [f"{p}_xc", f"{p}_xc"], [f"{p}_sq"]))
+        nodes += reduce_mean(f"{p}_sq", f"{p}_var")
+        nodes.append(helper.make_node("Add", [f"{p}_var", eps_name], [f"{p}_ve"]))
+        nodes.append(helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"]))
+        nodes.append(helper.make_node("Div", [f"{p}_xc", f"{p}_sd"], [f"{p}_n"]))
+        nodes.append(helper.make_node("Reshape", [gamma, bshape], [f"{p}_g"]))
+        nodes.append(helper.make_node("Reshape", [beta, bshape], [f"{p}_b"]))
+        nodes.append(helper.make_node("Mul", [f"{p}_n", f"{p}_g"], [f"{p}_ng"]))
+        nodes.append(helper.make_node("Add", [f"{p}_ng", f"{p}_b"], [node.output[0]]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (edited in place) with the first dimension of every input and output free, so
+    a model exported with a fixed batch of 1 can take a batch of samples; a graph that bakes
+    the batch size into a constant then fails in ONNX Runtime (callers fall back)."""
+    for vi in list(graph_inputs(model)) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "udfc_batch"
+    return model
+
+
+def sampled_moments(model: onnx.ModelProto, tensors: list[str], shapes: dict | None = None,
+                    seed: int = 0,
+                    input_mean: tuple[float, ...] | None = None,
+                    input_std: tuple[float, ...] | None = None,
+                    feed: dict[str, np.ndarray] | None = None) -> dict[str, TensorMoments]:
+    """Moments of ``tensors`` measured on synthetic inputs (``feed``, pink noise by default)
+    with re-anchored BatchNorms."""
+    from onnx_udfc.moments.measured import measure
+
+    if feed is None:
+        feed = synthetic_inputs(model, seed, input_mean, input_std)
+    return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors)

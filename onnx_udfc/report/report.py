@@ -1,0 +1,248 @@
+"""The JSON report and the short human summary.
+
+Report schema (all counts per single sample; ``flops = 2 * macs``)::
+
+    tool, version, config                         what was asked
+    params_before / params_after                  floating-point initializer elements
+    macs_before / macs_after, flops_before / flops_after
+    size_before / size_after                      serialized bytes (file size on save)
+    groups: [{id, channels, prunable, coupled, removed, kept, ratio, producers, fixed_reasons}]
+    layers: [{name, op, in_channels_before/after, out_channels_before/after, params_before/after,
+              macs_before/after, bits, predicted_error,
+              compensation: {method, compensated, reason?, stats, absorbers, degenerate} | null,
+              quantization: {bits, quantizer, granularity, block_size, quant_error,
+                             scale_compensated, reason?,
+                             storage: {format fake|qdq, dtype float32|int8|uint8|int4|uint4,
+                                       bits, scheme, axis?, block_size?, zero_point?,
+                                       bytes?, float_bytes?}} | null}]
+    storage: {format, opset_before, opset_after, ir_version, weights: {dtype: layers}}
+    latency: {batch, provider, runs, before_ms, after_ms, ratio, flops_ratio,
+              after_folded_ms?} | null        CLI --latency: ONNX Runtime medians;
+                                                  after_folded_ms: a qdq output run with
+                                                  session.disable_quant_qdq=1
+    predicted_error: for udfc the mean relative Eq. 12 residual of the pruned channels
+                     (0 exact, 1 nothing recovered); otherwise the share of the layer's filter
+                     energy (squared l2) that pruning removes.
+    unsupported: [{node, reason}]                 nodes left untouched, and why
+    folded_batchnorm: [producer names]            when --fold-bn was used
+    fidelity, accuracy_before/after               when verification ran
+    timings: {stage: seconds}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from onnx_udfc import __version__
+from onnx_udfc.core.cost import LayerStats, total_macs
+
+
+@dataclass
+class Report:
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_before: int
+    size_after: int
+    groups: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    unsupported: list[dict[str, str]]
+    folded_batchnorm: list[str] = field(default_factory=list)
+    fidelity: list[dict[str, Any]] | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    storage: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    inversion: dict[str, Any] | None = None  # --moments inverted: how the fit went
+
+    @property
+    def flops_before(self) -> int:
+        return 2 * self.macs_before
+
+    @property
+    def flops_after(self) -> int:
+        return 2 * self.macs_after
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"tool": "onnx-udfc", "version": __version__}
+        d.update(asdict(self))
+        d["flops_before"], d["flops_after"] = self.flops_before, self.flops_after
+        return d
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Atomic JSON write."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+        os.replace(tmp, path)
+
+    def layer_table(self) -> str:
+        """One line per weight layer (``-v``)."""
+        rows = [f"{'layer':<40} {'op':<6} {'out':>11} {'in':>11} {'bits':>4} {'pred.err':>8}"]
+        for x in self.layers:
+            err = "" if x["predicted_error"] is None else f"{x['predicted_error']:.3f}"
+            rows.append(f"{x['name'][-40:]:<40} {x['op']:<6} "
+                        f"{x['out_channels_before']:>5}>{x['out_channels_after']:<5} "
+                        f"{x['in_channels_before']:>5}>{x['in_channels_after']:<5} "
+                        f"{x['bits'] or '-':>4} {err:>8}")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        def ratio(a: int, b: int) -> str:
+            return f"{b / a:.3f}x" if a else "n/a"
+
+        pruned = sum(1 for g in self.groups if g["removed"])
+        lines = [
+            f"params  {self.params_before:,} -> {self.params_after:,} "
+            f"({ratio(self.params_before, self.params_after)})",
+            f"FLOPs   {self.flops_before:,} -> {self.flops_after:,} "
+            f"({ratio(self.flops_before, self.flops_after)}) per sample",
+            f"size    {self.size_before / 2**20:.2f} MiB -> {self.size_after / 2**20:.2f} MiB "
+            f"({ratio(self.size_before, self.size_after)})" + _storage_note(self.storage),
+            f"groups  {len(self.groups)} found, {pruned} pruned, "
+            f"{sum(1 for g in self.groups if g['prunable'] == 0)} fully fixed",
+        ]
+        if self.latency:
+            lat = self.latency
+            lines.insert(3, f"latency {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
+                            f"({ratio(lat['before_ms'], lat['after_ms'])}) batch {lat['batch']}, "
+                            f"{lat['provider']}, median of {lat['runs']}" + (
+                                f"; {lat['after_folded_ms']:.3g} ms with "
+                                "session.disable_quant_qdq=1 (weights dequantized at load)"
+                                if lat.get("after_folded_ms") is not None else ""))
+        if self.inversion:
+            inv = self.inversion
+            stopped = inv["gradient_stopped_at"]
+            lines.append(f"invert  {inv['steps']} steps on {inv['batchnorms']} BatchNorms"
+                         f"{' + class prior' if inv.get('class_prior') else ''}, "
+                         f"{inv.get('groups', 1)} group(s), "
+                         f"loss {inv['loss_start']:.3g} -> {inv['loss_end']:.3g} "
+                         f"({inv['seconds']:.1f} s)" + (
+                             f"; gradient stopped at {', '.join(stopped)}" if stopped else ""))
+        comps = [x["compensation"] for x in self.layers if x.get("compensation")]
+        if comps:
+            done = sum(1 for c in comps if c["compensated"])
+            why = next((c["reason"] for c in comps if not c["compensated"]), "")
+            lines.append(f"method  {self.config.get('method')}: {done} of {len(comps)} pruned "
+                         "layers compensated" + (f" (not: {why})" if why else ""))
+        quants = [x["quantization"] for x in self.layers if x.get("quantization")]
+        if quants:
+            scaled = sum(1 for q in quants if q["scale_compensated"])
+            corrected = sum(1 for q in quants if q.get("bias_corrected"))
+            repair = f"{scaled} with scale compensation" + (
+                f", {corrected} bias-corrected" if corrected else "")
+            lines.append(f"weights {len(quants)} layers at {quants[0]['bits']} bits "
+                         f"({quants[0]['quantizer']}, {quants[0]['granularity']}), {repair}")
+        if self.unsupported:
+            lines.append(f"left untouched: {len(self.unsupported)} node(s), e.g. "
+                         f"{self.unsupported[0]['node']} ({self.unsupported[0]['reason']})")
+        for f in self.fidelity or []:
+            top1 = "" if f["top1_agreement"] is None else \
+                f", top-1 agreement {100 * f['top1_agreement']:.1f}%"
+            lines.append(f"fidelity[{f['output']}]: max abs {f['max_abs']:.3g}, mean abs "
+                         f"{f['mean_abs']:.3g}, cosine {f['cosine']:.5f}{top1}")
+        if self.accuracy_before is not None:
+            lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> "
+                         f"{100 * self.accuracy_after:.2f}%")
+        if self.timings:
+            lines.append("time    " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+                         + f" (total {sum(self.timings.values()):.2f}s)")
+        return "\n".join(lines)
+
+
+def _storage_note(storage: dict[str, Any] | None) -> str:
+    """`, qdq: 57 int8 weights, opset 17 -> 21` for the size line (nothing for float)."""
+    if not storage or storage.get("format") != "qdq":
+        return ""
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(storage["weights"].items())) or "no"
+    opsets = f"opset {storage['opset_before']}" + (
+        f" -> {storage['opset_after']}" if storage["opset_after"] != storage["opset_before"]
+        else "")
+    return f", qdq: {kinds} weights, {opsets}"
+
+
+def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
+                 layers_after: list[LayerStats], params_before: int, params_after: int,
+                 size_before: int, size_after: int, predicted_error: dict[str, float],
+                 folded_bn: list[str], timings: dict[str, float],
+                 compensation: dict[str, dict] | None = None,
+                 quantization: dict[str, dict] | None = None) -> Report:
+    groups = []
+    for gp in plan.groups:
+        g = gp.group
+        groups.append({
+            "id": g.id, "channels": g.size, "prunable": g.size - len(gp.fixed),
+            "coupled": g.coupled, "removed": len(gp.removed), "kept": gp.kept,
+            "ratio": gp.ratio, "producers": g.producers,
+            "fixed_reasons": _reasons(gp.fixed),
+        })
+    after = {layer.name: layer for layer in layers_after}
+    compensation, quantization = compensation or {}, quantization or {}
+    layers = []
+    for b in layers_before:
+        a = after.get(b.name, b)
+        comp, quant = compensation.get(b.name, {}), quantization.get(b.name, {})
+        error = comp.get("predicted_error", predicted_error.get(b.name))
+        layers.append({
+            "name": b.name, "op": b.op,
+            "in_channels_before": b.in_channels, "in_channels_after": a.in_channels,
+            "out_channels_before": b.out_channels, "out_channels_after": a.out_channels,
+            "params_before": b.params, "params_after": a.params,
+            "macs_before": b.macs, "macs_after": a.macs,
+            "bits": quant.get("bits"),
+            "predicted_error": error,
+            "compensation": comp or None,
+            "quantization": quant or None,
+        })
+    return Report(
+        config=asdict(options), params_before=params_before, params_after=params_after,
+        macs_before=total_macs(layers_before), macs_after=total_macs(layers_after),
+        size_before=size_before, size_after=size_after, groups=groups, layers=layers,
+        unsupported=[{"node": n, "reason": r} for n, r in analysis.channels.unsupported],
+        folded_batchnorm=folded_bn, timings=timings)
+
+
+def _reasons(fixed: dict[int, str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for r in fixed.values():
+        counts[r] = counts.get(r, 0) + 1
+    return [f"{n}x {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+class Progress:
+    """A one-line progress bar on a TTY (stderr); silent in pipes and with ``quiet``."""
+
+    def __init__(self, stages: list[str], quiet: bool = False) -> None:
+        self.stages = stages
+        self.done = 0
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __call__(self, name: str) -> None:
+        if not self.enabled:
+            return
+        self.done = min(self.done + 1, len(self.stages))
+        width = 24
+        filled = width * self.done // len(self.stages)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {name:<12}")
+        sys.stderr.flush()
+
+    def detail(self, text: str) -> None:
+        """Rewrite the current stage's label (``invert 120/300``) without advancing."""
+        if not self.enabled:
+            return
+        width = 24
+        filled = width * self.done // len(self.stages)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text:<20}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 44 + "\r")
+            sys.stderr.flush()
