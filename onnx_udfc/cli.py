@@ -6,13 +6,23 @@ Errors print one line to stderr and exit with status 2; nothing is written half-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from onnx_udfc import __version__
+from onnx_udfc.config import (
+    DEFAULT_PRESET,
+    DEFAULT_TARGET,
+    PRESET_HELP,
+    PRESETS,
+    SECTIONS,
+    TARGET_HELP,
+    TARGETS,
+    CompressConfig,
+)
 from onnx_udfc.core.errors import UdfcError
 
 
@@ -26,95 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     common.add_argument("-v", "--verbose", action="store_true", help="print more detail")
-    common.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxD",
-                        help="fix a dynamic input shape, e.g. input:1x3x224x224")
 
     ins = sub.add_parser("inspect", parents=[common],
                          help="list channel groups, what is prunable and why not")
     ins.add_argument("model")
+    _add_input_shape(ins)
     ins.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
 
-    c = sub.add_parser("compress", parents=[common], help="prune a model")
+    c = sub.add_parser("compress", parents=[common], formatter_class=_Help,
+                       help="prune and quantize a model (default: int8 QDQ with udfc+)",
+                       description="Presets first: --preset names the effort, --target the "
+                       "storage; every other option overrides them.")
     c.add_argument("model")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--prune", type=float, default=0.0, metavar="R",
-                   help="share of channels to remove from every prunable group, in [0, 1)")
-    c.add_argument("--criterion", choices=["l1", "l2", "recon"], default="l1",
-                   help="l1/l2: smallest filters first; recon: the channels the kept ones "
-                        "reconstruct best first (from the same moments udfc+ uses)")
-    c.add_argument("--budget-flops", type=float, metavar="B",
-                   help="instead of one --prune ratio: per-group ratios, allocated by the "
-                        "predicted reconstruction error, so that FLOPs after <= B x before")
-    c.add_argument("--method", choices=["prune", "nm", "udfc", "udfc+"], default="prune",
-                   help="prune: drop channels; nm: Neuron Merging; udfc: closed-form "
-                        "reconstruction of pruned and quantized channels (the paper); "
-                        "udfc+: reconstruction and bias correction from a model of the "
-                        "activation moments")
-    c.add_argument("--calibration", metavar="FILE.npz",
-                   help="udfc+: measure the moments on these preprocessed inputs instead")
-    c.add_argument("--moments", choices=["auto", "sampled", "inverted", "propagated"],
-                   default="auto",
-                   help="udfc+ without --calibration: 'sampled' runs synthetic images through "
-                        "the network with BatchNorms re-anchored to their statistics, "
-                        "'inverted' first fits the images to the BatchNorm statistics "
-                        "(model inversion: minutes, the most accurate), 'propagated' computes "
-                        "the moments analytically; auto: sampled for networks with BN or Conv "
-                        "layers, propagated for plain MLPs")
-    c.add_argument("--sequential", action="store_true",
-                   help="udfc+: fit each layer's reconstruction on the compressed-so-far "
-                        "network, then refit the next Conv on patches of the kept channels "
-                        "(one network run per pruned layer; the most accurate, data-free too)")
-    c.add_argument("--seed", type=_seed, default=0,
-                   help="udfc+ without --calibration: seed of the synthetic samples (and of "
-                        "the inversion's start); results vary with it by about 0.5 points")
-    c.add_argument("--bits", type=_bits, metavar="B",
-                   help="fake-quantize every weight layer to B bits (2..8)")
-    c.add_argument("--quantizer", choices=["paper", "symmetric", "asymmetric"],
-                   default="paper", help="paper: Eq. 3 grid without zero (fake-quant only)")
-    c.add_argument("--granularity", choices=["tensor", "channel"], default="tensor")
-    c.add_argument("--block-size", type=int, metavar="B",
-                   help="block-wise scales: one per B input channels of each output channel "
-                        "(overrides --granularity; stored with opset 21)")
-    c.add_argument("--format", choices=["fake", "qdq"], default="fake",
-                   help="fake: float weights on the grid; qdq: integer weights + "
-                        "DequantizeLinear (int4/uint4 for --bits <= 4, else int8/uint8)")
-    c.add_argument("--container", choices=["auto", "int8", "int4"], default="auto",
-                   help="qdq storage type (auto: int4 when --bits <= 4)")
-    c.add_argument("--opset", type=int, metavar="N",
-                   help="qdq: convert to this opset (default: the model's, raised to 13 for "
-                        "per-channel and 21 for int4/blocks when needed)")
-    c.add_argument("--fold-bn-scales", action="store_true",
-                   help="qdq: fold BatchNormalization into the integer weights' dequantization "
-                        "scales after quantization (exact; smaller file, same accuracy)")
-    c.add_argument("--latency", action="store_true",
-                   help="time original and output in ONNX Runtime (batch 1, median of 20 "
-                        "interleaved runs) for the summary and report")
-    c.add_argument("--alpha1", type=float, default=0.01, help="Eq. 12 bias-term weight")
-    c.add_argument("--alpha2", type=float, default=0.008, help="Eq. 14 bias-term weight")
-    c.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
-                   help="keep layers whose name matches in float (repeatable)")
-    c.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                   help="leave nodes whose name matches untouched (repeatable)")
-    c.add_argument("--prune-coupled", action="store_true",
-                   help="also prune channel groups tied by residual connections")
-    c.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="round kept channel counts to a multiple of N")
-    c.add_argument("--fold-bn", action="store_true",
-                   help="fold BatchNormalization into the preceding Conv/Gemm")
-    c.add_argument("--report", metavar="FILE.json", help="write the JSON report")
-    c.add_argument("--plot", metavar="FILE.png",
-                   help="plot per-layer kept channels, bits and predicted error (matplotlib)")
-    c.add_argument("--external-data", action="store_true",
-                   help="store weights in OUTPUT.data (automatic above 2 GiB)")
-    c.add_argument("--no-verify", action="store_true",
-                   help="skip the ONNX Runtime comparison with the original")
-    c.add_argument("--data", metavar="FILE.npz", help="inputs (and labels) for verification")
-    c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-
+    _add_config_options(c)
     v = sub.add_parser("verify", parents=[common],
                        help="compare two models' outputs in ONNX Runtime")
     v.add_argument("original")
     v.add_argument("compressed")
+    _add_input_shape(v)
     v.add_argument("--data", metavar="FILE.npz",
                    help="preprocessed inputs named like the model inputs, optional 'labels'")
     v.add_argument("--batch", type=int, default=8,
@@ -136,6 +75,85 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help only where the option has one (not for flags and empty lists)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], {}, argparse.SUPPRESS) \
+                or "(default" in (action.help or ""):
+            return action.help or ""
+        return f"{action.help} (default: {action.default})"
+
+
+def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxD",
+                        help="fix a dynamic input shape, e.g. input:1x3x224x224")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """The compress options, generated from :mod:`onnx_udfc.config` (choices, defaults and
+    help are written there once). Only options given on the command line reach the config,
+    so the preset and target fill the rest; --help shows the defaults of the default preset
+    and target."""
+    effective = CompressConfig.resolve()
+    first = parser.add_argument_group("effort and storage")
+    first.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                       help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+    first.add_argument("--target", choices=list(TARGETS),
+                       help="; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
+                       + f" (default: {DEFAULT_TARGET}, fake with --preset paper)")
+    for section, options in SECTIONS.items():
+        group = first if section == "output" else parser.add_argument_group(
+            options.__doc__.strip().splitlines()[0].rstrip(".") if options.__doc__
+            else section)
+        current = getattr(effective, section)
+        for f in dataclasses.fields(options):
+            meta = f.metadata
+            if not meta.get("cli", True):
+                continue
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            default = getattr(current, f.name)
+            kwargs: dict = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                            "help": meta["help"]}
+            if isinstance(default, bool):
+                kwargs["action"] = "store_false" if default else "store_true"
+            else:
+                if meta["repeat"]:
+                    kwargs["action"] = "append"
+                kwargs["metavar"] = meta["metavar"]
+                kwargs["type"] = _VALUE_TYPES.get(f"{section}.{f.name}", _typed(f.type))
+                if meta["choices"]:
+                    kwargs["choices"] = list(meta["choices"])
+                if default not in (None, [], {}):
+                    kwargs["help"] = f"{meta['help']} (default: {default})"
+            names = [flag] + (["-o"] if flag == "--output" else [])
+            if flag == "--output":
+                kwargs["required"] = True
+            group.add_argument(*names, **kwargs)
+
+
+def _typed(annotation: str):
+    if annotation.startswith("int"):
+        return _integer
+    if annotation.startswith("float"):
+        return _number
+    return str
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
 def _bits(text: str) -> int:
     try:
         value = int(text)
@@ -147,6 +165,15 @@ def _bits(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[str, list[int]]:
+    from onnx_udfc.core.io import parse_input_shapes
+
+    try:
+        return next(iter(parse_input_shapes([text]).items()))
+    except UdfcError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -155,6 +182,9 @@ def _seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got '{text}'")
     return value
+
+
+_VALUE_TYPES = {"quant.bits": _bits, "method.seed": _seed, "graph.input_shapes": _shape}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -212,67 +242,16 @@ def _inspect(args) -> int:
 
 
 def _compress(args) -> int:
-    from onnx_udfc import api
-    from onnx_udfc.core.io import disk_size, parse_input_shapes
-    from onnx_udfc.report.report import Progress
-    from onnx_udfc.report.verify import verify
+    from onnx_udfc.outputs import compress_to_files
 
-    out = Path(args.output)
-    src = Path(args.model)
-    if src.exists() and out.exists() and src.resolve() == out.resolve():
-        raise UdfcError(f"{out}: output path is the input model; choose another path")
-    if out.parent and not out.parent.is_dir():
-        raise UdfcError(f"{out}: output directory '{out.parent}' does not exist")
-    inverting = args.method == "udfc+" and args.moments == "inverted" and not args.calibration
-    stages = ["load", "analyse"] + (["invert"] if inverting else []) + \
-        ["plan", "solve", "rewrite"] + (["quantize"] if args.bits else []) + \
-        (["store"] if args.format == "qdq" else []) + ["save"] + \
-        ([] if args.no_verify else ["verify"]) + (["latency"] if args.latency else [])
-    progress = Progress(stages, args.quiet)
-    try:
-        model, report = api.compress(
-            args.model, prune=args.prune, criterion=args.criterion, exclude=args.exclude,
-            prune_coupled=args.prune_coupled, round_to=args.round_to, fold_bn=args.fold_bn,
-            input_shapes=parse_input_shapes(args.input_shape), progress=progress, check=False,
-            method=args.method, bits=args.bits, quantizer=args.quantizer,
-            granularity=args.granularity, alpha1=args.alpha1, alpha2=args.alpha2,
-            quant_exclude=args.quant_exclude, format=args.format, block_size=args.block_size,
-            container=args.container, opset=args.opset, calibration=args.calibration,
-            budget_flops=args.budget_flops, fold_bn_scales=args.fold_bn_scales,
-            moments=args.moments, sequential=args.sequential, seed=args.seed)
-        progress("save")
-        t = time.perf_counter()
-        report.size_after = api.save_compressed(model, out, source=args.model,
-                                                external_data=args.external_data or None)
-        report.size_before = disk_size(src)
-        report.timings["save"] = time.perf_counter() - t
-        del model
-        if not args.no_verify:
-            progress("verify")
-            t = time.perf_counter()
-            result = verify(args.model, out, data=args.data, provider=args.provider)
-            report.fidelity = [f.to_dict() for f in result.fidelity]
-            report.accuracy_before, report.accuracy_after = result.accuracy_before, \
-                result.accuracy_after
-            report.timings["verify"] = time.perf_counter() - t
-        if args.latency:
-            from onnx_udfc.report.latency import compare_latency
-
-            progress("latency")
-            report.latency = compare_latency(args.model, out, provider=args.provider,
-                                             qdq=args.format == "qdq")
-            report.latency["flops_ratio"] = report.flops_after / report.flops_before \
-                if report.flops_before else None
-    finally:
-        progress.close()
-    if args.report:
-        report.write(args.report)
-    if args.plot:
-        from onnx_udfc.report.plot import plot_report
-
-        plot_report(report.to_dict(), args.plot)
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    if "graph.input_shapes" in overrides:
+        overrides["graph.input_shapes"] = dict(overrides["graph.input_shapes"])
+    config = CompressConfig.resolve(args.preset, args.target, **overrides)
+    config.validate()
+    report = compress_to_files(args.model, config, quiet=args.quiet)
     if not args.quiet:
-        print(f"{args.model} -> {out}")
+        print(f"{args.model} -> {config.output.model}")
         if args.verbose:
             print(report.layer_table())
         print(report.summary())

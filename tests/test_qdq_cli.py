@@ -93,7 +93,7 @@ def test_qdq_summary_report_and_latency(capsys, tmp_path, digits_model) -> None:
     assert report["size_after"] == out.stat().st_size
     assert report["size_after"] < 0.15 * report["size_before"]
     assert report["storage"]["format"] == "qdq" and report["storage"]["opset_after"] == 21
-    assert report["config"]["format"] == "qdq"
+    assert report["config"]["storage"]["format"] == "qdq"
     latency = report["latency"]
     assert latency["batch"] == 1 and latency["before_ms"] > 0 and latency["after_ms"] > 0
     assert 0 < latency["flops_ratio"] < 1

@@ -91,7 +91,7 @@ def test_seed_picks_the_synthetic_samples_reproducibly(digits_model):
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert any(wa[k].shape == wc[k].shape and not np.array_equal(wa[k], wc[k]) for k in wa)
-    assert report.to_dict()["config"]["seed"] == 0
+    assert report.to_dict()["config"]["method"]["seed"] == 0
 
 
 def test_seed_starts_the_inversion(digits_model, monkeypatch):

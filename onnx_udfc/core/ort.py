@@ -78,11 +78,8 @@ def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
                 feed[inp.name] = next(iter(arrays.values()))
             else:
                 raise UdfcError(f"{path}: no array named '{inp.name}' for the model's input")
+        check_feed(model, feed, str(path))
         for name, arr in feed.items():
-            rank = len(next(i for i in inputs if i.name == name).type.tensor_type.shape.dim)
-            if arr.ndim != rank or not np.issubdtype(arr.dtype, np.floating):
-                raise UdfcError(f"{path}: array for '{name}' has shape {arr.shape} and dtype "
-                                f"{arr.dtype}; expected a preprocessed float array of rank {rank}")
             feed[name] = arr[:limit].astype(np.float32) if limit else arr.astype(np.float32)
         if labels is not None and limit:
             labels = labels[:limit]
@@ -98,6 +95,27 @@ def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
         else:
             feed[inp.name] = rng.integers(0, 2, size=dims).astype(dtype)
     return feed, None
+
+
+def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], origin: str) -> None:
+    """Each array matches its input: a float dtype, the rank, and every static dim but the
+    batch (a model may hard-code batch 1 while the data holds many samples)."""
+    for inp in graph_inputs(model):
+        if inp.name not in feed:
+            raise UdfcError(f"{origin}: no array named '{inp.name}' for the model's input")
+    for name, arr in feed.items():
+        inp = next((i for i in graph_inputs(model) if i.name == name), None)
+        if inp is None:
+            raise UdfcError(f"{origin}: array '{name}' is not an input of the model")
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in inp.type.tensor_type.shape.dim]
+        arr = np.asarray(arr)
+        expected = "x".join("?" if d is None else str(d) for d in dims)
+        if arr.ndim != len(dims) or not np.issubdtype(arr.dtype, np.floating) or any(
+                d is not None and d != n for d, n in zip(dims[1:], arr.shape[1:], strict=False)):
+            raise UdfcError(f"{origin}: array for '{name}' has shape {arr.shape} and dtype "
+                            f"{arr.dtype}; expected a preprocessed float array of shape "
+                            f"{expected}")
 
 
 def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:

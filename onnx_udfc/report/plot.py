@@ -40,8 +40,9 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     axes[2].set_xticks(list(x))
     axes[2].set_xticklabels(names, rotation=90, fontsize=6)
     config = report.get("config", {})
-    fig.suptitle(f"onnx-udfc: method {config.get('method')}, prune {config.get('prune')}, "
-                 f"bits {config.get('bits')}")
+    fig.suptitle(f"onnx-udfc: method {config.get('method', {}).get('name')}, "
+                 f"prune {config.get('prune', {}).get('ratio')}, "
+                 f"bits {config.get('quant', {}).get('bits')}")
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     try:

@@ -130,7 +130,8 @@ class Report:
         if comps:
             done = sum(1 for c in comps if c["compensated"])
             why = next((c["reason"] for c in comps if not c["compensated"]), "")
-            lines.append(f"method  {self.config.get('method')}: {done} of {len(comps)} pruned "
+            method = self.config.get("method", {}).get("name")
+            lines.append(f"method  {method}: {done} of {len(comps)} pruned "
                          "layers compensated" + (f" (not: {why})" if why else ""))
         quants = [x["quantization"] for x in self.layers if x.get("quantization")]
         if quants:
@@ -168,7 +169,7 @@ def _storage_note(storage: dict[str, Any] | None) -> str:
     return f", qdq: {kinds} weights, {opsets}"
 
 
-def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
+def build_report(*, config: dict[str, Any], analysis, plan, layers_before: list[LayerStats],
                  layers_after: list[LayerStats], params_before: int, params_after: int,
                  size_before: int, size_after: int, predicted_error: dict[str, float],
                  folded_bn: list[str], timings: dict[str, float],
@@ -202,7 +203,7 @@ def build_report(*, options, analysis, plan, layers_before: list[LayerStats],
             "quantization": quant or None,
         })
     return Report(
-        config=asdict(options), params_before=params_before, params_after=params_after,
+        config=config, params_before=params_before, params_after=params_after,
         macs_before=total_macs(layers_before), macs_after=total_macs(layers_after),
         size_before=size_before, size_after=size_after, groups=groups, layers=layers,
         unsupported=[{"node": n, "reason": r} for n, r in analysis.channels.unsupported],

@@ -1,0 +1,190 @@
+"""All or nothing on disk: check every input and output path before any work, run the
+pipeline, then write the model, the report and the plot together, only when every stage
+succeeded. A failure anywhere leaves no new file behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from onnx_udfc import pipeline
+from onnx_udfc.config import CompressConfig
+from onnx_udfc.core import io
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
+from onnx_udfc.report.report import Progress, Report
+
+
+@dataclass
+class PendingOutputs:
+    """Files written under a temporary folder beside each destination, moved into place by
+    :meth:`commit`; :meth:`discard` (or leaving the ``with`` block on an error) removes them."""
+
+    folders: dict[Path, Path] = field(default_factory=dict)  # destination dir -> temp dir
+    files: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final)
+
+    def path_for(self, final: Path) -> Path:
+        parent = final.parent
+        if parent not in self.folders:
+            try:
+                self.folders[parent] = Path(tempfile.mkdtemp(prefix=".udfc-", dir=parent))
+            except OSError as exc:
+                raise UdfcError(f"{final}: cannot write to '{parent}' ({exc.strerror})") \
+                    from None
+        temporary = self.folders[parent] / final.name
+        self.files.append((temporary, final))
+        return temporary
+
+    def commit(self) -> None:
+        for temporary, final in self.files:
+            companions = [temporary.with_name(temporary.name + ".data")]  # external data
+            for extra in companions:
+                if extra.exists():
+                    os.replace(extra, final.with_name(extra.name))
+            if temporary.exists():
+                os.replace(temporary, final)
+        self.discard()
+
+    def discard(self) -> None:
+        for folder in self.folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self.folders.clear()
+
+    def __enter__(self) -> PendingOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def check_destinations(source: str | os.PathLike, config: CompressConfig) -> dict[str, Path]:
+    """Every output path: its folder exists and is writable, it is not a folder, not the
+    input, and no two outputs share a path."""
+    wanted = {"model": config.output.model, "report": config.output.report,
+              "plot": config.output.plot}
+    paths: dict[str, Path] = {}
+    src = Path(source)
+    for kind, value in wanted.items():
+        if value is None:
+            continue
+        path = Path(value)
+        parent = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise UdfcError(f"{path}: {kind} path is a directory")
+        if not parent.is_dir():
+            raise UdfcError(f"{path}: {kind} directory '{parent}' does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UdfcError(f"{path}: {kind} directory '{parent}' is not writable")
+        if src.exists() and path.exists() and os.path.samefile(src, path):
+            raise UdfcError(f"{path}: {kind} path is the input model; choose another path")
+        if any(p.resolve() == path.resolve() for p in paths.values()):
+            raise UdfcError(f"{path}: two outputs share this path")
+        paths[kind] = path
+    if "model" not in paths:
+        raise UdfcError("no output path: give -o OUT")
+    return paths
+
+
+def check_environment(config: CompressConfig) -> None:
+    """Extras and execution providers the run will need."""
+    if config.output.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UdfcError("--plot needs matplotlib: pip install 'onnx-udfc[plot]'")
+    if config.check.verify or config.check.latency:
+        import onnxruntime as ort
+
+        if PROVIDERS[config.check.provider] not in ort.get_available_providers():
+            raise UdfcError(f"provider '{config.check.provider}' is not available in this "
+                            "onnxruntime (install onnxruntime-gpu and a CUDA driver)")
+
+
+def check_data(model: onnx.ModelProto, config: CompressConfig) -> None:
+    """``--data`` and ``--calibration``: readable, with the model's input names, ranks, static
+    dims and a float dtype."""
+    if config.check.data is not None and config.check.verify:
+        make_inputs(model, data=config.check.data, limit=1)
+    calibration = config.method.calibration
+    if calibration is not None and config.method.name == "udfc+":
+        if isinstance(calibration, str | os.PathLike):
+            make_inputs(model, data=calibration, limit=1)
+        else:
+            from onnx_udfc.moments.measured import load_calibration
+
+            check_feed(model, load_calibration(calibration, model), "calibration")
+
+
+def compress_to_files(source: str | os.PathLike, config: CompressConfig,
+                      quiet: bool = False) -> Report:
+    """The command line's ``compress``: every check first, the pipeline, then save, verify,
+    time and write every output together. Returns the report (already written when asked)."""
+    paths = check_destinations(source, config)
+    check_environment(config)
+    progress = Progress(pipeline.stage_names(config, with_outputs=True), quiet)
+    try:
+        with PendingOutputs() as pending:
+            model = io.load_model(source)
+            check_data(model, config)
+            model, report = pipeline.run(config, model, progress, check=False, copy=False)
+            _save(model, source, config, report, pending.path_for(paths["model"]), progress)
+            del model
+            written = pending.files[0][0]
+            if config.check.verify:
+                _timed(report, "verify", progress, lambda: _verify(source, written, config,
+                                                                   report))
+            if config.check.latency:
+                _timed(report, "latency", progress, lambda: _latency(source, written, config,
+                                                                     report))
+            progress("write")
+            if "report" in paths:
+                report.write(pending.path_for(paths["report"]))
+            if "plot" in paths:
+                from onnx_udfc.report.plot import plot_report
+
+                plot_report(report.to_dict(), pending.path_for(paths["plot"]))
+            pending.commit()
+    finally:
+        progress.close()
+    return report
+
+
+def _timed(report: Report, name: str, progress: Progress, work) -> None:
+    progress(name)
+    start = time.perf_counter()
+    work()
+    report.timings[name] = time.perf_counter() - start
+
+
+def _save(model: onnx.ModelProto, source: str | os.PathLike, config: CompressConfig,
+          report: Report, path: Path, progress: Progress) -> None:
+    progress("save")
+    start = time.perf_counter()
+    io.save_model(model, path, external_data=config.storage.external_data or None, check=True)
+    report.size_after = io.disk_size(path)
+    report.size_before = io.disk_size(source)
+    report.timings["save"] = time.perf_counter() - start
+
+
+def _verify(source: str | os.PathLike, written: Path, config: CompressConfig,
+            report: Report) -> None:
+    from onnx_udfc.report.verify import verify
+
+    result = verify(source, written, data=config.check.data, provider=config.check.provider)
+    report.fidelity = [f.to_dict() for f in result.fidelity]
+    report.accuracy_before, report.accuracy_after = result.accuracy_before, \
+        result.accuracy_after
+
+
+def _latency(source: str | os.PathLike, written: Path, config: CompressConfig,
+             report: Report) -> None:
+    from onnx_udfc.report.latency import compare_latency
+
+    report.latency = compare_latency(source, written, provider=config.check.provider,
+                                     qdq=config.storage.format == "qdq")
+    report.latency["flops_ratio"] = report.flops_after / report.flops_before \
+        if report.flops_before else None

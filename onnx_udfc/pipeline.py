@@ -1,0 +1,320 @@
+"""The compression pipeline: one list of named stages over one run state.
+
+``STAGES`` is the single source of the stage list: the progress bar counts it, the report's
+``timings`` are keyed by it, and ``docs/pipeline.md`` is generated from it. Each stage says
+whether it applies to a configuration and works on the :class:`RunState`; nothing is written
+to disk here (the command line writes every output together, see :mod:`onnx_udfc.cli`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
+from onnx_udfc.channels.analysis import analyse as analyse_channels
+from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.channels.rewrite import apply_removal
+from onnx_udfc.config import CompressConfig
+from onnx_udfc.core import io, normalize
+from onnx_udfc.core.cost import LayerStats, count_params, layer_stats
+from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.methods.plus import single_blas_thread
+from onnx_udfc.quant.bn_scales import fold_bn_into_scales
+from onnx_udfc.quant.grids import QuantizedWeight
+from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq
+from onnx_udfc.report.report import Report, build_report
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Analysis:
+    """The channel analysis of a model with its groups and inferred shapes."""
+
+    channels: ChannelAnalysis
+    groups: list[ChannelGroup]
+    shapes: dict
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.channels.model
+
+
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+            ) -> Analysis:
+    shapes = io.infer_shapes(model, input_shapes or None)
+    channels = analyse_channels(model, shapes)
+    return Analysis(channels, channels.groups(), shapes)
+
+
+@dataclass
+class RunState:
+    """What the stages hand each other."""
+
+    config: CompressConfig
+    model: onnx.ModelProto
+    progress: Progress
+    timings: dict[str, float] = field(default_factory=dict)
+    size_before: int = 0
+    bn_stats: dict = field(default_factory=dict)
+    analysis: Analysis | None = None
+    layers_before: list[LayerStats] = field(default_factory=list)
+    params_before: int = 0
+    inversion: Any = None
+    method_config: MethodConfig | None = None
+    moments: dict | None = None
+    scores: np.ndarray | None = None
+    plan: PrunePlan | None = None
+    energy: dict[str, float] = field(default_factory=dict)
+    compensation: dict[str, dict] = field(default_factory=dict)
+    quantization: dict[str, dict] = field(default_factory=dict)
+    kept: dict[str, QuantizedWeight] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=dict)
+    layers_after: list[LayerStats] | None = None
+    params_after: int = 0
+
+    @property
+    def channels(self) -> ChannelAnalysis:
+        assert self.analysis is not None
+        return self.analysis.channels
+
+    def replace_model(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.channels.model, self.channels.graph = model, model.graph
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str
+    run: Callable[[RunState], None]
+    applies: Callable[[CompressConfig], bool] = lambda _config: True
+
+
+def _load(state: RunState) -> None:
+    state.model = io.load_model(state.model)
+    state.size_before = io.approx_size(state.model)
+
+
+def _normalise(state: RunState) -> None:
+    normalize.normalize(state.model)
+    if state.config.graph.fold_bn:
+        state.bn_stats = normalize.fold_batchnorm(state.model)
+
+
+def _analyse(state: RunState) -> None:
+    state.analysis = analyse(state.model, state.config.graph.input_shapes)
+    state.layers_before = layer_stats(state.model, state.analysis.shapes)
+    state.params_before = count_params(state.model)
+    state.method_config = method_config(state.config)
+
+
+def _moments(state: RunState) -> None:
+    """Model inversion (``--moments inverted``): the fitted batch stands in for the data."""
+    from onnx_udfc.moments.inverted import cached_inverted_inputs
+
+    detail = getattr(state.progress, "detail", None)
+
+    def tick(i: int, steps: int, loss: float) -> None:
+        if detail is not None and (i % 5 == 0 or i == steps):
+            detail(f"invert {i}/{steps}")
+    state.inversion = cached_inverted_inputs(state.channels.model, seed=state.config.method.seed,
+                                             progress=tick)
+    assert state.method_config is not None
+    state.method_config.samples = state.inversion.feed
+
+
+def _plan(state: RunState) -> None:
+    p, cfg = state.config.prune, state.method_config
+    assert cfg is not None
+    channels = state.channels
+    if p.criterion == "recon" and (p.ratio > 0 or p.budget_flops is not None):
+        from onnx_udfc.channels.select import reconstruction_scores
+        from onnx_udfc.methods.plus import pruning_moments
+        with single_blas_thread():
+            state.moments = pruning_moments(channels, cfg.calibration, cfg.plus)
+            state.scores, _ = reconstruction_scores(channels, state.moments,
+                                                    channels.class_scores("l1"))
+    group_ratios = {}
+    if p.budget_flops is not None:
+        from onnx_udfc.channels.budget import allocate
+        group_ratios = allocate(channels, state.analysis.groups, p.budget_flops,
+                                prune_config(state.config),
+                                cfg.calibration if cfg.method == "udfc+" else None,
+                                plus=cfg.plus, scores=state.scores, moments=state.moments)
+    state.plan = make_plan(channels, state.analysis.groups,
+                           prune_config(state.config, group_ratios), state.scores)
+    state.energy = removed_energy(channels, state.plan.removed)
+
+
+def _compensate(state: RunState) -> None:
+    cfg = state.method_config
+    assert cfg is not None and state.plan is not None
+    state.compensation = compensate_pruning(state.channels, state.plan.removed, cfg,
+                                            state.bn_stats,
+                                            state.moments if cfg.method == "udfc+" else None)
+
+
+def _rewrite(state: RunState) -> None:
+    assert state.plan is not None
+    apply_removal(state.channels, state.plan.removed)
+    state.replace_model(compact(state.model))
+
+
+def _quantize(state: RunState) -> None:
+    cfg, q = state.method_config, state.config.quant
+    assert cfg is not None
+    state.quantization = quantize_model(state.model, cfg, state.config.graph.input_shapes or None,
+                                        state.bn_stats,
+                                        list(state.config.prune.exclude) + list(q.exclude),
+                                        state.kept)
+    state.replace_model(compact(state.model))
+
+
+def _count_after(state: RunState) -> None:
+    """Parameters and MACs of the compressed float graph: integer storage changes bytes, not
+    parameters or MACs, and the counters read float weight layers."""
+    assert state.analysis is not None
+    state.layers_after = layer_stats(state.model, state.analysis.shapes)
+    state.params_after = count_params(state.model)
+
+
+def _store(state: RunState) -> None:
+    s, q = state.config.storage, state.config.quant
+    _count_after(state)
+    state.model, state.storage = to_qdq(state.model, state.kept,
+                                        StorageConfig(s.format, s.container, s.opset), q.bits,
+                                        q.granularity, q.block_size)
+    if s.fold_bn_scales:
+        folded, not_folded = fold_bn_into_scales(state.model)
+        state.storage.update(bn_folded_into_scales=folded, bn_not_folded=not_folded)
+
+
+def _check(state: RunState) -> None:
+    io.check_model(state.model)
+
+
+STAGES: list[Stage] = [
+    Stage("load", "read the model (external data too) and check it is a valid ONNX graph",
+          _load),
+    Stage("normalise", "constants to initializers, Identity aliases bypassed, shape arithmetic "
+          "folded; BatchNorm folded with --fold-bn", _normalise),
+    Stage("analyse", "channel slots and groups: which channels must go together, and why the "
+          "others cannot", _analyse),
+    Stage("moments", "udfc+ --moments inverted: fit synthetic images to the BatchNorm "
+          "statistics (model inversion)", _moments, lambda c: c.inverted),
+    Stage("plan", "choose the channels to remove (ratio or FLOPs budget, criterion)", _plan),
+    Stage("compensate", "fold each pruned channel's reconstruction into the layers that read "
+          "it (the method's maths)", _compensate),
+    Stage("rewrite", "remove the planned channels physically from every node that holds them",
+          _rewrite),
+    Stage("quantize", "round every weight layer to --bits, with the method's compensation",
+          _quantize, lambda c: c.quant.bits is not None),
+    Stage("store", "write quantized weights as integers read by DequantizeLinear",
+          _store, lambda c: c.storage.format == "qdq"),
+    Stage("check", "the full onnx.checker on the result", _check),
+]
+# Stages run by the command line after the in-memory pipeline (onnx_udfc.cli).
+OUTPUT_STAGES: list[Stage] = [
+    Stage("save", "write the model to a temporary file beside the output, checked on disk",
+          lambda _s: None),
+    Stage("verify", "compare outputs with the original in ONNX Runtime", lambda _s: None,
+          lambda c: c.check.verify),
+    Stage("latency", "time both models in ONNX Runtime, interleaved", lambda _s: None,
+          lambda c: c.check.latency),
+    Stage("write", "move every output (model, report, plot) into place together",
+          lambda _s: None),
+]
+
+
+def stage_names(config: CompressConfig, with_outputs: bool = False) -> list[str]:
+    """The stages a run of ``config`` goes through, in order (for the progress bar)."""
+    if with_outputs:  # the saved file is checked instead of the in-memory model
+        stages = [s for s in STAGES if s.name != "check"] + OUTPUT_STAGES
+    else:
+        stages = STAGES
+    return [s.name for s in stages if s.applies(config)]
+
+
+def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None = None,
+        check: bool = True, copy: bool = True) -> tuple[onnx.ModelProto, Report]:
+    """Run every stage that applies; returns the compressed model and its report.
+
+    ``config`` must be validated. A ``ModelProto`` argument is copied, never modified.
+    ``check=False`` skips the in-memory checker (the command line checks the written file);
+    ``copy=False`` works on a given ``ModelProto`` in place (a model loaded for this run)."""
+    if isinstance(model, onnx.ModelProto) and copy:
+        model = compact(model)
+    state = RunState(config, model, progress or (lambda _name: None))  # type: ignore[arg-type]
+    for stage in STAGES:
+        if not stage.applies(config) or (stage.name == "check" and not check):
+            continue
+        state.progress(stage.name)
+        start = time.perf_counter()
+        stage.run(state)
+        state.timings[stage.name] = time.perf_counter() - start
+    return state.model, _report(state)
+
+
+def _report(state: RunState) -> Report:
+    assert state.analysis is not None and state.plan is not None
+    if state.layers_after is None:
+        _count_after(state)
+    storage = state.storage or fake_summary(state.model, state.kept)
+    for name, entry in storage.pop("layers").items():
+        if name in state.quantization:
+            state.quantization[name]["storage"] = entry
+    report = build_report(
+        config=state.config.to_dict(), analysis=state.analysis, plan=state.plan,
+        layers_before=state.layers_before, layers_after=state.layers_after,
+        params_before=state.params_before, params_after=state.params_after,
+        size_before=state.size_before, size_after=io.approx_size(state.model),
+        predicted_error=state.energy, folded_bn=sorted(state.bn_stats),
+        timings=state.timings, compensation=state.compensation,
+        quantization=state.quantization)
+    report.storage = storage
+    report.inversion = state.inversion.summary() if state.inversion is not None else None
+    return report
+
+
+def prune_config(config: CompressConfig, group_ratios: dict[int, float] | None = None
+                 ) -> PruneConfig:
+    p = config.prune
+    return PruneConfig(p.ratio, p.criterion, list(p.exclude), p.prune_coupled, p.round_to,
+                       group_ratios or {})
+
+
+def method_config(config: CompressConfig) -> MethodConfig:
+    m, q = config.method, config.quant
+    return MethodConfig(m.name, q.bits, q.quantizer, q.granularity, m.alpha1, m.alpha2,
+                        calibration=m.calibration, block_size=q.block_size, moments=m.moments,
+                        sequential=m.sequential, seed=m.seed)
+
+
+def compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A fresh copy of ``model``: protobuf's arena keeps every replaced weight alive until the
+    message itself dies, so after a rewrite the old message holds old and new weights."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(model)
+    return fresh
+
+
+def removed_energy(channels: ChannelAnalysis, removed: np.ndarray) -> dict[str, float]:
+    """Per producer: the share of its filters' squared l2 norm that pruning removes.
+
+    With plain pruning (no compensation) this is the predicted relative reconstruction error of
+    the layer's pre-activation output for white inputs.
+    """
+    root = channels.roots()
+    out = {}
+    for p in channels.producers:
+        total = float((p.l2 ** 2).sum())
+        gone = removed[root[p.slots]]
+        out[p.node.name or p.tensor] = float((p.l2[gone] ** 2).sum()) / total if total else 0.0
+    return out
