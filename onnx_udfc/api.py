@@ -28,15 +28,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_udfc.channels.activations import pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.analysis import analyse as _analyse
 from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.core import io as _io
 from onnx_udfc.core import normalize as _normalize
+from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.cost import count_params, layer_stats
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
 from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq
@@ -249,13 +252,19 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
 
     t = time.perf_counter()
     step("plan")
+    # One moment source for the run: every stage reads the same kind, a fallback is final.
+    # The calibration set feeds udfc+ and --criterion recon; a budget alone ranks the other
+    # methods' groups on data-free moments.
+    recon = criterion == "recon" and (prune > 0 or budget_flops is not None)
+    source = moment_source(analysis.channels.model, method_config.plus,
+                           calibration if method == "udfc+" or recon else None)
     moments, scores = None, None
-    if criterion == "recon" and (prune > 0 or budget_flops is not None):
-        from onnx_udfc.channels.select import reconstruction_scores
-        from onnx_udfc.methods.plus import pruning_moments, single_blas_thread
+    if recon or budget_flops is not None:
         with single_blas_thread():
-            moments = pruning_moments(analysis.channels, method_config.calibration,
-                                      method_config.plus)
+            moments = pruning_moments(analysis.channels, source, "plan")
+    if recon:
+        from onnx_udfc.channels.select import reconstruction_scores
+        with single_blas_thread():
             scores, _ = reconstruction_scores(analysis.channels, moments,
                                               analysis.channels.class_scores("l1"))
     group_ratios = {}
@@ -263,8 +272,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         from onnx_udfc.channels.budget import allocate
         group_ratios = allocate(analysis.channels, analysis.groups, budget_flops,
                                 PruneConfig(prune, criterion, list(exclude), prune_coupled),
-                                calibration if method == "udfc+" else None,
-                                plus=method_config.plus, scores=scores, moments=moments)
+                                source, scores=scores, moments=moments)
     pruning = make_plan(analysis.channels, analysis.groups,
                         PruneConfig(prune, criterion, list(exclude), prune_coupled, round_to,
                                     group_ratios), scores)
@@ -274,7 +282,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
     t = time.perf_counter()
     step("solve")
     compensation = compensate_pruning(analysis.channels, pruning.removed, method_config,
-                                      bn_stats, moments if method == "udfc+" else None)
+                                      bn_stats, moments if method == "udfc+" else None, source)
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -290,7 +298,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         t = time.perf_counter()
         step("quantize")
         quantization = quantize_model(m, method_config, options.input_shapes, bn_stats,
-                                      list(exclude) + list(quant_exclude), kept)
+                                      list(exclude) + list(quant_exclude), kept, source)
         m = _compact(m)
         analysis.channels.model, analysis.channels.graph = m, m.graph
         timings["quantize"] = time.perf_counter() - t
@@ -324,6 +332,7 @@ def compress(model: _io.ModelSource, *, prune: float = 0.0, criterion: str = "l1
         compensation=compensation, quantization=quantization)
     report.storage = storage
     report.inversion = inversion.summary() if inversion is not None else None
+    report.moments = source.to_dict() if method == "udfc+" or moments is not None else None
     return m, report
 
 
