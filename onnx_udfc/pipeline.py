@@ -16,15 +16,18 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_udfc.channels.activations import pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.analysis import analyse as analyse_channels
 from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
+from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.cost import LayerStats, count_params, layer_stats
 from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
-from onnx_udfc.methods.plus import single_blas_thread
+from onnx_udfc.methods.plus import moment_source
+from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
 from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq
@@ -68,6 +71,7 @@ class RunState:
     params_before: int = 0
     inversion: Any = None
     method_config: MethodConfig | None = None
+    source: MomentSource | None = None
     moments: dict | None = None
     scores: np.ndarray | None = None
     plan: PrunePlan | None = None
@@ -132,22 +136,28 @@ def _moments(state: RunState) -> None:
 
 def _plan(state: RunState) -> None:
     p, cfg = state.config.prune, state.method_config
-    assert cfg is not None
+    assert cfg is not None and state.analysis is not None
     channels = state.channels
-    if p.criterion == "recon" and (p.ratio > 0 or p.budget_flops is not None):
-        from onnx_udfc.channels.select import reconstruction_scores
-        from onnx_udfc.methods.plus import pruning_moments
+    # One moment source for the run: every stage reads the same kind, a fallback is final.
+    # The calibration set feeds udfc+ and --criterion recon; a budget alone ranks the other
+    # methods' groups on data-free moments.
+    recon = p.criterion == "recon" and (p.ratio > 0 or p.budget_flops is not None)
+    state.source = moment_source(channels.model, cfg.plus,
+                                 cfg.calibration if cfg.method == "udfc+" or recon else None)
+    if recon or p.budget_flops is not None:
         with single_blas_thread():
-            state.moments = pruning_moments(channels, cfg.calibration, cfg.plus)
+            state.moments = pruning_moments(channels, state.source, "plan")
+    if recon:
+        from onnx_udfc.channels.select import reconstruction_scores
+        with single_blas_thread():
             state.scores, _ = reconstruction_scores(channels, state.moments,
                                                     channels.class_scores("l1"))
     group_ratios = {}
     if p.budget_flops is not None:
         from onnx_udfc.channels.budget import allocate
         group_ratios = allocate(channels, state.analysis.groups, p.budget_flops,
-                                prune_config(state.config),
-                                cfg.calibration if cfg.method == "udfc+" else None,
-                                plus=cfg.plus, scores=state.scores, moments=state.moments)
+                                prune_config(state.config), state.source, scores=state.scores,
+                                moments=state.moments)
     state.plan = make_plan(channels, state.analysis.groups,
                            prune_config(state.config, group_ratios), state.scores)
     state.energy = removed_energy(channels, state.plan.removed)
@@ -158,7 +168,8 @@ def _compensate(state: RunState) -> None:
     assert cfg is not None and state.plan is not None
     state.compensation = compensate_pruning(state.channels, state.plan.removed, cfg,
                                             state.bn_stats,
-                                            state.moments if cfg.method == "udfc+" else None)
+                                            state.moments if cfg.method == "udfc+" else None,
+                                            state.source)
 
 
 def _rewrite(state: RunState) -> None:
@@ -173,7 +184,7 @@ def _quantize(state: RunState) -> None:
     state.quantization = quantize_model(state.model, cfg, state.config.graph.input_shapes or None,
                                         state.bn_stats,
                                         list(state.config.prune.exclude) + list(q.exclude),
-                                        state.kept)
+                                        state.kept, state.source)
     state.replace_model(compact(state.model))
 
 
@@ -280,6 +291,9 @@ def _report(state: RunState) -> Report:
         quantization=state.quantization)
     report.storage = storage
     report.inversion = state.inversion.summary() if state.inversion is not None else None
+    used = state.method_config is not None and state.method_config.method == "udfc+"
+    report.moments = state.source.to_dict() if state.source is not None and (
+        used or state.moments is not None) else None
     return report
 
 

@@ -14,7 +14,6 @@ from onnx_udfc.channels.select import greedy_removal
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.core.ort import session
-from onnx_udfc.methods.plus import DEFAULT, model_moments, moment_source
 from onnx_udfc.methods.sequential import batch_statistics, frozen
 from onnx_udfc.moments.sampled import pink_noise, sampled_moments, training_batchnorm
 from tests.synthetic import random_feeds, run
@@ -115,29 +114,6 @@ def test_sampled_bn_outputs_have_the_running_marginals(opset):
     assert np.allclose(m.mean, beta, atol=0.03 * np.abs(gamma).max())
     assert np.allclose(np.sqrt(np.diag(m.cov)), np.abs(gamma), rtol=0.03)
     assert not m.diagonal  # cross-channel covariances come from the samples
-
-
-def test_batch_baked_into_graph_falls_back_to_propagation():
-    model = _bn_model(13)
-    shape = numpy_helper.from_array(np.asarray([1, -1], np.int64), "shape")
-    model.graph.initializer.append(shape)
-    model.graph.node.append(helper.make_node("Reshape", ["y", "shape"], ["flat"]))
-    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("flat", TensorProto.FLOAT,
-                                                                 [1, 1280]))
-    shapes = infer_shapes(model)
-    got = model_moments(model, shapes, DEFAULT, tensors=["n"])
-    assert "n" in got and np.isfinite(got["n"].mean).all()
-
-
-def test_auto_moments_choose_sampling_for_conv_nets_only():
-    assert moment_source(_bn_model(13), DEFAULT) == "sampled"
-    mlp = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]))
-    assert moment_source(mlp, DEFAULT) == "propagated"
-    with pytest.raises(UdfcError, match="moments"):
-        api.compress(_bn_chain(), prune=0.2, method="udfc+", moments="measured")
 
 
 def test_frozen_statistics_reproduce_training_mode():

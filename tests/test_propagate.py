@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_methods import _bn_chain
 
+from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.io import infer_shapes
-from onnx_udfc.methods.plus import single_blas_thread
 from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, gaussian_variances
 from onnx_udfc.moments.propagated import TensorMoments, conv_moments, propagate
 

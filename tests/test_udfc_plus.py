@@ -7,9 +7,9 @@ import pytest
 from test_methods import _bn_chain
 
 from onnx_udfc import api
-from onnx_udfc.methods.plus import reconstruction
 from onnx_udfc.moments.gaussian import Activation, gaussian_moments
 from onnx_udfc.moments.propagated import TensorMoments
+from onnx_udfc.moments.reconstruction import reconstruction
 from tests.synthetic import max_diff, random_feeds, run
 
 

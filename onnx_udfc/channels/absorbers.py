@@ -318,7 +318,7 @@ def _channels(node: onnx.NodeProto, ctx: ChannelAnalysis) -> int:
     return int(w.dims[1]) * int(attr(node, "group", 1))
 
 
-def _positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.ndarray | None:
+def channel_positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.ndarray | None:
     """``[len(classes), m]`` positions of each class along ``tensor``'s channel axis (each
     channel may occupy m positions, e.g. a Flatten block). None if a class is missing or the
     blocks are uneven."""
@@ -332,7 +332,7 @@ def _positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.nda
     return np.stack(pos)
 
 
-def _present(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.ndarray:
+def channels_present(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.ndarray:
     """Which of ``classes`` the tensor holds (a Split/Slice reader sees a subset)."""
     info = ctx.tensors.get(tensor)
     if info is None or info.slots is None:
@@ -367,13 +367,13 @@ def apply_reconstruction(ctx: ChannelAnalysis, found: list[Absorber], kept_cls: 
     """
     plans, skipped = [], []
     for ab in found:
-        has_p = _present(ctx, ab.tensor, pruned_cls)
+        has_p = channels_present(ctx, ab.tensor, pruned_cls)
         if not has_p.any():
             continue
         used = np.any(coefficients[has_p] != 0, axis=0)
-        has_k = _present(ctx, ab.tensor, kept_cls)
-        pk = _positions(ctx, ab.tensor, kept_cls[has_k]) if has_k.any() else None
-        pp = _positions(ctx, ab.tensor, pruned_cls[has_p])
+        has_k = channels_present(ctx, ab.tensor, kept_cls)
+        pk = channel_positions(ctx, ab.tensor, kept_cls[has_k]) if has_k.any() else None
+        pp = channel_positions(ctx, ab.tensor, pruned_cls[has_p])
         if pp is None or (used & ~has_k).any() or (pk is not None and
                                                    pk.shape[1] != pp.shape[1]):
             skipped.append(ab.layer.node.name)
@@ -398,8 +398,8 @@ def apply_scales(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarra
     :func:`apply_reconstruction`."""
     plans, skipped = [], []
     for ab in found:
-        here = _present(ctx, ab.tensor, classes)
-        pos = _positions(ctx, ab.tensor, classes[here]) if here.any() else None
+        here = channels_present(ctx, ab.tensor, classes)
+        pos = channel_positions(ctx, ab.tensor, classes[here]) if here.any() else None
         if pos is None:
             skipped.append(ab.layer.node.name)
             continue

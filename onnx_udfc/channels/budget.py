@@ -13,23 +13,18 @@ predicted error per MAC saved, until ``MACs after <= B x MACs before``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from onnx_udfc.channels.activations import activation_tensor, pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.plan import PruneConfig, make_plan
+from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.cost import layer_stats
 from onnx_udfc.core.errors import UdfcError
-from onnx_udfc.methods.plus import (
-    DEFAULT,
-    PlusConfig,
-    activation_tensor,
-    pruning_moments,
-    reconstruction,
-    single_blas_thread,
-)
 from onnx_udfc.moments.propagated import TensorMoments
+from onnx_udfc.moments.reconstruction import RIDGE, reconstruction
+from onnx_udfc.moments.source import MomentSource
 
 STEPS = 16  # ratio grid per group: multiples of 1/STEPS of its size
 MAX_RATIO = 0.9
@@ -71,27 +66,28 @@ def _group_error(m: TensorMoments | None, order: np.ndarray, members: np.ndarray
             continue
         pruned = np.asarray(sorted(pos[int(c)] for c in order[:k]))
         kept = np.setdiff1d(np.arange(members.size), pruned)
-        _, _, rel = reconstruction(m, kept, pruned, DEFAULT.lam)
+        _, _, rel = reconstruction(m, kept, pruned, RIDGE)
         out.append(float((rel * var[pruned]).sum()) / total)
     return np.asarray(out)
 
 
 def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-             config: PruneConfig, calibration: Any = None,
-             steps: int = STEPS, plus: PlusConfig | None = None,
-             scores: np.ndarray | None = None,
+             config: PruneConfig, source: MomentSource | None = None,
+             steps: int = STEPS, scores: np.ndarray | None = None,
              moments: dict[str, TensorMoments] | None = None) -> dict[int, float]:
     """Group id -> pruning ratio (every group; 0 for those left whole) so that MACs after
-    <= ``budget`` x MACs before under the cost model of :func:`predicted_macs`."""
+    <= ``budget`` x MACs before under the cost model of :func:`predicted_macs`.
+
+    The predicted errors read ``moments`` (of the producers' activations) when given, else
+    ask ``source`` (the run's; a data-free ``auto`` one when None)."""
     if not 0.0 < budget <= 1.0:
         raise UdfcError(f"FLOPs budget must be in (0, 1], got {budget}")
     with single_blas_thread():
-        return _allocate(ctx, groups, budget, config, calibration, steps, plus or DEFAULT,
-                         scores, moments)
+        return _allocate(ctx, groups, budget, config, source, steps, scores, moments)
 
 
 def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-              config: PruneConfig, calibration: Any, steps: int, plus: PlusConfig,
+              config: PruneConfig, source: MomentSource | None, steps: int,
               scores: np.ndarray | None, moments: dict[str, TensorMoments] | None
               ) -> dict[int, float]:
     if scores is None:
@@ -99,7 +95,7 @@ def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
     base = make_plan(ctx, groups, PruneConfig(0.0, config.criterion, list(config.exclude),
                                               config.prune_coupled, 1), scores)
     if moments is None:
-        moments = pruning_moments(ctx, calibration, plus)
+        moments = pruning_moments(ctx, source or MomentSource(ctx.model), "budget")
     root = ctx.roots()
     by_tensor: dict[str, TensorMoments | None] = {}
     producer_of = {p.node.name or p.tensor: p for p in ctx.producers}

@@ -2,8 +2,8 @@
 (``--criterion recon``).
 
 udfc+ replaces a pruned channel ``x_j`` by its least-squares reconstruction from the kept
-channels (:func:`onnx_udfc.methods.plus.reconstruction`). What reaches the next layers is then
-``W_P e_P`` with ``e_P = x_P - E[x_P | x_K]``, whose expected energy is
+channels (:func:`onnx_udfc.moments.reconstruction.reconstruction`). What reaches the next
+layers is then ``W_P e_P`` with ``e_P = x_P - E[x_P | x_K]``, whose expected energy is
 
     E(P) = tr(M_PP S_P),   S_P = Sigma_PP - Sigma_PK Sigma_KK^-1 Sigma_KP = ((Sigma^-1)_PP)^-1
 
@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_udfc.channels.absorbers import Absorber, _positions, absorbers
+from onnx_udfc.channels.absorbers import Absorber, absorbers, channel_positions
+from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import follower_batchnorm
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.moments.propagated import TensorMoments
+from onnx_udfc.moments.reconstruction import RIDGE
 
 
-def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = 0.01
+def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy order in which to remove channels so that ``tr(M_PP S_P)`` grows least.
 
@@ -91,7 +93,7 @@ def absorber_gram(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarr
     outputs = {o.name for o in ctx.graph.output}
     gram = np.zeros((len(classes), len(classes)))
     for ab in found:
-        pp = _positions(ctx, ab.tensor, classes)
+        pp = channel_positions(ctx, ab.tensor, classes)
         if pp is None:
             return None
         w = tensor_array(ctx.inits[ab.layer.weight]).astype(np.float64)
@@ -111,13 +113,11 @@ def absorber_gram(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarr
 
 
 def reconstruction_scores(ctx: ChannelAnalysis, moments: dict[str, TensorMoments],
-                          base: np.ndarray, ridge: float = 0.01) -> tuple[np.ndarray, list[str]]:
+                          base: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, list[str]]:
     """Per class, the predicted relative error at the greedy step that removes it
     (:func:`greedy_removal`); classes of producers that cannot be scored (coupled, no
     moments, no absorber) keep ``base`` (l1/l2) ranked after every scored one of their group.
     Returns the scores and the producers that fell back, with the reason."""
-    from onnx_udfc.methods.plus import activation_tensor
-
     root = ctx.roots()
     owners = np.bincount(root[np.concatenate([p.slots for p in ctx.producers])]
                          if ctx.producers else np.zeros(0, np.int64), minlength=len(root))

@@ -54,6 +54,21 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
             from None
 
 
+def refusals() -> tuple[type[Exception], ...]:
+    """What a run raises when ONNX Runtime refuses a model or a feed it was not built for (a
+    batch size baked into a Reshape, a wrong input type, ...): :func:`session` turns a load
+    failure into a :class:`UdfcError`, and ``run`` raises ORT's own ``Fail``,
+    ``InvalidArgument``, ``RuntimeException`` or ``NotImplemented``."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        RuntimeException,
+    )
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+    return (UdfcError, Fail, InvalidArgument, RuntimeException, OrtNotImplemented)
+
+
 def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
                 data: str | os.PathLike | None = None,
                 limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:

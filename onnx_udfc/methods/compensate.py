@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnx_udfc.channels.absorbers import absorbers, apply_reconstruction, apply_scales, weight_uses
+from onnx_udfc.channels.activations import pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, analyse
 from onnx_udfc.channels.stats import layer_stats, weight_layer
 from onnx_udfc.core.errors import UdfcError
@@ -25,6 +26,8 @@ from onnx_udfc.methods.equations import (
     eq20_pruning_coefficients,
     neuron_merging_pairs,
 )
+from onnx_udfc.moments.source import MomentSource, check_request
+from onnx_udfc.quant.gptq_layer import gptq_layer
 from onnx_udfc.quant.grids import QuantizedWeight, quantize_blocks_params, quantize_params
 
 METHODS = ("prune", "nm", "udfc", "udfc+")
@@ -43,7 +46,7 @@ class MethodConfig:
     calibration: Any = None  # udfc+: inputs to measure moments on (array, dict, .npz)
     block_size: int | None = None  # block-wise scales along the input channels (overrides
     # granularity), the layout of ONNX's blocked DequantizeLinear
-    moments: str = "auto"  # udfc+: where the activation moments come from (udfc_plus.MOMENTS)
+    moments: str = "auto"  # udfc+: what to read the moments from (moments.source.MOMENTS)
     sequential: bool = False  # udfc+: fit each layer on the compressed-so-far network
     samples: Any = None  # udfc+ --moments inverted: the fitted input batch
     seed: int = 0  # udfc+: of the synthetic samples / the inversion's start
@@ -66,9 +69,7 @@ class MethodConfig:
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(
                 self.bits, int) or not 2 <= self.bits <= 8):
             raise UdfcError(f"bits must be an integer in 2..8, got {self.bits!r}")
-        if self.moments not in udfc_plus.MOMENTS:
-            raise UdfcError(f"unknown moments source '{self.moments}' "
-                            f"(choose {', '.join(udfc_plus.MOMENTS)})")
+        check_request(self.moments)
         if self.sequential and self.method != "udfc+":
             raise UdfcError("--sequential applies to --method udfc+ only")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) \
@@ -93,8 +94,13 @@ class MethodConfig:
 @udfc_plus.plus_threads("cfg")
 def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodConfig,
                        folded: dict[str, BatchNormStats] | None = None,
-                       moments: dict | None = None) -> dict[str, dict]:
+                       moments: dict | None = None,
+                       source: MomentSource | None = None) -> dict[str, dict]:
     """Fold each pruned channel's reconstruction into the next layers (before the rewrite).
+
+    udfc+ reads ``moments`` (of the producers' activations, see
+    :func:`~onnx_udfc.channels.activations.pruning_moments`) when given, else asks ``source``
+    (the run's :class:`MomentSource`; one from ``cfg`` when None).
 
     Returns per producer: ``compensated`` (bool), ``reason`` when not, the statistics source,
     the mean Eq. 12 residual (``predicted_error``, relative: 0 exact, 1 nothing recovered) and
@@ -107,10 +113,12 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
     out: dict[str, dict] = {}
     todo: list = []
     plus = cfg.plus
+    if cfg.method == "udfc+" and source is None:
+        source = udfc_plus.moment_source(ctx.model, plus, cfg.calibration)
     if cfg.method != "udfc+" or plus.sequential:
         moments = {}
     elif moments is None:
-        moments = udfc_plus.pruning_moments(ctx, cfg.calibration, plus)
+        moments = pruning_moments(ctx, source, "compensate")
     for p in ctx.producers:
         cls = root[p.slots]
         gone = removed[cls]
@@ -135,7 +143,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
         if reason is not None:
             entry["reason"] = reason
             continue
-        stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
+        stats, stats_kind = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
         f = layer.filters(ctx.inits)
         kept, pruned = np.flatnonzero(~gone), np.flatnonzero(gone)
         if cfg.method == "udfc+" and plus.sequential:
@@ -154,7 +162,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
             coefficients, degenerate = pairs.coefficients(kept), pairs.degenerate
             entry["merged"] = int((pairs.targets >= 0).sum())
         skipped = apply_reconstruction(ctx, found, cls[kept], cls[pruned], coefficients)
-        entry.update(compensated=not skipped, stats=source,
+        entry.update(compensated=not skipped, stats=stats_kind,
                      absorbers=[a.layer.node.name for a in found],
                      degenerate=[{"channel": int(j), "reason": r} for j, r in degenerate])
         if skipped:
@@ -164,22 +172,13 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodCon
             entry["activations"] = curved
     if todo:
         from onnx_udfc.methods.sequential import sequential_pruning
-        if cfg.calibration is not None:
-            from onnx_udfc.moments.measured import load_calibration
-            feed = {k: v[:plus.seq_limit]
-                    for k, v in load_calibration(cfg.calibration, ctx.model).items()}
-        elif plus.samples is not None:
-            feed = plus.samples
-        else:
-            from onnx_udfc.moments.sampled import synthetic_inputs
-            feed = synthetic_inputs(ctx.model, plus.seed, input_mean=plus.input_mean,
-                                    input_std=plus.input_std)
+        feed = source.sample_feed(ctx.model, plus.seq_limit)
+        measured = source.kind == "measured"
         # with real inputs every channel is refitted; on synthetic ones only the pruned
         # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
-        for name, e in sequential_pruning(ctx, removed, todo, feed, cfg.calibration is None,
+        for name, e in sequential_pruning(ctx, removed, todo, feed, not measured,
                                           plus.seq_lam, plus.seq_const_scale,
-                                          full=cfg.calibration is not None,
-                                          output_fit=plus.seq_output).items():
+                                          full=measured, output_fit=plus.seq_output).items():
             out[name].update(e)
     return out
 
@@ -189,20 +188,23 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                    input_shapes: dict[str, list[int]] | None = None,
                    folded: dict[str, BatchNormStats] | None = None,
                    exclude: list[str] | None = None,
-                   results: dict[str, QuantizedWeight] | None = None) -> dict[str, dict]:
+                   results: dict[str, QuantizedWeight] | None = None,
+                   source: MomentSource | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn.
 
     ``results``, when given, receives each layer's :class:`QuantizedWeight` (integer codes,
-    scales, zero points) so integer storage can write exactly what the fake model holds."""
+    scales, zero points) so integer storage can write exactly what the fake model holds.
+    udfc+ reads its moments from ``source`` (the run's; one from ``cfg`` when None)."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     root = ctx.roots()
     outputs = {o.name for o in model.graph.output}
     patterns = [re.compile(p) for p in exclude or []]
     out: dict[str, dict] = {}
-    moments = udfc_plus.quant_moments(model, ctx, cfg.calibration, cfg.plus) \
-        if cfg.method == "udfc+" \
-        else {}
+    moments = {}
+    if cfg.method == "udfc+":
+        source = source or udfc_plus.moment_source(model, cfg.plus, cfg.calibration)
+        moments = udfc_plus.quant_moments(model, ctx, source, cfg.plus)
     for node in list(model.graph.node):
         layer = weight_layer(node, ctx.inits)
         if layer is None or any(p.search(node.name or "") for p in patterns):
@@ -220,9 +222,9 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
             q = quantize_params(f, cfg.bits, cfg.quantizer, cfg.granularity, w.dtype)
         gptq = None
         if cfg.method == "udfc+" and cfg.plus.gptq:
-            gptq = udfc_plus.gptq_layer(layer, f, q, moments,
-                                        [int(d) for d in ctx.inits[layer.weight].dims],
-                                        cfg.plus)
+            gptq = gptq_layer(layer, f, q, moments,
+                              [int(d) for d in ctx.inits[layer.weight].dims],
+                              cfg.plus.spatial, cfg.plus.gptq_max_inputs)
             q = gptq or q
         if results is not None:
             results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
@@ -237,7 +239,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
             entry["gptq"] = gptq is not None
         out[name] = entry
         if cfg.method == "udfc":
-            stats, source = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
+            stats, stats_kind = layer_stats(layer, ctx.inits, ctx.consumers, outputs, folded)
             scales = eq14_21_quantization_scale(f, fq, stats, cfg.alpha2)
             found, reason = absorbers(node, ctx, cross_channel=False)
             info = ctx.tensors.get(node.output[0])
@@ -252,7 +254,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
                     entry["activations"] = curved
                 if found and found[0].layer.node.op_type == "BatchNormalization":
                     entry["scale_into"] = "batchnorm"  # before a curved activation: exact
-            entry.update(scale_compensated=reason is None, stats=source)
+            entry.update(scale_compensated=reason is None, stats=stats_kind)
             if reason:
                 entry["reason"] = reason
         if cfg.method == "udfc+":

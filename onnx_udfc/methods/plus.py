@@ -1,24 +1,23 @@
 """``udfc+``: UDFC carried further with a statistical model of the activations.
 
 Pruning: each pruned channel's *post-activation* output ``x_j`` is reconstructed as
-``sum_i s_i x_i + c_j`` from the kept channels by least squares on moments,
-``s = (C_KK + lam * mean(diag C_KK) I)^-1 C_Kj`` and ``c_j = E[x_j] - s . E[x_K]`` (centred
-covariance C), where the moments come from :mod:`onnx_udfc.moments.propagated` (data-free: BatchNorm
-anchors + Gaussian activation model) or, with a calibration set, from the real activations
-measured in ONNX Runtime (:mod:`onnx_udfc.moments.measured`). ``s`` goes into the next layers' input
+``sum_i s_i x_i + c_j`` from the kept channels by least squares on moments
+(:mod:`onnx_udfc.moments.reconstruction`), the moments coming from the run's
+:class:`~onnx_udfc.moments.source.MomentSource` (data-free: synthetic samples or the
+propagation; measured on a calibration set when given). ``s`` goes into the next layers' input
 columns exactly like Eq. 8; the constant ``c_j`` into their bias (or the BatchNorm mean that
 follows them; a Conv/Gemm without either gets a bias).
 
 Quantization: DFQ-style bias correction, ``E[(Wq - W) x] = (Wq - W) E[x]`` subtracted from each
-quantized layer's output, with E[x] from the same moments.
+quantized layer's output, with E[x] from the same moments (GPTQ rounding under them:
+:mod:`onnx_udfc.quant.gptq_layer`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,21 +25,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_udfc.channels.absorbers import Absorber, _positions, apply_reconstruction
+from onnx_udfc.channels.absorbers import Absorber, apply_reconstruction, channel_positions
+from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
+from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.io import set_tensor_array, tensor_array
-from onnx_udfc.moments.propagated import TensorMoments, propagate
-
-FOLLOW = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "Sigmoid", "Tanh",
-          "Gelu", "Identity", "Dropout"}
+from onnx_udfc.moments.propagated import TensorMoments
+from onnx_udfc.moments.reconstruction import RIDGE, reconstruction
+from onnx_udfc.moments.source import MomentSource
+from onnx_udfc.quant.gptq_layer import MAX_INPUTS
 
 
 @dataclass
 class PlusConfig:
     """Hyperparameters of udfc+ (tuned on the NM ResNet-56 and LeNet-300-100 only)."""
 
-    lam: float = 0.01  # ridge, relative to the mean kept variance
+    lam: float = RIDGE  # ridge, relative to the mean kept variance
     spatial: float = 0.5  # correlation between the positions of a patch (no BN to fit it)
     fit_spatial: bool = False  # fit it per layer to the BatchNorm's running variances
     absorb_constant: bool = True
@@ -49,10 +50,7 @@ class PlusConfig:
     scale_correction: bool = False  # LS scale per output channel, folded into a following BN
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
-    # "sampled" (moments.sampled), "propagated" (moments.propagated) or "auto": sampled
-    # for a network with BatchNorm or Conv layers, propagated for a plain MLP (measured on the
-    # NM ResNet-56 and LeNet-300-100, see README)
-    moments: str = "auto"
+    moments: str = "auto"  # what the user asked for (onnx_udfc.moments.source.MOMENTS)
     sequential: bool = False  # onnx_udfc.methods.sequential
     seed: int = 0  # of the synthetic samples (and the inversion's start)
     seq_lam: float = 0.01
@@ -60,40 +58,24 @@ class PlusConfig:
     seq_limit: int = 256  # calibration inputs used by the sequential fit
     seq_output: bool = True  # refit plain Conv absorbers on patches (onnx_udfc.methods.output_fit)
     gptq: bool = True  # round weights with error feedback (onnx_udfc.quant.gptq) under the moments
-    gptq_max_inputs: int = 600  # larger layers round to nearest: GPTQ costs O(out x in^2)
+    gptq_max_inputs: int = MAX_INPUTS
     # --moments inverted: the fitted batch (onnx_udfc.moments.inverted), set once per run
     samples: Any = field(default=None, compare=False, repr=False)
 
 
 DEFAULT = PlusConfig()
-MOMENTS = ("auto", "sampled", "propagated", "inverted")
 
 
-def moment_source(model: onnx.ModelProto, cfg: PlusConfig) -> str:
-    """``sampled``, ``inverted`` or ``propagated`` (resolving ``auto``)."""
-    if cfg.moments != "auto":
-        return cfg.moments
-    ops = {n.op_type for n in model.graph.node}
-    return "sampled" if ops & {"BatchNormalization", "Conv", "ConvTranspose"} else "propagated"
+def moment_source(model: onnx.ModelProto, cfg: PlusConfig,
+                  calibration: Any = None) -> MomentSource:
+    """The run's moment source with udfc+'s settings (measured on ``calibration`` if given)."""
+    return MomentSource(model, cfg.moments, calibration=calibration, seed=cfg.seed,
+                        samples=cfg.samples, input_mean=cfg.input_mean,
+                        input_std=cfg.input_std, spatial=cfg.spatial,
+                        fit_spatial=cfg.fit_spatial)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextlib.contextmanager
-def single_blas_thread() -> Iterator[None]:
-    """Run BLAS on one thread (when ``threadpoolctl`` is installed; a no-op otherwise).
-
-    udfc+ issues many mid-sized products (covariances of a few hundred channels). On a
-    2-core machine that is busy with anything else, OpenBLAS's multi-threaded kernels stall
-    on their spin-waits (measured: a 512x4608x512 product 4x slower, a matrix-vector product
-    80x slower than on one thread); on an idle machine one thread costs little here."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 def plus_threads(cfg_arg: str) -> Callable[[F], F]:
@@ -111,53 +93,6 @@ def plus_threads(cfg_arg: str) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
         return inner  # type: ignore[return-value]
     return wrap
-
-
-def model_moments(model: onnx.ModelProto, shapes: dict, cfg: PlusConfig,
-                  calibration: Any = None, tensors: list[str] | None = None,
-                  max_full: int = 512) -> dict[str, TensorMoments]:
-    """Moments of the model's tensors: measured on ``calibration`` where given (for
-    ``tensors``), the data-free propagation otherwise."""
-    if calibration is not None:
-        from onnx_udfc.moments.measured import measure
-        return measure(model, calibration, tensors or [])
-    if moment_source(model, cfg) in ("sampled", "inverted"):
-        from onnx_udfc.moments.sampled import sampled_moments
-        try:
-            return sampled_moments(model, tensors or [], shapes, cfg.seed,
-                                   input_mean=cfg.input_mean,
-                                   input_std=cfg.input_std, feed=cfg.samples)
-        except Exception:  # noqa: BLE001 - ORT refuses the batch (a fixed batch size baked
-            pass  # into the graph, ...): the analytic propagation needs no run
-    return propagate(model, shapes, spatial=cfg.spatial, fit_spatial=cfg.fit_spatial,
-                     max_full=max_full, input_mean=cfg.input_mean,
-                     input_std=cfg.input_std, keep=tensors)
-
-
-def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
-    """The last tensor of the BN/activation chain after ``node`` (same channels)."""
-    t = node.output[0]
-    while True:
-        readers = ctx.consumers.get(t, [])
-        if len(readers) != 1 or readers[0].op_type not in FOLLOW or readers[0].input[0] != t:
-            return t
-        t = readers[0].output[0]
-
-
-def reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
-                   lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(coefficients [|P|, |K|], constants [|P|], relative residual variance [|P|])``."""
-    c = m.full
-    ckk = c[np.ix_(kept, kept)]
-    ckj = c[np.ix_(kept, pruned)]
-    d = float(np.mean(np.diag(ckk))) if kept.size else 0.0
-    reg = ckk + (lam * d + 1e-12 * max(d, 1e-30)) * np.eye(kept.size)
-    s = np.linalg.solve(reg, ckj) if kept.size else np.zeros((0, pruned.size))
-    const = m.mean[pruned] - s.T @ m.mean[kept]
-    vj = np.diag(c)[pruned]
-    res = vj - 2 * np.einsum("kp,kp->p", s, ckj) + np.einsum("kp,kp->p", ckk @ s, s)
-    rel = np.divide(res, vj, out=np.zeros_like(vj), where=vj > 0)
-    return s.T, const, np.clip(rel, 0.0, None)
 
 
 def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray) -> bool:
@@ -197,7 +132,7 @@ def absorb_constants(ctx: ChannelAnalysis, found: list[Absorber], pruned_cls: np
     output bias. Returns the absorbers that could not take it."""
     skipped = []
     for ab in found:
-        pp = _positions(ctx, ab.tensor, pruned_cls)
+        pp = channel_positions(ctx, ab.tensor, pruned_cls)
         w = tensor_array(ctx.inits[ab.layer.weight]).astype(np.float64)
         w = np.moveaxis(w, (ab.layer.in_axis, ab.layer.out_axis), (0, 1))
         if pp is None:
@@ -352,80 +287,13 @@ def _mean_out(dims: list[int], layer: LayerWeights, f: np.ndarray,
     return f @ m.mean if f.shape[1] == m.mean.size else None
 
 
-def pruning_moments(ctx: ChannelAnalysis, calibration: Any = None,
-                    cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
-    """Moments of every producer's activation output (before any change to the model)."""
-    names = [activation_tensor(p.node, ctx) for p in ctx.producers]
-    return model_moments(ctx.model, ctx.shapes, cfg or DEFAULT, calibration, names)
-
-
-def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, calibration: Any = None,
+def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, source: MomentSource,
                   cfg: PlusConfig | None = None) -> dict[str, TensorMoments]:
-    """Moments of the inputs of every weight layer (for the bias correction)."""
+    """Moments of the inputs of every weight layer (for the bias correction and GPTQ)."""
     cfg = cfg or DEFAULT
     if not cfg.bias_correction:
         return {}
     names = [n.input[0] for n in model.graph.node if weight_layer(n, ctx.inits) is not None]
     # the bias correction needs means only, which need variances only; GPTQ full covariances
     full = 512 if cfg.scale_correction or cfg.gptq else 0
-    return model_moments(model, ctx.shapes, cfg, calibration, names, max_full=full)
-
-
-def grid_function(q: Any) -> Callable[[np.ndarray, int], np.ndarray] | None:
-    """The nearest-level map of a per-tensor or per-output-channel :class:`QuantResult` grid
-    (column values ``[O]`` -> levels), None for block-wise grids."""
-    if q.block_size is not None:
-        return None
-    scale = np.asarray(q.scale, dtype=np.float64)
-    if q.scheme == "paper":
-        levels = 2 ** q.bits - 1
-        half = scale * levels / 2.0  # max|W|
-
-        def paper(v: np.ndarray, _j: int) -> np.ndarray:
-            safe = np.where(half > 0, half, 1.0)
-            n = np.clip(np.round(levels * (v / (2.0 * safe) + 0.5)), 0, levels)
-            return np.where(half > 0, half * (2.0 / levels * n - 1.0), 0.0)
-        return paper
-    zp = np.asarray(q.zero_point, dtype=np.float64)
-    lo, hi = (-(2 ** (q.bits - 1) - 1), 2 ** (q.bits - 1) - 1) if q.scheme == "symmetric" \
-        else (0, 2 ** q.bits - 1)
-
-    def integer(v: np.ndarray, _j: int) -> np.ndarray:
-        return (np.clip(np.round(v / scale) + zp, lo, hi) - zp) * scale
-    return integer
-
-
-def gptq_layer(layer: LayerWeights, f: np.ndarray, q: Any, moments: dict[str, TensorMoments],
-               dims: list[int], cfg: PlusConfig | None = None) -> Any:
-    """Re-round ``f [O, D]`` on ``q``'s grid with GPTQ under the input's second moments
-    (Conv patches: channel moments (x) the ``spatial`` tap model); returns the new
-    :class:`QuantResult`, or None when the layer's input has no full moments."""
-    import dataclasses
-
-    from onnx_udfc.quant.gptq import gptq_round, kron_hessian
-
-    cfg = cfg or DEFAULT
-    m = moments.get(layer.node.input[0])
-    grid = grid_function(q)
-    if m is None or m.diagonal or grid is None or f.shape[1] > cfg.gptq_max_inputs:
-        return None
-    second = m.cov + np.outer(m.mean, m.mean)
-    if layer.node.op_type == "Conv":
-        group = int(next((a.i for a in layer.node.attribute if a.name == "group"), 1))
-        taps = int(np.prod(dims[2:])) if len(dims) > 2 else 1
-        if group != 1 or dims[1] != m.mean.size or f.shape[1] != dims[1] * taps:
-            return None
-        r = cfg.spatial
-        hessian = kron_hessian(second, (1 - r) * np.eye(taps) + r * np.ones((taps, taps)))
-    elif f.shape[1] == m.mean.size:
-        hessian = second
-    else:
-        return None
-    deq = gptq_round(f, hessian, grid)
-    codes = None
-    if q.q is not None:
-        scale = np.asarray(q.scale, dtype=np.float64).reshape(-1, *([1] * (f.ndim - 1)))
-        zp = np.asarray(q.zero_point, dtype=np.float64).reshape(scale.shape)
-        codes = (np.round(deq / scale) + zp).astype(q.q.dtype).reshape(q.q.shape)
-    return dataclasses.replace(q, dequantized=deq.astype(q.dequantized.dtype).reshape(
-        q.dequantized.shape), q=codes)
+    return source.moments(model, ctx.shapes, names, stage="quantize", max_full=full)

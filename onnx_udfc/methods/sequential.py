@@ -28,10 +28,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_udfc.channels.absorbers import Absorber, ColumnView, _positions, _present
+from onnx_udfc.channels.absorbers import Absorber, ColumnView, channel_positions, channels_present
+from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import session
+from onnx_udfc.methods.plus import absorb_constants
 
 
 def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -119,10 +121,10 @@ def fit_plans(ctx: ChannelAnalysis, found: list[Absorber], kept_cls: np.ndarray,
     not read them all."""
     plans = []
     for ab in found:
-        if not _present(ctx, ab.tensor, target_cls).all():
+        if not channels_present(ctx, ab.tensor, target_cls).all():
             return None
-        pk = _positions(ctx, ab.tensor, kept_cls)
-        pz = _positions(ctx, ab.tensor, target_cls)
+        pk = channel_positions(ctx, ab.tensor, kept_cls)
+        pz = channel_positions(ctx, ab.tensor, target_cls)
         if pk is None or pz is None or pk.shape[1] != pz.shape[1]:
             return None
         plans.append((ab, pk, pz))
@@ -150,7 +152,6 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
     docstring); with ``output_fit`` each plain Conv absorber is then refitted on patches
     (:mod:`onnx_udfc.methods.output_fit`). Returns per producer name its report entry."""
     from onnx_udfc.methods.output_fit import output_target, refit_output
-    from onnx_udfc.methods.plus import absorb_constants, activation_tensor
 
     original = onnx.ModelProto()
     original.CopyFrom(ctx.model)

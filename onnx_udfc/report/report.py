@@ -26,6 +26,9 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     unsupported: [{node, reason}]                 nodes left untouched, and why
     folded_batchnorm: [producer names]            when --fold-bn was used
     fidelity, accuracy_before/after               when verification ran
+    moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
+                                                  where the activation moments came from
+                                                  (udfc+, --criterion recon, --budget-flops)
     timings: {stage: seconds}
 """
 
@@ -61,6 +64,7 @@ class Report:
     storage: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     inversion: dict[str, Any] | None = None  # --moments inverted: how the fit went
+    moments: dict[str, Any] | None = None  # udfc+, recon, budget: the moment source used
 
     @property
     def flops_before(self) -> int:
@@ -133,6 +137,8 @@ class Report:
             method = self.config.get("method", {}).get("name")
             lines.append(f"method  {method}: {done} of {len(comps)} pruned "
                          "layers compensated" + (f" (not: {why})" if why else ""))
+        if self.moments and method == "udfc+":
+            lines.append("moments " + _moments_note(self.moments))
         quants = [x["quantization"] for x in self.layers if x.get("quantization")]
         if quants:
             scaled = sum(1 for q in quants if q["scale_compensated"])
@@ -167,6 +173,17 @@ def _storage_note(storage: dict[str, Any] | None) -> str:
         f" -> {storage['opset_after']}" if storage["opset_after"] != storage["opset_before"]
         else "")
     return f", qdq: {kinds} weights, {opsets}"
+
+
+def _moments_note(moments: dict[str, Any]) -> str:
+    """`sampled`, or `propagated (fallback in plan: sampled failed: <cause>)`."""
+    falls = "; ".join(f"fallback in {f['stage']}: {f['from']} failed: {_clip(f['cause'])}"
+                      for f in moments["fallbacks"])
+    return moments["used"] + (f" ({falls})" if falls else "")
+
+
+def _clip(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def build_report(*, config: dict[str, Any], analysis, plan, layers_before: list[LayerStats],

@@ -1,0 +1,128 @@
+"""Where a run's activation moments come from, decided once per run.
+
+The user asks for ``auto``, ``sampled``, ``propagated`` or ``inverted`` (``--moments``) and may
+give calibration inputs. The kind is then
+
+* ``measured`` when calibration inputs are given (:mod:`~.measured`), whatever was asked;
+* ``sampled``: synthetic images through the network, BatchNorms re-anchored (:mod:`~.sampled`);
+* ``inverted``: the same measurement on the model-inversion batch (:mod:`~.inverted`);
+* ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
+* ``auto``: ``sampled`` for a network with BatchNorm or Conv layers, ``propagated`` for a plain
+  MLP (measured on the NM ResNet-56 and LeNet-300-100, see README).
+
+Sampling runs the network in ONNX Runtime on a batch, which a graph with a fixed batch size baked
+into a constant refuses. The source then falls back to the propagation, records the cause, and
+stays there for the rest of the run: every later stage reads the same kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.ort import refusals
+from onnx_udfc.moments.measured import load_calibration, measure
+from onnx_udfc.moments.propagated import TensorMoments, propagate
+from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
+
+MOMENTS = ("auto", "sampled", "propagated", "inverted")  # what the user may ask for
+SAMPLING = ("sampled", "inverted")  # the kinds that run the network on a batch
+CONV_LIKE = {"BatchNormalization", "Conv", "ConvTranspose"}  # what makes ``auto`` sample
+
+
+def check_request(requested: str) -> None:
+    """Raise :class:`UdfcError` unless ``requested`` is one of :data:`MOMENTS`."""
+    if requested not in MOMENTS:
+        raise UdfcError(f"unknown moments source '{requested}' (choose {', '.join(MOMENTS)})")
+
+
+def resolve(model: onnx.ModelProto, requested: str) -> str:
+    """The data-free kind ``requested`` stands for on ``model`` (``auto`` resolved)."""
+    if requested != "auto":
+        return requested
+    ops = {n.op_type for n in model.graph.node}
+    return "sampled" if ops & CONV_LIKE else "propagated"
+
+
+class MomentSource:
+    """The run's one source of activation moments (see the module docstring).
+
+    ``kind`` is what the next request will use; ``fallbacks`` lists every switch away from the
+    kind first resolved, as ``{"from", "to", "cause", "stage"}``. ``samples`` is the fitted
+    model-inversion batch of ``inverted`` (synthetic samples drawn with ``seed`` without it);
+    ``input_mean``/``input_std`` shape the synthetic inputs and the propagation's input model;
+    ``spatial``/``fit_spatial`` are the propagation's patch correlation.
+    """
+
+    def __init__(self, model: onnx.ModelProto, requested: str = "auto", *,
+                 calibration: Any = None, seed: int = 0,
+                 samples: dict[str, np.ndarray] | None = None,
+                 input_mean: tuple[float, ...] | None = None,
+                 input_std: tuple[float, ...] | None = None,
+                 spatial: float = 0.5, fit_spatial: bool = False) -> None:
+        check_request(requested)
+        self.requested = requested
+        self.calibration = calibration
+        self.seed = seed
+        self.samples = samples
+        self.input_mean, self.input_std = input_mean, input_std
+        self.spatial, self.fit_spatial = spatial, fit_spatial
+        self.kind = "measured" if calibration is not None else resolve(model, requested)
+        self.fallbacks: list[dict[str, str]] = []
+
+    def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
+                stage: str, max_full: int = 512) -> dict[str, TensorMoments]:
+        """Moments of ``tensors`` of ``model`` (the model as it is at ``stage``, which names
+        the stage in a fallback record). ``max_full``: the propagation keeps full covariances
+        of tensors with at most this many channels."""
+        if self.kind == "measured":
+            return measure(model, self.calibration, tensors)
+        if self.kind in SAMPLING:
+            sampled = self._sample(model, shapes, tensors, stage)
+            if sampled is not None:
+                return sampled
+        return propagate(model, shapes, spatial=self.spatial, fit_spatial=self.fit_spatial,
+                         max_full=max_full, input_mean=self.input_mean,
+                         input_std=self.input_std, keep=tensors)
+
+    def sample_feed(self, model: onnx.ModelProto, limit: int) -> dict[str, np.ndarray]:
+        """Inputs to run the network on: the first ``limit`` calibration inputs, else the
+        inversion batch, else synthetic samples."""
+        if self.calibration is not None:
+            return {k: v[:limit] for k, v in load_calibration(self.calibration, model).items()}
+        if self.samples is not None:
+            return self.samples
+        return synthetic_inputs(model, self.seed, input_mean=self.input_mean,
+                                input_std=self.input_std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the report: what was asked, what is used, and why it changed."""
+        return {"requested": self.requested, "used": self.kind,
+                "fallbacks": [dict(f) for f in self.fallbacks]}
+
+    def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
+                stage: str) -> dict[str, TensorMoments] | None:
+        """Sampled moments, or None after falling back (recorded) when the run is refused."""
+        feed = self.samples if self.samples is not None else synthetic_inputs(
+            model, self.seed, self.input_mean, self.input_std)
+        if not feed:
+            self._fall_back(stage, "no input has a static shape to draw samples for")
+            return None
+        try:
+            return sampled_moments(model, tensors, shapes, feed=feed)
+        except refusals() as exc:
+            self._fall_back(stage, f"{type(exc).__name__}: {_first_line(exc)}")
+            return None
+
+    def _fall_back(self, stage: str, cause: str) -> None:
+        self.fallbacks.append({"from": self.kind, "to": "propagated", "cause": cause,
+                               "stage": stage})
+        self.kind = "propagated"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else "no message"
