@@ -27,12 +27,12 @@ from typing import Any
 import onnx
 
 from onnx_udfc import pipeline as _pipeline
-from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.channels.plan import PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
-from onnx_udfc.config import CompressConfig
+from onnx_udfc.config import CompressConfig, PruneOptions
 from onnx_udfc.core import io as _io
 from onnx_udfc.core import normalize as _normalize
-from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.methods.compensate import compensate_pruning, quantize_model
 from onnx_udfc.pipeline import Analysis
 from onnx_udfc.report.report import Report
 
@@ -60,13 +60,16 @@ def analyse(model: onnx.ModelProto,
     return _pipeline.analyse(model, {k: list(v) for k, v in (input_shapes or {}).items()})
 
 
-def plan(analysis: Analysis, ratio: float = 0.0, **options) -> PrunePlan:
-    """Choose the channels to remove: ``ratio`` per group, plus :class:`PruneConfig` options
-    (``criterion``, ``exclude``, ``prune_coupled``, ``round_to``, ``group_ratios``).
+def plan(analysis: Analysis, ratio: float = 0.0, *,
+         group_ratios: dict[int, float] | None = None, **options: Any) -> PrunePlan:
+    """Choose the channels to remove: ``ratio`` per group (or ``group_ratios`` by group id),
+    plus the other pruning options of :class:`~onnx_udfc.config.PruneOptions` (``criterion``,
+    ``exclude``, ``prune_coupled``, ``round_to``).
 
     >>> p = plan(a, 0.5, criterion="l2", exclude=[r"layer3"])
     """
-    return make_plan(analysis.channels, analysis.groups, PruneConfig(ratio=ratio, **options))
+    return make_plan(analysis.channels, analysis.groups, PruneOptions(ratio=ratio, **options),
+                     group_ratios=group_ratios)
 
 
 def reconstruct(analysis: Analysis, pruning: PrunePlan, method: str = "udfc",
@@ -79,9 +82,9 @@ def reconstruct(analysis: Analysis, pruning: PrunePlan, method: str = "udfc",
 
     >>> info = reconstruct(a, p, "udfc"); prune(a, p)
     """
-    config = MethodConfig(method=method, alpha1=alpha1)
-    config.validate()
-    return compensate_pruning(analysis.channels, pruning.removed, config, folded)
+    config = _resolved(method=method, alpha1=alpha1)
+    return compensate_pruning(analysis.channels, pruning.removed,
+                              _pipeline.method_config(config), folded)
 
 
 def prune(analysis: Analysis, pruning: PrunePlan) -> None:
@@ -102,11 +105,18 @@ def quantize(model: onnx.ModelProto, bits: int, method: str = "udfc", quantizer:
 
     >>> info = quantize(model, 6, quantizer="symmetric", granularity="channel")
     """
-    config = MethodConfig(method=method, bits=bits, quantizer=quantizer,
-                          granularity=granularity, alpha2=alpha2)
+    config = _resolved(method=method, bits=bits, quantizer=quantizer, granularity=granularity,
+                       alpha2=alpha2, quant_exclude=list(exclude))
+    return quantize_model(model, _pipeline.method_config(config),
+                          {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
+                          folded, list(exclude))
+
+
+def _resolved(**options: Any) -> CompressConfig:
+    """The validated configuration of a single pass (float target: no storage checks)."""
+    config = CompressConfig.resolve("paper", "fake", **options)
     config.validate()
-    return quantize_model(model, config, dict(input_shapes) if input_shapes else None, folded,
-                          list(exclude))
+    return config
 
 
 def verify(original: _io.ModelSource, compressed: _io.ModelSource, **options):

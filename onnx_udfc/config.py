@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from onnx_udfc.core.errors import UdfcError
 
 METHODS = ("prune", "nm", "udfc", "udfc+")
@@ -262,10 +264,8 @@ class CompressConfig:
     def validate(self) -> None:
         """Refuse every bad or contradictory value before any work, one line each."""
         p, m, q, s = self.prune, self.method, self.quant, self.storage
-        _check_ratio(p.ratio)
-        _check_choice("criterion", p.criterion, CRITERIA)
-        _check_int("--round-to", p.round_to, 1)
-        for pattern in [*p.exclude, *q.exclude]:
+        check_prune(p)
+        for pattern in q.exclude:
             _check_regex(pattern)
         if p.budget_flops is not None and (not _is_number(p.budget_flops)
                                            or not 0.0 < p.budget_flops <= 1.0):
@@ -312,6 +312,16 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 
+def check_prune(p: PruneOptions, group_ratios: dict[int, float] | None = None) -> None:
+    """The pruning options, and per-group ratios when a budget allocated them."""
+    for ratio in [p.ratio, *(group_ratios or {}).values()]:
+        _check_ratio(ratio)
+    _check_choice("criterion", p.criterion, CRITERIA)
+    _check_int("--round-to", p.round_to, 1)
+    for pattern in p.exclude:
+        _check_regex(pattern)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) \
         and math.isfinite(value)
@@ -329,8 +339,6 @@ def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_int(what: str, value: Any, minimum: int) -> None:
-    import numpy as np
-
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise UdfcError(f"{what} must be an integer >= {minimum}, got {value!r}")
 

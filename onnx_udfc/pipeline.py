@@ -19,7 +19,7 @@ import onnx
 from onnx_udfc.channels.activations import pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.analysis import analyse as analyse_channels
-from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
+from onnx_udfc.channels.plan import PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
@@ -30,7 +30,7 @@ from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
-from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq
+from onnx_udfc.quant.qdq import fake_summary, to_qdq
 from onnx_udfc.report.report import Report, build_report
 
 Progress = Callable[[str], None]
@@ -156,10 +156,9 @@ def _plan(state: RunState) -> None:
     if p.budget_flops is not None:
         from onnx_udfc.channels.budget import allocate
         group_ratios = allocate(channels, state.analysis.groups, p.budget_flops,
-                                prune_config(state.config), state.source, scores=state.scores,
+                                state.config.prune, state.source, scores=state.scores,
                                 moments=state.moments)
-    state.plan = make_plan(channels, state.analysis.groups,
-                           prune_config(state.config, group_ratios), state.scores)
+    state.plan = make_plan(channels, state.analysis.groups, p, state.scores, group_ratios)
     state.energy = removed_energy(channels, state.plan.removed)
 
 
@@ -200,8 +199,7 @@ def _store(state: RunState) -> None:
     s, q = state.config.storage, state.config.quant
     _count_after(state)
     state.model, state.storage = to_qdq(state.model, state.kept,
-                                        StorageConfig(s.format, s.container, s.opset), q.bits,
-                                        q.granularity, q.block_size)
+                                        s, q)
     if s.fold_bn_scales:
         folded, not_folded = fold_bn_into_scales(state.model)
         state.storage.update(bn_folded_into_scales=folded, bn_not_folded=not_folded)
@@ -295,13 +293,6 @@ def _report(state: RunState) -> Report:
     report.moments = state.source.to_dict() if state.source is not None and (
         used or state.moments is not None) else None
     return report
-
-
-def prune_config(config: CompressConfig, group_ratios: dict[int, float] | None = None
-                 ) -> PruneConfig:
-    p = config.prune
-    return PruneConfig(p.ratio, p.criterion, list(p.exclude), p.prune_coupled, p.round_to,
-                       group_ratios or {})
 
 
 def method_config(config: CompressConfig) -> MethodConfig:

@@ -10,7 +10,7 @@ import pytest
 
 from onnx_udfc import api
 from onnx_udfc.channels.budget import allocate, predicted_macs
-from onnx_udfc.channels.plan import PruneConfig
+from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.errors import UdfcError
 from tests.synthetic import Builder, max_diff
 
@@ -39,7 +39,7 @@ def test_budget_is_met_and_cost_model_is_exact(budget):
     m = api.load(model)
     api.normalize(m)
     a = api.analyse(m)
-    ratios = allocate(a.channels, a.groups, budget, PruneConfig(criterion="l1"))
+    ratios = allocate(a.channels, a.groups, budget, PruneOptions(criterion="l1"))
     assert set(ratios) == {g.id for g in a.groups} and max(ratios.values()) > 0
     p = api.plan(a, 0.0, group_ratios=ratios)
     before, after = predicted_macs(a.channels, p.removed)
@@ -52,9 +52,9 @@ def test_budget_errors():
     api.normalize(m)
     a = api.analyse(m)
     with pytest.raises(UdfcError, match="budget"):
-        allocate(a.channels, a.groups, 0.0, PruneConfig())
+        allocate(a.channels, a.groups, 0.0, PruneOptions())
     with pytest.raises(UdfcError, match="cannot reach"):
-        allocate(a.channels, a.groups, 0.01, PruneConfig())
+        allocate(a.channels, a.groups, 0.01, PruneOptions())
 
 
 def test_budget_cli(tmp_path):

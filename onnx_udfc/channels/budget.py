@@ -18,7 +18,8 @@ import numpy as np
 
 from onnx_udfc.channels.activations import activation_tensor, pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
-from onnx_udfc.channels.plan import PruneConfig, make_plan
+from onnx_udfc.channels.plan import make_plan
+from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.cost import layer_stats
 from onnx_udfc.core.errors import UdfcError
@@ -72,7 +73,7 @@ def _group_error(m: TensorMoments | None, order: np.ndarray, members: np.ndarray
 
 
 def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-             config: PruneConfig, source: MomentSource | None = None,
+             config: PruneOptions, source: MomentSource | None = None,
              steps: int = STEPS, scores: np.ndarray | None = None,
              moments: dict[str, TensorMoments] | None = None) -> dict[int, float]:
     """Group id -> pruning ratio (every group; 0 for those left whole) so that MACs after
@@ -87,13 +88,13 @@ def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
 
 
 def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-              config: PruneConfig, source: MomentSource | None, steps: int,
+              config: PruneOptions, source: MomentSource | None, steps: int,
               scores: np.ndarray | None, moments: dict[str, TensorMoments] | None
               ) -> dict[int, float]:
     if scores is None:
         scores = ctx.class_scores(config.criterion)
-    base = make_plan(ctx, groups, PruneConfig(0.0, config.criterion, list(config.exclude),
-                                              config.prune_coupled, 1), scores)
+    base = make_plan(ctx, groups, PruneOptions(0.0, config.criterion, exclude=list(config.exclude),
+                                               prune_coupled=config.prune_coupled), scores)
     if moments is None:
         moments = pruning_moments(ctx, source or MomentSource(ctx.model), "budget")
     root = ctx.roots()

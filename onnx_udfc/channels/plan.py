@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
+from onnx_udfc.config import PruneOptions, check_prune
 from onnx_udfc.core.errors import UdfcError
 
-CRITERIA = ("l1", "l2", "recon")  # recon: onnx_udfc.channels.select, scores passed to make_plan
 COUPLED_REASON = "tied across layers by a residual/elementwise coupling (use --prune-coupled)"
-
-
-@dataclass
-class PruneConfig:
-    """What to prune. ``ratio`` applies to every group unless ``group_ratios`` names it."""
-
-    ratio: float = 0.0
-    criterion: str = "l1"
-    exclude: list[str] = field(default_factory=list)
-    prune_coupled: bool = False
-    round_to: int = 1
-    group_ratios: dict[int, float] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        for r in [self.ratio, *self.group_ratios.values()]:
-            if not isinstance(r, int | float) or math.isnan(r) or not 0.0 <= r < 1.0:
-                raise UdfcError(f"pruning ratio {r} is outside [0, 1)")
-        if self.criterion not in CRITERIA:
-            raise UdfcError(f"unknown criterion '{self.criterion}' (choose l1, l2 or recon)")
-        if int(self.round_to) < 1:
-            raise UdfcError(f"--round-to must be a positive integer, got {self.round_to}")
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UdfcError(f"bad --exclude regex '{pattern}': {exc}") from None
 
 
 @dataclass
@@ -76,10 +49,13 @@ def removal_count(size: int, ratio: float, round_to: int = 1) -> int:
 
 
 def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
-              config: PruneConfig, scores: np.ndarray | None = None) -> PrunePlan:
+              config: PruneOptions, scores: np.ndarray | None = None,
+              group_ratios: dict[int, float] | None = None) -> PrunePlan:
     """``scores``: per class, lowest pruned first (default: the filters' l1/l2 norms; the
-    ``recon`` criterion needs them from :func:`onnx_udfc.channels.select.reconstruction_scores`)."""
-    config.validate()
+    ``recon`` criterion needs them from :func:`onnx_udfc.channels.select.reconstruction_scores`).
+    ``group_ratios``: a ratio per group id (``--budget-flops``), ``config.ratio`` elsewhere."""
+    group_ratios = group_ratios or {}
+    check_prune(config, group_ratios)
     if scores is None:
         if config.criterion == "recon":
             raise UdfcError("criterion recon needs scores (onnx_udfc.channels.select)")
@@ -96,7 +72,7 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
                 fixed.setdefault(c, "excluded by --exclude")
             if group.coupled and not config.prune_coupled:
                 fixed.setdefault(c, COUPLED_REASON)
-        ratio = config.group_ratios.get(group.id, config.ratio)
+        ratio = group_ratios.get(group.id, config.ratio)
         candidates = np.asarray([c for c in group.classes.tolist() if c not in fixed],
                                 dtype=np.int64)
         count = min(removal_count(group.size, ratio, config.round_to), len(candidates))

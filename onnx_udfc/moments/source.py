@@ -22,21 +22,22 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_udfc.config import MOMENT_SOURCES
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import refusals
 from onnx_udfc.moments.measured import load_calibration, measure
 from onnx_udfc.moments.propagated import TensorMoments, propagate
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
 
-MOMENTS = ("auto", "sampled", "propagated", "inverted")  # what the user may ask for
 SAMPLING = ("sampled", "inverted")  # the kinds that run the network on a batch
 CONV_LIKE = {"BatchNormalization", "Conv", "ConvTranspose"}  # what makes ``auto`` sample
 
 
 def check_request(requested: str) -> None:
-    """Raise :class:`UdfcError` unless ``requested`` is one of :data:`MOMENTS`."""
-    if requested not in MOMENTS:
-        raise UdfcError(f"unknown moments source '{requested}' (choose {', '.join(MOMENTS)})")
+    """Raise :class:`UdfcError` unless ``requested`` is one of :data:`MOMENT_SOURCES`."""
+    if requested not in MOMENT_SOURCES:
+        raise UdfcError(f"unknown moments source '{requested}' "
+                        f"(choose {', '.join(MOMENT_SOURCES)})")
 
 
 def resolve(model: onnx.ModelProto, requested: str) -> str:

@@ -22,8 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-SCHEMES = ("paper", "symmetric", "asymmetric")
-GRANULARITIES = ("tensor", "channel")
+from onnx_udfc.config import GRANULARITIES, QUANTIZERS
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,7 @@ def quantize_params(
             grids round their scales to it first so stored codes reproduce ``dequantized``.
     """
     if scheme not in _PARAMS:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        raise ValueError(f"scheme must be one of {', '.join(QUANTIZERS)}, got {scheme!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(
             f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}"
@@ -248,7 +247,7 @@ def quantize_blocks_params(w: np.ndarray, bits: int, scheme: str, block_size: in
     block with zeros changes nothing: every grid's range already contains 0.
     """
     if scheme not in _PARAMS:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        raise ValueError(f"scheme must be one of {', '.join(QUANTIZERS)}, got {scheme!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
             or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

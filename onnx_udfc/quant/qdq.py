@@ -21,78 +21,18 @@ zero level and no integer codes: it cannot be stored, only simulated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_udfc.config import QuantOptions, StorageOptions, container_type, needed_opset
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import _first_line, opset_version, tensor_array
 from onnx_udfc.quant.grids import QuantizedWeight
 
-FORMATS = ("fake", "qdq")
-CONTAINERS = ("auto", "int8", "int4")
 _SKELETON_BYTES = 1024  # initializers larger than this leave the skeleton given to the converter
-
-
-@dataclass
-class StorageConfig:
-    """How quantized weights are written: ``format`` fake|qdq, ``container`` auto|int8|int4
-    (auto: int4 for bits <= 4), ``opset`` the target opset (default: the model's own, raised
-    to what the storage needs)."""
-
-    format: str = "fake"
-    container: str = "auto"
-    opset: int | None = None
-
-    def validate(self, bits: int | None, quantizer: str, granularity: str,
-                 block_size: int | None) -> None:
-        """Refuse impossible combinations before any work is done."""
-        if self.format not in FORMATS:
-            raise UdfcError(f"unknown format '{self.format}' (choose fake, qdq)")
-        if self.container not in CONTAINERS:
-            raise UdfcError(f"unknown container '{self.container}' (choose auto, int8, int4)")
-        if self.format == "fake":
-            if self.container != "auto" or self.opset is not None:
-                raise UdfcError("--container and --opset apply to --format qdq only")
-            return
-        if bits is None:
-            raise UdfcError("--format qdq stores quantized weights: give --bits B (2..8)")
-        if quantizer == "paper":
-            raise UdfcError("--format qdq cannot store the paper grid (--quantizer paper): its "
-                            "levels exclude 0 and are not integers with a zero point; use "
-                            "--quantizer symmetric|asymmetric, or --format fake")
-        if self.container == "int4" and bits > 4:
-            raise UdfcError(f"--container int4 holds at most 4 bits, got --bits {bits}")
-        if self.opset is not None:
-            latest = onnx.defs.onnx_opset_version()
-            if isinstance(self.opset, bool) or not isinstance(self.opset, int):
-                raise UdfcError(f"opset must be an integer, got {self.opset!r}")
-            if self.opset > latest:
-                raise UdfcError(f"target opset {self.opset} is newer than the installed onnx "
-                                f"{onnx.__version__} can convert to (at most {latest})")
-            need, why = self.needed_opset(bits, granularity, block_size)
-            if self.opset < need:
-                raise UdfcError(f"target opset {self.opset} is too old: {why} needs opset "
-                                f">= {need}")
-
-    def dtype(self, bits: int, scheme: str) -> str:
-        """The container type: int4/uint4 or int8/uint8 (signed for the symmetric grid)."""
-        four = self.container == "int4" or (self.container == "auto" and bits <= 4)
-        return ("" if scheme == "symmetric" else "u") + ("int4" if four else "int8")
-
-    def needed_opset(self, bits: int, granularity: str,
-                     block_size: int | None) -> tuple[int, str]:
-        """The lowest opset whose DequantizeLinear can hold this storage, and why."""
-        if self.dtype(bits, "symmetric") == "int4":
-            return 21, "int4 DequantizeLinear"
-        if block_size:
-            return 21, "block-wise DequantizeLinear"
-        if granularity == "channel":
-            return 13, "per-channel DequantizeLinear"
-        return 10, "DequantizeLinear"
 
 
 _TYPES = {"int8": (TensorProto.INT8, np.int8, -128, 127),
@@ -283,8 +223,8 @@ def _preflight(model: onnx.ModelProto, by_weight: dict[str, QuantizedWeight]) ->
 
 
 def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
-           cfg: StorageConfig, bits: int, granularity: str,
-           block_size: int | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+           storage: StorageOptions, quant: QuantOptions
+           ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model with integer weights, and a storage summary with one entry per layer.
 
     ``quantized`` maps node names to what :func:`onnx_udfc.methods.compensate.quantize_model` kept.
@@ -297,8 +237,8 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
     if not by_weight:  # every layer excluded: nothing to store, no reason to convert
         return model, dict(fake_summary(model, {}), format="qdq")
     _preflight(model, by_weight)
-    need, why = cfg.needed_opset(bits, granularity, block_size)
-    target = cfg.opset if cfg.opset is not None else max(before, need)
+    need, why = needed_opset(storage, quant)
+    target = storage.opset if storage.opset is not None else max(before, need)
     if target < before:
         raise UdfcError(f"target opset {target} is older than the model's opset {before}; "
                         "only upgrades are supported")
@@ -313,7 +253,7 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
         if not np.all(np.abs(deq - current) <= tol):
             raise UdfcError(f"weight '{name}' no longer holds the quantizer's values (changed "
                             "after quantization); it cannot be stored as integers")
-        plan["dtype"] = cfg.dtype(qw.result.bits, qw.result.scheme)
+        plan["dtype"] = container_type(storage, qw.result.bits, qw.result.scheme)
         plans[name] = plan
     if target > before:
         model = convert_opset(model, target, why)
