@@ -12,7 +12,7 @@ from onnx_udfc import api
 from onnx_udfc.channels.budget import allocate, predicted_macs
 from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.errors import UdfcError
-from tests.synthetic import Builder, max_diff
+from tests.helpers import Builder, cli, max_diff
 
 
 def _chain() -> onnx.ModelProto:
@@ -57,12 +57,11 @@ def test_budget_errors():
         allocate(a.channels, a.groups, 0.01, PruneOptions())
 
 
-def test_budget_cli(tmp_path):
-    from onnx_udfc.cli import main
+def test_budget_cli(capsys, tmp_path):
     src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(_chain(), src)
-    rc = main(["compress", str(src), "-o", str(dst), "--budget-flops", "0.7",
-               "--method", "udfc+", "--report", str(tmp_path / "r.json"), "-q"])
-    assert rc in (0, None) and dst.exists()
+    code, _, err = cli(capsys, "compress", str(src), "-o", str(dst), "--budget-flops", "0.7",
+                       "--method", "udfc+", "--report", str(tmp_path / "r.json"), "-q")
+    assert code == 0 and dst.exists(), err
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["flops_after"] <= 0.7 * r["flops_before"]

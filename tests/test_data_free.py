@@ -3,11 +3,13 @@ synthetic BN-anchored sampling (synthetic), the sequential fit (sequential) and 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_methods import _bn_chain
 
 from onnx_udfc import api
 from onnx_udfc.channels.select import greedy_removal
@@ -16,7 +18,16 @@ from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.core.ort import session
 from onnx_udfc.methods.sequential import batch_statistics, frozen
 from onnx_udfc.moments.sampled import pink_noise, sampled_moments, training_batchnorm
-from tests.synthetic import random_feeds, run
+from tests.helpers import (
+    assert_refused,
+    bn_chain,
+    cli,
+    compensations,
+    initializers,
+    quantizations,
+    random_feeds,
+    run,
+)
 
 
 def _schur_error(cov: np.ndarray, gram: np.ndarray, pruned: list[int]) -> float:
@@ -61,7 +72,7 @@ def test_greedy_removes_the_reconstructable_channel_not_the_small_one():
 
 
 def test_recon_criterion_plans_and_compresses():
-    model = _bn_chain()
+    model = bn_chain()
     out, report = api.compress(model, prune=0.2, method="udfc+", criterion="recon")
     onnx.checker.check_model(out, full_check=True)
     assert report.params_after < report.params_before
@@ -117,7 +128,7 @@ def test_sampled_bn_outputs_have_the_running_marginals(opset):
 
 
 def test_frozen_statistics_reproduce_training_mode():
-    model = _bn_chain()
+    model = bn_chain()
     shapes = infer_shapes(model)
     feeds = random_feeds(model, batch=2, seed=3)
     stats = batch_statistics(model, feeds, shapes)
@@ -128,66 +139,68 @@ def test_frozen_statistics_reproduce_training_mode():
 
 def test_sequential_needs_udfc_plus():
     with pytest.raises(UdfcError, match="sequential"):
-        api.compress(_bn_chain(), prune=0.2, method="udfc", sequential=True)
+        api.compress(bn_chain(), prune=0.2, method="udfc", sequential=True)
 
 
-def _digits(digits_model):
-    data = np.load("models/digits_test.npz")
+def _images(npz) -> np.ndarray:
+    data = np.load(npz)
     name = next(k for k in data.files if k != "labels")
     return data[name].astype(np.float32)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "recon"])
-def test_sequential_fit_beats_per_layer_fit_with_calibration(digits_model, criterion):
-    x = _digits(digits_model)
+def _digits_error(digits_model, digits_data) -> tuple[np.ndarray, Callable[..., float]]:
+    """The digits test images, and the mean squared output error of a model against the
+    original digits model on them."""
+    x = _images(digits_data)
     sess = session(digits_model)
     feed = {sess.get_inputs()[0].name: x}
     ref = sess.run(None, feed)[0]
+    return x, lambda model: float(np.mean((session(model).run(None, feed)[0] - ref) ** 2))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "recon"])
+def test_sequential_fit_beats_per_layer_fit_with_calibration(digits_model, digits_data,
+                                                            criterion):
+    x, error = _digits_error(digits_model, digits_data)
     errs = {}
     for seq in (False, True):
         out, report = api.compress(digits_model, prune=0.5, method="udfc+", criterion=criterion,
                                    calibration=x, sequential=seq)
         onnx.checker.check_model(out, full_check=True)
-        layers = [e["compensation"] for e in report.to_dict()["layers"] if e.get("compensation")]
-        assert layers and all(c["compensated"] for c in layers)
-        errs[seq] = float(np.mean((session(out).run(None, feed)[0] - ref) ** 2))
+        layers = compensations(report)
+        assert layers and all(c["compensated"] for c in layers.values())
+        errs[seq] = error(out)
     assert errs[True] < errs[False]
 
 
 def test_data_free_sequential_runs_and_reports(digits_model):
     out, report = api.compress(digits_model, prune=0.4, method="udfc+", sequential=True)
     onnx.checker.check_model(out, full_check=True)
-    stats = {e["compensation"].get("stats") for e in report.to_dict()["layers"]
-             if e.get("compensation")}
-    assert stats == {"sequential"}
+    assert {c.get("stats") for c in compensations(report).values()} == {"sequential"}
 
 
 @pytest.mark.parametrize("quantizer", ["paper", "symmetric"])
-def test_gptq_weights_lie_on_the_grid_and_beat_rounding(digits_model, quantizer):
-    x = _digits(digits_model)
-    sess = session(digits_model)
-    feed = {sess.get_inputs()[0].name: x}
-    ref = sess.run(None, feed)[0]
+def test_gptq_weights_lie_on_the_grid_and_beat_rounding(digits_model, digits_data, quantizer):
+    _, error = _digits_error(digits_model, digits_data)
     errs = {}
     for method in ("prune", "udfc+"):
         out, report = api.compress(digits_model, bits=3, method=method, quantizer=quantizer)
-        errs[method] = float(np.mean((session(out).run(None, feed)[0] - ref) ** 2))
+        errs[method] = error(out)
         if method == "udfc+":
-            layers = [e for e in report.to_dict()["layers"] if e.get("quantization")]
-            assert any(e["quantization"].get("gptq") for e in layers)
-            inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+            assert any(q.get("gptq") for q in quantizations(report).values())
+            inits = initializers(out)
             for node in out.graph.node:
                 if node.op_type in ("Conv", "Gemm"):  # per-tensor grids: at most 2^3 levels
                     assert len(np.unique(inits[node.input[1]])) <= 2 ** 3
     assert errs["udfc+"] < errs["prune"]
 
 
-def test_gptq_qdq_twin_matches_fake(digits_model):
+def test_gptq_qdq_twin_matches_fake(digits_model, digits_data):
     fake, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
                            granularity="channel")
     qdq, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
                           granularity="channel", format="qdq")
-    x = _digits(digits_model)[:64]
+    x = _images(digits_data)[:64]
     a = session(fake).run(None, {session(fake).get_inputs()[0].name: x})[0]
     b = session(qdq).run(None, {session(qdq).get_inputs()[0].name: x})[0]
     assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
@@ -197,21 +210,15 @@ def test_gptq_qdq_twin_matches_fake(digits_model):
                                   ["--prune", "0.4", "--sequential"],
                                   ["--prune", "0.4", "--moments", "propagated", "--bits", "4"],
                                   ["--criterion", "recon", "--budget-flops", "0.7"]])
-def test_cli_options(tmp_path, digits_model, args):
-    import json
-
-    from onnx_udfc.cli import main
+def test_cli_options(capsys, tmp_path, digits_model, args):
     dst = tmp_path / "o.onnx"
-    rc = main(["compress", str(digits_model), "-o", str(dst), "--method", "udfc+", *args,
-               "--report", str(tmp_path / "r.json"), "-q"])
-    assert rc in (0, None) and dst.exists()
+    code, _, err = cli(capsys, "compress", str(digits_model), "-o", str(dst), "--method", "udfc+",
+                       *args, "--report", str(tmp_path / "r.json"), "-q")
+    assert code == 0 and dst.exists(), err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params_after"] < report["params_before"]
 
 
 def test_cli_rejects_sequential_without_udfc_plus(tmp_path, digits_model, capsys):
-    from onnx_udfc.cli import main
-    rc = main(["compress", str(digits_model), "-o", str(tmp_path / "o.onnx"), "--prune", "0.3",
-               "--method", "udfc", "--sequential"])
-    assert rc == 2 and not (tmp_path / "o.onnx").exists()
-    assert "sequential" in capsys.readouterr().err
+    assert_refused(capsys, tmp_path / "o.onnx", "sequential", "compress", str(digits_model),
+                   "--prune", "0.3", "--method", "udfc", "--sequential")

@@ -8,31 +8,27 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from synthetic import BATCH, Builder, max_diff, random_feeds, run
 
 from onnx_udfc import api
 from onnx_udfc.channels import absorbers as compensate
 from onnx_udfc.channels.stats import layer_stats, weight_layer
 from onnx_udfc.core.normalize import fold_constants
-
-
-def image(b: Builder, c: int = 3, hw: int = 8) -> str:
-    return b.input("x", [BATCH, c, hw, hw])
+from tests.helpers import (
+    BATCH,
+    Builder,
+    analysed,
+    compensations,
+    image,
+    initializers,
+    max_diff,
+    quantizations,
+    random_feeds,
+    run,
+)
 
 
 def group_sizes(model: onnx.ModelProto) -> list[tuple[int, int]]:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    api.normalize(m)
-    return [(g.size, g.prunable) for g in api.analyse(m).groups]
-
-
-def pruned(rep) -> dict[str, dict]:
-    return {x["name"]: x["compensation"] for x in rep.layers if x.get("compensation")}
-
-
-def quantized(rep) -> dict[str, dict]:
-    return {x["name"]: x["quantization"] for x in rep.layers if x.get("quantization")}
+    return [(g.size, g.prunable) for g in analysed(model).groups]
 
 
 # -- run-time shape arithmetic (legacy exports with a dynamic batch) ------------------------------
@@ -150,7 +146,7 @@ def test_constant_folding_uses_the_models_opset():
     m = onnx.ModelProto()
     m.CopyFrom(model)
     assert fold_constants(m) == 2
-    values = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    values = initializers(m)
     assert values[clipped].tolist() == [0.0, 0.5, 1.0]
     assert values[scale].shape == (8, 1, 1)
     out, rep = api.compress(model, prune=0.5)
@@ -179,10 +175,7 @@ def test_computed_conv_bias_fixes_its_channels():
     y = b.op("Conv", [h, w, bias], "conv1", pads=[1, 1, 1, 1])
     b.output(b.conv(b.relu(y), 8, 4, name="conv2"))
     model = b.build()
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    api.normalize(m)
-    a = api.analyse(m)
+    a = analysed(model)
     g = next(g for g in a.groups if "conv1" in g.producers)
     assert g.prunable == 0 and g.reasons() == ["8x Conv bias 'bias' is computed at run time"]
     out, _ = api.compress(model, prune=0.5)
@@ -264,13 +257,10 @@ def test_linear_bias_add_is_part_of_the_layer(act):
     through a positively homogeneous activation."""
     model = mlp_tokens(act)
     _, rep = api.compress(model, prune=0.5, method="udfc")
-    comp = pruned(rep)["fc1"]
+    comp = compensations(rep)["fc1"]
     assert comp["compensated"] and comp["stats"] == "identity" and "activations" not in comp
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    api.normalize(work)
-    a = api.analyse(work)
-    fc1 = next(n for n in work.graph.node if n.name == "fc1")
+    a = analysed(model)
+    fc1 = next(n for n in a.model.graph.node if n.name == "fc1")
     stats, _ = layer_stats(weight_layer(fc1, a.channels.inits), a.channels.inits,
                            a.channels.consumers, {"add_3"})
     bias = numpy_helper.to_array(a.channels.inits["fc1.bias"])
@@ -296,7 +286,7 @@ RELU_LIKE = [("erf", ["Add", "Erf", "Mul"]), ("silu", ["Mul", "Sigmoid"]), ("Gel
 def test_relu_like_activations_are_crossed_and_reported(act, names):
     model = mlp_tokens(act) if act != "Gelu" else _gelu20()
     _, rep = api.compress(model, prune=0.5, method="udfc", bits=6)
-    comp, q = pruned(rep)["fc1"], quantized(rep)["fc1"]
+    comp, q = compensations(rep)["fc1"], quantizations(rep)["fc1"]
     assert comp["compensated"] and comp["activations"] == names
     assert q["scale_compensated"] and q["activations"] == names
     old = compensate.PRUNE_THROUGH_CURVED, compensate.SCALE_THROUGH_CURVED
@@ -305,14 +295,14 @@ def test_relu_like_activations_are_crossed_and_reported(act, names):
         _, rep = api.compress(model, prune=0.5, method="udfc", bits=6)
     finally:
         compensate.PRUNE_THROUGH_CURVED, compensate.SCALE_THROUGH_CURVED = old
-    assert "not positively homogeneous" in pruned(rep)["fc1"]["reason"]
-    assert "not positively homogeneous" in quantized(rep)["fc1"]["reason"]
+    assert "not positively homogeneous" in compensations(rep)["fc1"]["reason"]
+    assert "not positively homogeneous" in quantizations(rep)["fc1"]["reason"]
 
 
 @pytest.mark.parametrize("act", ["Sigmoid", "Tanh", "HardSigmoid"])
 def test_saturating_activations_are_not_crossed(act):
     _, rep = api.compress(mlp_tokens(act), prune=0.5, method="udfc", bits=6)
-    for entry in (pruned(rep)["fc1"], quantized(rep)["fc1"]):
+    for entry in (compensations(rep)["fc1"], quantizations(rep)["fc1"]):
         assert entry.get("compensated", entry.get("scale_compensated")) is False
         assert f"{act}, a saturating activation" in entry["reason"]
 
@@ -341,12 +331,12 @@ def test_scale_with_a_batchnorm_goes_into_it_before_a_curved_activation(act):
     b.output(b.conv(h, 8, 4, name="conv1"))
     model = b.build()
     out, rep = api.compress(model, bits=6, method="udfc")
-    q = quantized(rep)["conv0"]
+    q = quantizations(rep)["conv0"]
     assert q["scale_compensated"]
     assert q.get("scale_into") == (None if act == "Relu" else "batchnorm")
     assert "activations" not in q
-    gamma = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}["bn0.scale"]
-    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["bn0.scale"]
+    gamma = initializers(out)["bn0.scale"]
+    original = initializers(model)["bn0.scale"]
     assert np.array_equal(gamma, original) == (act == "Relu")
 
 
@@ -360,10 +350,10 @@ def test_squeeze_excite_gate_takes_the_scale_and_split_readers_take_subsets():
     b.output(b.conv(left, 4, 2, name="convl"), b.conv(right, 4, 2, name="convr"))
     model = b.build()
     _, rep = api.compress(model, bits=6, method="udfc")
-    assert quantized(rep)["conv0"]["scale_compensated"]
+    assert quantizations(rep)["conv0"]["scale_compensated"]
     _, rep = api.compress(model, prune=0.5, method="udfc", prune_coupled=True)
     # the gate ties conv0's channels to fc2's: a coupled group, never reconstructed across
-    assert "coupled" in pruned(rep)["conv0"]["reason"]
+    assert "coupled" in compensations(rep)["conv0"]["reason"]
 
 
 def test_conv_transpose_absorbs_a_reconstruction_exactly():
@@ -375,10 +365,7 @@ def test_conv_transpose_absorbs_a_reconstruction_exactly():
     w[5], bias[5] = 3 * w[1], 3 * bias[1]
     b.output(b.conv_t(b.relu(c0), 8, 4, name="up"))
     model = b.build()
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    api.normalize(work)
-    a = api.analyse(work)
+    a = analysed(model)
     p = api.plan(a, 0.0)
     g = next(g for g in a.groups if "conv0" in g.producers)
     p.removed[g.classes[5]] = True
@@ -396,7 +383,7 @@ def test_dropout_mask_does_not_block_compensation():
     d = b.op("Dropout", [h], "drop", outputs=2)[0]
     b.output(b.conv(d, 8, 4, name="conv1"))
     _, rep = api.compress(b.build(), prune=0.5, method="udfc")
-    assert pruned(rep)["conv0"]["compensated"]
+    assert compensations(rep)["conv0"]["compensated"]
 
 
 def test_all_or_nothing_when_a_reader_cannot_be_mapped():
@@ -407,5 +394,5 @@ def test_all_or_nothing_when_a_reader_cannot_be_mapped():
                                             perm=[0, 2, 1, 3, 4]), b.ints([0, 8, 8, 8])])
     b.output(b.conv(h, 8, 4, name="conv1"), b.conv(s, 8, 4, name="conv2"))
     _, rep = api.compress(b.build(), bits=6, method="udfc")
-    q = quantized(rep)["conv0"]
+    q = quantizations(rep)["conv0"]
     assert not q["scale_compensated"] and "cannot follow" in q["reason"]

@@ -11,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import api
-from onnx_udfc.cli import main
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import session
 from onnx_udfc.moments import inverted as inversion
@@ -23,23 +22,14 @@ from onnx_udfc.moments.inverted import (
     inverted_inputs,
 )
 from onnx_udfc.report.report import Progress
-
-
-def _bn(prefix: str, x: str, c: int, rng: np.random.Generator, inits: list) -> onnx.NodeProto:
-    names = [f"{prefix}_{k}" for k in ("g", "b", "m", "v")]
-    values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.5, c),
-              rng.uniform(0.5, 2.0, c)]
-    inits += [numpy_helper.from_array(v.astype(np.float32), n)
-              for n, v in zip(names, values, strict=True)]
-    return helper.make_node("BatchNormalization", [x, *names], [f"{prefix}_y"], name=prefix)
-
-
-def _conv(prefix: str, x: str, cin: int, cout: int, rng: np.random.Generator, inits: list,
-          stride: int = 1, k: int = 3) -> onnx.NodeProto:
-    w = rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k)).astype(np.float32)
-    inits.append(numpy_helper.from_array(w, f"{prefix}_w"))
-    return helper.make_node("Conv", [x, f"{prefix}_w"], [f"{prefix}_y"], name=prefix,
-                            kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+from tests.helpers import (
+    assert_refused,
+    bn_node,
+    cli,
+    compensations,
+    conv_node,
+    initializers,
+)
 
 
 def residual_net(extra: str | None = None, opset: int = 17, head: bool = False
@@ -49,9 +39,10 @@ def residual_net(extra: str | None = None, opset: int = 17, head: bool = False
     ``head``: a classifier (AveragePool, Flatten, Gemm, Softmax) instead of the pooled map."""
     rng = np.random.default_rng(0)
     inits: list = []
-    n = [_conv("c1", "x", 3, 4, rng, inits), _bn("b1", "c1_y", 4, rng, inits)]
+    n = [conv_node("c1", "x", 3, 4, rng, inits), bn_node("b1", "c1_y", 4, rng, inits)]
     n.append(helper.make_node("Relu", ["b1_y"], ["r1"]))
-    n += [_conv("c2", "r1", 4, 8, rng, inits, stride=2), _bn("b2", "c2_y", 8, rng, inits)]
+    n += [conv_node("c2", "r1", 4, 8, rng, inits, stride=2),
+          bn_node("b2", "c2_y", 8, rng, inits)]
     for name, value in (("s_starts", [0, 0]), ("s_ends", [1 << 30, 1 << 30]),
                         ("s_axes", [2, 3]), ("s_steps", [2, 2]),
                         ("p_pads", [0, 2, 0, 0, 0, 2, 0, 0])):
@@ -66,12 +57,12 @@ def residual_net(extra: str | None = None, opset: int = 17, head: bool = False
         n.append(helper.make_node(extra, ["lr"], ["odd"]))
         last = "odd"
     n.append(helper.make_node("Concat", [last, "lr"], ["cat"], axis=1))
-    n += [_conv("c3", "cat", 16, 6, rng, inits), _bn("b3", "c3_y", 6, rng, inits)]
+    n += [conv_node("c3", "cat", 16, 6, rng, inits), bn_node("b3", "c3_y", 6, rng, inits)]
     inits += [numpy_helper.from_array(np.asarray(0.0, np.float32), "lo"),
               numpy_helper.from_array(np.asarray(6.0, np.float32), "hi")]
     n.append(helper.make_node("Clip", ["b3_y", "lo", "hi"], ["cl"]))
     n.append(helper.make_node("MaxPool", ["cl"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]))
-    n += [_conv("c4", "mp", 6, 5, rng, inits, k=1), _bn("b4", "c4_y", 5, rng, inits)]
+    n += [conv_node("c4", "mp", 6, 5, rng, inits, k=1), bn_node("b4", "c4_y", 5, rng, inits)]
     out = [1, 5, 1, 1]
     if head:
         inits += [numpy_helper.from_array(rng.normal(0, 1, (3, 5)).astype(np.float32), "fc_w"),
@@ -90,18 +81,33 @@ def residual_net(extra: str | None = None, opset: int = 17, head: bool = False
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def _probe(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with any batch size that also outputs these tensors."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    return probe
+
+
+def _without_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every BatchNormalization turned into an Identity."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.op_type = "Identity"
+            del node.input[1:]
+    return out
+
+
 def _reference_loss(model: onnx.ModelProto, x: np.ndarray, groups: int = 1) -> float:
     """The BN-statistics loss recomputed in NumPy from the network's own tensors, averaged
     over ``groups`` consecutive groups of the batch."""
     bns = [nd for nd in model.graph.node if nd.op_type == "BatchNormalization"]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
-    for nd in bns:
-        probe.graph.output.append(onnx.ValueInfoProto(name=nd.input[0]))
     names = [nd.input[0] for nd in bns]
-    values = session(probe).run(names, {"x": x})
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = session(_probe(model, names)).run(names, {"x": x})
+    inits = initializers(model)
     total = 0.0
     for nd, v in zip(bns, values, strict=True):
         for part in np.split(v.astype(np.float64), groups):
@@ -124,11 +130,7 @@ def test_inversion_loss_is_the_bn_statistics_distance(batch, group_size, groups)
 
 def _class_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
     """Cross-entropy of the logits to the labels i mod K, recomputed in NumPy."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
-    probe.graph.output.append(onnx.ValueInfoProto(name="logits"))
-    z = session(probe).run(["logits"], {"x": x})[0].astype(np.float64)
+    z = session(_probe(model, ["logits"])).run(["logits"], {"x": x})[0].astype(np.float64)
     logp = z - z.max(1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(1, keepdims=True))
     return float(-logp[np.arange(len(z)), np.arange(len(z)) % z.shape[1]].mean())
@@ -192,14 +194,8 @@ def test_an_op_without_a_rule_stops_the_gradient_and_is_reported():
 
 def test_inversion_needs_batchnorm_and_a_static_input():
     model = residual_net()
-    no_bn = onnx.ModelProto()
-    no_bn.CopyFrom(model)
-    for node in no_bn.graph.node:
-        if node.op_type == "BatchNormalization":
-            node.op_type = "Identity"
-            del node.input[1:]
     with pytest.raises(UdfcError, match="BatchNormalization"):
-        inversion_model(no_bn, 2)
+        inversion_model(_without_batchnorm(model), 2)
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(model)
     dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
@@ -242,6 +238,7 @@ def test_digits_model_inverts_through_maxpool(digits_model):
     assert fit.summary()["class_prior"] is True
 
 
+@pytest.mark.slow
 def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
     import onnx_udfc.moments.sampled as synthetic
 
@@ -263,8 +260,8 @@ def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
     assert "invert" in report.timings
     assert "invert" in report.summary()
     assert report.to_dict()["inversion"]["batchnorms"] > 0
-    comp = [x["compensation"] for x in report.layers if x.get("compensation")]
-    assert comp and all(c["compensated"] for c in comp)
+    comp = compensations(report)
+    assert comp and all(c["compensated"] for c in comp.values())
 
 
 def test_calibration_skips_the_inversion(digits_model, tmp_path, monkeypatch):
@@ -281,30 +278,23 @@ def test_calibration_skips_the_inversion(digits_model, tmp_path, monkeypatch):
 
 def test_cli_inverted_moments_writes_the_fit_to_the_report(digits_model, tmp_path, capsys):
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
-    assert main(["compress", str(digits_model), "-o", str(out), "--prune", "0.3",
-                 "--method", "udfc+", "--moments", "inverted", "--report", str(rep),
-                 "--no-verify"]) == 0
+    code, stdout, err = cli(capsys, "compress", str(digits_model), "-o", str(out), "--prune",
+                            "0.3", "--method", "udfc+", "--moments", "inverted", "--report",
+                            str(rep), "--no-verify")
+    assert code == 0, err
     onnx.checker.check_model(str(out), full_check=True)
     fit = json.loads(rep.read_text())["inversion"]
     assert fit["steps"] == inversion.STEPS and fit["class_prior"] is True
     assert fit["groups"] == group_count(synthetic.sample_count([1, 1, 8, 8]))
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("invert  "))
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("invert  "))
     assert "+ class prior" in line and f"{fit['groups']} group(s)" in line
 
 
 def test_cli_inverted_moments_on_a_model_without_batchnorm_fails_cleanly(tmp_path, capsys):
-    model = residual_net()
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            node.op_type = "Identity"
-            del node.input[1:]
-    src, out = tmp_path / "nobn.onnx", tmp_path / "out.onnx"
-    onnx.save(model, src)
-    assert main(["compress", str(src), "-o", str(out), "--prune", "0.3", "--method", "udfc+",
-                 "--moments", "inverted", "--no-verify"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "BatchNormalization" in err[0]
-    assert not out.exists()
+    src = tmp_path / "nobn.onnx"
+    onnx.save(_without_batchnorm(residual_net()), src)
+    assert_refused(capsys, tmp_path / "out.onnx", "BatchNormalization", "compress", str(src),
+                   "--prune", "0.3", "--method", "udfc+", "--moments", "inverted", "--no-verify")
 
 
 def test_progress_detail_is_silent_off_a_tty(capsys):

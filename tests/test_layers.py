@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "onnx_udfc"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "onnx_udfc"
 # Lowest first. A module may import from its own layer and any layer below it.
 LAYERS = ["core", "config", "ops", "moments", "channels", "quant", "methods", "report",
           "pipeline", "outputs", "api", "cli"]

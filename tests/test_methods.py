@@ -5,52 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import UdfcError, api
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import make_inputs, run, session
 from onnx_udfc.report.verify import compare
-
-
-def _bn_chain(scale: float = 0.3, with_bn: bool = True) -> onnx.ModelProto:
-    """Conv(3->6) [-> BN] -> Relu -> Conv(6->4) -> GAP -> Flatten -> Gemm. Channel 5 is an
-    exact positive multiple of channel 0 after BN (filter and folded bias)."""
-    rng = np.random.default_rng(1)
-    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) * 2
-    w1[5] = scale * w1[0]
-    gamma = rng.uniform(0.5, 1.5, 6).astype(np.float32)
-    beta = rng.standard_normal(6).astype(np.float32)
-    mean = rng.standard_normal(6).astype(np.float32) * 0.1
-    var = rng.uniform(0.5, 1.5, 6).astype(np.float32)
-    gamma[5], var[5] = gamma[0], var[0]
-    beta[5], mean[5] = scale * beta[0], scale * mean[0]
-    b1 = beta.copy()
-    b1[5] = scale * b1[0]
-    w2 = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
-    w3 = rng.standard_normal((10, 4)).astype(np.float32)
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
-             numpy_helper.from_array(w3, "w3")]
-    nodes = [helper.make_node("Conv", ["x", "w1"] + ([] if with_bn else ["b1"]), ["c1"],
-                              pads=[1, 1, 1, 1], name="conv1")]
-    if with_bn:
-        inits += [numpy_helper.from_array(a, n) for a, n in
-                  [(gamma, "g"), (beta, "b"), (mean, "m"), (var, "v")]]
-        nodes.append(helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"],
-                                      name="bn1"))
-    else:
-        inits.append(numpy_helper.from_array(b1, "b1"))
-        nodes.append(helper.make_node("Identity", ["c1"], ["n1"], name="id"))
-    nodes += [helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
-              helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-              helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
-              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-              helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1, name="fc")]
-    g = helper.make_graph(nodes, "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+from tests.helpers import bn_chain, compensations
 
 
 def _fidelity(a: onnx.ModelProto, b: onnx.ModelProto):
@@ -60,7 +20,7 @@ def _fidelity(a: onnx.ModelProto, b: onnx.ModelProto):
 
 @pytest.mark.parametrize("with_bn", [True, False])
 def test_udfc_exact_when_pruned_channel_is_a_multiple(with_bn):
-    model = _bn_chain(with_bn=with_bn)
+    model = bn_chain(with_bn=with_bn)
     # 1 of 6 channels of conv1 (the group of 4 conv2 channels keeps all 4 at 10%).
     pruned, report = api.compress(model, prune=0.1, method="udfc")
     layer = next(x for x in report.layers if x["name"] == "conv1")
@@ -73,7 +33,7 @@ def test_udfc_exact_when_pruned_channel_is_a_multiple(with_bn):
 
 
 def test_neuron_merging_compensates_and_reports():
-    model = _bn_chain()
+    model = bn_chain()
     pruned, report = api.compress(model, prune=0.1, method="nm")
     comp = next(x for x in report.layers if x["name"] == "conv1")["compensation"]
     assert comp["compensated"] is True and comp["merged"] == 1
@@ -81,7 +41,7 @@ def test_neuron_merging_compensates_and_reports():
         model, prune=0.1)[0]).max_abs
 
 
-def test_fold_bn_keeps_the_paper_exact(shared):
+def test_fold_bn_keeps_the_paper_exact(shared_model):
     """With --fold-bn the saved (sigma/gamma)^2 loss weights give the paper's Eq. 20
     coefficients on the folded filters, identical to the BN-kept graph."""
     from onnx_udfc.channels.analysis import analyse
@@ -89,7 +49,7 @@ def test_fold_bn_keeps_the_paper_exact(shared):
     from onnx_udfc.core.io import infer_shapes
     from onnx_udfc.methods.equations import eq20_pruning_coefficients
 
-    path = shared / "models" / "resnet56_cifar10_nm_bn.onnx"
+    path = shared_model("resnet56_cifar10_nm_bn")
     coefficients = []
     for fold in (False, True):
         model = api.load(path)
@@ -113,7 +73,7 @@ def test_fold_bn_keeps_the_paper_exact(shared):
 @pytest.mark.parametrize("quantizer,levels,zero", [("paper", 16, False), ("symmetric", 15, True),
                                                    ("asymmetric", 16, True)])
 def test_quantized_weights_on_grid(quantizer, levels, zero):
-    model, report = api.compress(_bn_chain(), bits=4, quantizer=quantizer, method="udfc")
+    model, report = api.compress(bn_chain(), bits=4, quantizer=quantizer, method="udfc")
     inits = {t.name: tensor_array(t) for t in model.graph.initializer}
     for name in ("w1", "w2", "w3"):
         values = np.unique(inits[name])
@@ -123,17 +83,17 @@ def test_quantized_weights_on_grid(quantizer, levels, zero):
 
 
 def test_per_channel_granularity_has_lower_error():
-    _, tensor = api.compress(_bn_chain(), bits=3, quantizer="symmetric")
-    _, channel = api.compress(_bn_chain(), bits=3, quantizer="symmetric", granularity="channel")
+    _, tensor = api.compress(bn_chain(), bits=3, quantizer="symmetric")
+    _, channel = api.compress(bn_chain(), bits=3, quantizer="symmetric", granularity="channel")
     err = [sum(x["quantization"]["quant_error"] for x in r.layers) for r in (tensor, channel)]
     assert err[1] < err[0]
 
 
-def test_explicit_not_compensated_entries(shared):
+def test_explicit_not_compensated_entries(shared_model):
     """Residual-coupled producers cannot be reconstructed per layer: said so per layer."""
-    path = str(shared / "models" / "resnet56_cifar10_nm_bn.onnx")
+    path = str(shared_model("resnet56_cifar10_nm_bn"))
     _, report = api.compress(path, prune=0.3, method="udfc", prune_coupled=True, bits=4)
-    comps = [x["compensation"] for x in report.layers if x["compensation"]]
+    comps = list(compensations(report).values())
     assert any(c["compensated"] for c in comps)
     coupled = [c for c in comps if not c["compensated"]]
     assert coupled and all("coupled" in c["reason"] for c in coupled)
@@ -145,10 +105,10 @@ def test_explicit_not_compensated_entries(shared):
     assert feeds_add and all("reason" in q for q in feeds_add)
 
 
-def test_udfc_beats_prune_on_real_model(shared):
+def test_udfc_beats_prune_on_real_model(shared, shared_model):
     """A sanity check on the paper's checkpoint: at 30 % l1, udfc output is closer to the
     original than plain pruning (accuracy figures live in the benchmark, not here)."""
-    path = str(shared / "models" / "resnet56_cifar10_nm_bn.onnx")
+    path = str(shared_model("resnet56_cifar10_nm_bn"))
     original = onnx.load(path)
     data = np.load(shared / "data" / "cifar10_test_first1017.npz")
     x = data["images"][:128].astype(np.float32) / 255
@@ -169,4 +129,4 @@ def test_udfc_beats_prune_on_real_model(shared):
 ])
 def test_bad_method_options(kwargs, needle):
     with pytest.raises(UdfcError, match=needle):
-        api.compress(_bn_chain(), prune=0.3, **kwargs)
+        api.compress(bn_chain(), prune=0.3, **kwargs)

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_inversion import _bn, _conv
 
 from onnx_udfc import api
 from onnx_udfc.core.ort import session
 from onnx_udfc.methods import output_fit
 from onnx_udfc.methods import plus as udfc_plus
 from onnx_udfc.methods.output_fit import patches, ridge_fit
+from tests.helpers import bn_node, compensations, conv_node
 
 
 def test_ridge_fit_is_least_squares_and_keeps_unweighted_outputs():
@@ -59,13 +59,13 @@ def residual_block() -> onnx.ModelProto:
     conv1-bn1-relu (pruned, absorbed by conv2) -> conv2-bn2 + r0 -> relu -> GAP."""
     rng = np.random.default_rng(4)
     inits: list = []
-    n = [_conv("ca", "x", 3, 8, rng, inits), _bn("ba", "ca_y", 8, rng, inits)]
+    n = [conv_node("ca", "x", 3, 8, rng, inits), bn_node("ba", "ca_y", 8, rng, inits)]
     n.append(helper.make_node("Relu", ["ba_y"], ["ra"]))
-    n += [_conv("c0", "ra", 8, 6, rng, inits), _bn("b0", "c0_y", 6, rng, inits)]
+    n += [conv_node("c0", "ra", 8, 6, rng, inits), bn_node("b0", "c0_y", 6, rng, inits)]
     n.append(helper.make_node("Relu", ["b0_y"], ["r0"]))
-    n += [_conv("c1", "r0", 6, 8, rng, inits), _bn("b1", "c1_y", 8, rng, inits)]
+    n += [conv_node("c1", "r0", 6, 8, rng, inits), bn_node("b1", "c1_y", 8, rng, inits)]
     n.append(helper.make_node("Relu", ["b1_y"], ["r1"]))
-    n += [_conv("c2", "r1", 8, 6, rng, inits), _bn("b2", "c2_y", 6, rng, inits)]
+    n += [conv_node("c2", "r1", 8, 6, rng, inits), bn_node("b2", "c2_y", 6, rng, inits)]
     n.append(helper.make_node("Add", ["b2_y", "r0"], ["sum"]))
     n.append(helper.make_node("Relu", ["sum"], ["rs"]))
     n.append(helper.make_node("GlobalAveragePool", ["rs"], ["out"]))
@@ -95,9 +95,7 @@ def test_output_refit_lowers_the_error_and_cancels_the_shortcut_drift(monkeypatc
                                    sequential=True)
         onnx.checker.check_model(out, full_check=True)
         errors[mode] = _error(model, out, x)
-        reports[mode] = {k: e["compensation"].get("output_refit") for k, e in
-                         ((e["name"], e) for e in report.to_dict()["layers"])
-                         if e.get("compensation")}
+        reports[mode] = {k: c.get("output_refit") for k, c in compensations(report).items()}
     assert reports["off"] and not any(reports["off"].values())
     assert sorted(v[0] for v in reports["on"].values() if v) == ["c0", "c2"]
     # the refit is least squares on these very inputs: it can only help in-sample, and the

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_methods import _bn_chain
 
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, gaussian_variances
 from onnx_udfc.moments.propagated import TensorMoments, conv_moments, propagate
+from tests.helpers import bn_chain
 
 
 def _reference(w: np.ndarray, x: np.ndarray, r: float) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_variances_are_the_diagonal_of_the_full_moments(act):
 
 @pytest.mark.parametrize("with_bn", [True, False])
 def test_keep_gives_the_same_moments_and_drops_the_rest(with_bn):
-    model = _bn_chain(with_bn=with_bn)
+    model = bn_chain(with_bn=with_bn)
     shapes = infer_shapes(model)
     every = propagate(model, shapes)
     with single_blas_thread():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synthetic import Builder, max_diff, random_feeds, run
 
 from onnx_udfc import api
+from tests.helpers import Builder, max_diff, random_feeds, run
 
 BLOCKS = ("conv_bn_act", "residual", "concat", "depthwise", "pool", "split", "pad_channels")
 ACTS = ("Relu", "LeakyRelu", "Sigmoid", "HardSwish", "Clip", "Tanh")

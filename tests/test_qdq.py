@@ -14,6 +14,7 @@ from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import make_inputs
 from onnx_udfc.quant.grids import quantize_blocks_params
 from onnx_udfc.quant.qdq import convert_opset, integer_tensor
+from tests.helpers import quantizations
 
 MODES = {
     "int8-tensor": dict(bits=8, granularity="tensor"),
@@ -114,14 +115,15 @@ def _identity(path, mode: str) -> None:
 @pytest.mark.parametrize("name, mode", [("resnet20_cifar10_bn", m) for m in MODES] + [
     ("resnet20_cifar10_folded", "int8-tensor"), ("resnet20_cifar10_folded", "int4-block"),
     ("resnet56_cifar10_nm_bn", "int4-channel"), ("resnet56_cifar10_nm_folded", "int8-channel")])
-def test_qdq_matches_fake_twin_on_shared_resnets(shared, name: str, mode: str) -> None:
-    _identity(shared / "models" / f"{name}.onnx", mode)
+def test_qdq_matches_fake_twin_on_shared_resnets(shared_model, name: str, mode: str) -> None:
+    _identity(shared_model(name), mode)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_qdq_matches_fake_twin_on_digits_and_lenet(shared, digits_model, mode: str) -> None:
+def test_qdq_matches_fake_twin_on_digits_and_lenet(shared_model, digits_model,
+                                                   mode: str) -> None:
     _identity(digits_model, mode)
-    _identity(shared / "models" / "lenet300100_fashionmnist_nm.onnx", mode)  # Gemm path
+    _identity(shared_model("lenet300100_fashionmnist_nm"), mode)  # Gemm path
 
 
 def test_pruned_udfc_and_asymmetric_store_and_match(digits_model) -> None:
@@ -130,7 +132,7 @@ def test_pruned_udfc_and_asymmetric_store_and_match(digits_model) -> None:
     fake, _ = api.compress(str(digits_model), **kw)
     qdq, report = api.compress(str(digits_model), format="qdq", **kw)
     assert set(report.storage["weights"]) == {"uint4"}
-    stored = [x["quantization"]["storage"] for x in report.layers if x["quantization"]]
+    stored = [q["storage"] for q in quantizations(report).values()]
     assert all(s["dtype"] == "uint4" and s["zero_point"] and s["bits"] == 3 for s in stored)
     assert sum(s["bytes"] for s in stored) < sum(s["float_bytes"] for s in stored) / 4
     feed, _ = make_inputs(fake, batch=4)
@@ -168,11 +170,11 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 
 @pytest.mark.parametrize("name", ["resnet20_cifar10_bn", "resnet56_cifar10_nm_folded"])
-def test_file_size_targets(shared, tmp_path, name: str) -> None:
+def test_file_size_targets(shared_model, tmp_path, name: str) -> None:
     """int8 <= 0.27x and int4 <= 0.15x of the FP32 weights, scales and DequantizeLinear nodes
     included; the whole file meets it once BN is folded (BN statistics and the graph itself
     are 2.3 % of these small files and stay as they are). Full table: tools/bench_size.py."""
-    path = shared / "models" / f"{name}.onnx"
+    path = shared_model(name)
     fp32 = path.stat().st_size
     weights = _weight_bytes(onnx.load(str(path)))
     rest = fp32 - weights

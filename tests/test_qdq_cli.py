@@ -11,30 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_udfc.cli import main
+from tests.helpers import assert_refused, cli, conv_pair, tool_module
 
 QDQ4 = ["--bits", "4", "--quantizer", "symmetric", "--format", "qdq", "--no-verify"]
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_refused(capsys, out: Path, needle: str, *args: str) -> None:
-    """Exit status 2, one error line naming the problem, no output and no temporary folder."""
-    try:
-        code = main([*args, "-o", str(out)])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("onnx-udfc: error:"), err
-    assert needle in lines[0], lines[0]
-    assert not out.exists()
-    assert not any(p.name.startswith(".udfc-") for p in out.parent.iterdir())
 
 
 def _gemm(path: Path, *, dtype=np.float32, custom_reader: bool = False,
@@ -59,31 +38,21 @@ def _gemm(path: Path, *, dtype=np.float32, custom_reader: bool = False,
 def _mvn_opset9(path: Path) -> Path:
     """Conv -> MeanVarianceNormalization -> Conv at opset 9: onnx's version converter turns
     the MVN into a graph that fails the checker, so no opset upgrade is possible."""
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
-    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
-             helper.make_node("MeanVarianceNormalization", ["a"], ["b"], name="mvn"),
-             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
-    g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    model = conv_pair(helper.make_node("MeanVarianceNormalization", ["a"], ["b"], name="mvn"),
+                      opset=9, batch=1)
     model.ir_version = 4
     onnx.save(model, str(path))
     return path
 
 
-def test_qdq_summary_report_and_latency(capsys, tmp_path, digits_model) -> None:
+def test_qdq_summary_report_and_latency(capsys, tmp_path, digits_model, digits_data) -> None:
     out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
-    data = digits_model.parent / "digits_test.npz"
     common = ["compress", str(digits_model), "--prune", "0.3", "--bits", "4", "--quantizer",
-              "symmetric", "--granularity", "channel", "--data", str(data)]
-    code, stdout, err = run_cli(capsys, *common, "-o", str(out), "--format", "qdq", "--report",
+              "symmetric", "--granularity", "channel", "--data", str(digits_data)]
+    code, stdout, err = cli(capsys, *common, "-o", str(out), "--format", "qdq", "--report",
                                 str(rep), "--latency")
     assert code == 0, err
-    code, _, err = run_cli(capsys, *common, "-o", str(tmp_path / "f.onnx"), "--report",
+    code, _, err = cli(capsys, *common, "-o", str(tmp_path / "f.onnx"), "--report",
                            str(tmp_path / "f.json"))
     assert code == 0, err
     fake = json.loads((tmp_path / "f.json").read_text())
@@ -113,7 +82,7 @@ def test_qdq_summary_report_and_latency(capsys, tmp_path, digits_model) -> None:
 
 def test_fake_format_reports_float_storage(capsys, tmp_path, digits_model) -> None:
     out, rep = tmp_path / "f.onnx", tmp_path / "r.json"
-    code, stdout, err = run_cli(capsys, "compress", str(digits_model), "-o", str(out), "--bits",
+    code, stdout, err = cli(capsys, "compress", str(digits_model), "-o", str(out), "--bits",
                                 "6", "--block-size", "8", "--quantizer", "asymmetric",
                                 "--no-verify", "--report", str(rep))
     assert code == 0, err
@@ -159,19 +128,11 @@ def _groupnorm_opset18(path: Path) -> Path:
     """Conv -> GroupNormalization-18 -> Conv. onnx's converter moves it to opset 21 without
     turning the per-group scale into a per-channel one: the result passes the full checker,
     but ONNX Runtime refuses it, so the converted model is run before it is used."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sc"),
-             numpy_helper.from_array(np.array([0.5, -0.5], np.float32), "bi")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
-             helper.make_node("GroupNormalization", ["a", "sc", "bi"], ["b"], num_groups=2,
-                              name="gn"),
-             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
-    g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    norm = helper.make_node("GroupNormalization", ["a", "sc", "bi"], ["b"], num_groups=2,
+                            name="gn")
+    scale_bias = [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sc"),
+                  numpy_helper.from_array(np.array([0.5, -0.5], np.float32), "bi")]
+    onnx.save(conv_pair(norm, opset=18, batch=1, extra_inits=scale_bias), str(path))
     return path
 
 
@@ -186,25 +147,15 @@ def test_unconvertible_opset_is_refused(capsys, tmp_path) -> None:
     assert_refused(capsys, tmp_path / "o.onnx", "cannot convert the model from opset 9 to 21",
                    "compress", str(src), *QDQ4)
     # Per-tensor int8 needs only opset 10, which converts cleanly.
-    code, _, err = run_cli(capsys, "compress", str(src), "-o", str(tmp_path / "o8.onnx"),
+    code, _, err = cli(capsys, "compress", str(src), "-o", str(tmp_path / "o8.onnx"),
                            "--bits", "8", "--quantizer", "symmetric", "--format", "qdq")
     assert code == 0, err
     assert onnx.load(str(tmp_path / "o8.onnx")).opset_import[0].version == 10
 
 
-def _tool(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_tools_run_on_the_digits_model(capsys, tmp_path, digits_model) -> None:
     js = tmp_path / "lat.json"
-    assert _tool("bench_latency").main([str(digits_model), "--ratios", "0.3", "--round-to",
+    assert tool_module("bench_latency").main([str(digits_model), "--ratios", "0.3", "--round-to",
                                         "1,8", "--batches", "1,4", "--runs", "3", "--json",
                                         str(js)]) == 0
     rows = json.loads(js.read_text())["rows"]
@@ -216,6 +167,6 @@ def test_bench_tools_run_on_the_digits_model(capsys, tmp_path, digits_model) -> 
     assert pruned["flops_ratio"] < 0.8 and pruned["within_target"] in (True, False)
     assert "| lat/FLOPs - 1 |" in capsys.readouterr().out
     sizes = tmp_path / "size.json"
-    assert _tool("bench_size").main([str(digits_model), "--json", str(sizes)]) == 0
+    assert tool_module("bench_size").main([str(digits_model), "--json", str(sizes)]) == 0
     row = json.loads(sizes.read_text())[0]
     assert row["modes"]["int4 channel"]["ratio"] < row["modes"]["int8 channel"]["ratio"] < 0.35

@@ -13,8 +13,9 @@ from onnx_udfc.core.ort import make_inputs, run, session
 
 @pytest.mark.parametrize("name", ["resnet56_cifar10_nm_bn", "resnet20_cifar10_bn"])
 @pytest.mark.parametrize("bits,target", [(8, 0.27), (4, 0.15)])
-def test_fold_bn_scales_is_exact_and_meets_size_targets(shared, tmp_path, name, bits, target):
-    path = shared / "models" / f"{name}.onnx"
+def test_fold_bn_scales_is_exact_and_meets_size_targets(shared_model, tmp_path, name, bits,
+                                                         target):
+    path = shared_model(name)
     options = dict(bits=bits, quantizer="symmetric", granularity="channel", format="qdq")
     plain, _ = api.compress(str(path), **options)
     folded, report = api.compress(str(path), fold_bn_scales=True, **options)
@@ -31,7 +32,7 @@ def test_fold_bn_scales_is_exact_and_meets_size_targets(shared, tmp_path, name, 
     assert out.stat().st_size <= target * path.stat().st_size
 
 
-def test_fold_bn_scales_needs_qdq(shared):
+def test_fold_bn_scales_needs_qdq(shared_model):
     with pytest.raises(UdfcError, match="needs --format qdq"):
-        api.compress(str(shared / "models" / "resnet20_cifar10_bn.onnx"), bits=8,
+        api.compress(str(shared_model("resnet20_cifar10_bn")), bits=8,
                      fold_bn_scales=True)

@@ -15,20 +15,23 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import pytest
-from synthetic import (
+
+from onnx_udfc import api
+from onnx_udfc.channels.plan import COUPLED_REASON
+from tests.helpers import (
     BATCH,
     Builder,
+    analysed,
     attribute,
+    image,
     init_value,
     input_shape,
     max_diff,
     node,
     random_feeds,
+    removed_channels,
     run,
 )
-
-from onnx_udfc import api
-from onnx_udfc.channels.plan import COUPLED_REASON
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
@@ -36,13 +39,6 @@ EXACT_RATIO = 0.25
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def analysed(model: onnx.ModelProto) -> api.Analysis:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    api.normalize(m)
-    return api.analyse(m)
-
-
 def group_of(a: api.Analysis, tensor: str):
     found = [g for g in a.groups if tensor in g.tensors]
     assert len(found) == 1, f"'{tensor}' is in {len(found)} groups"
@@ -55,18 +51,10 @@ def compress(model: onnx.ModelProto, ratio: float, **kw):
     return m, rep
 
 
-def removed(rep) -> int:
-    return sum(g["removed"] for g in rep.groups)
-
-
 def zero_if(b: Builder, zero: bool, channels: dict[str, list[int]]) -> None:
     if zero:
         for layer, idx in channels.items():
             b.zero(layer, idx)
-
-
-def image(b: Builder, c: int = 3, hw: int = 8, batch=BATCH) -> str:
-    return b.input("x", [batch, c, hw, hw])
 
 
 # -- 1. Conv -> BN -> Relu -> Conv ----------------------------------------------------------------
@@ -217,7 +205,7 @@ def test_densenet_concat_chain():
     assert sorted(g.producers) == ["conv0", "conv1", "conv2"]
     assert {"r0", "cat1", "bn1", "r1", "r2"} <= set(g.tensors)
     m, rep = compress(densenet(zero=True), EXACT_RATIO)
-    assert removed(rep) == 4
+    assert removed_channels(rep) == 4
     assert input_shape(m, "conv0") == (6, 3, 3, 3)
     assert input_shape(m, "conv1") == (3, 6, 3, 3)
     assert input_shape(m, "conv2") == (3, 9, 3, 3)
@@ -366,9 +354,9 @@ def test_pad_shortcut(opset):
     assert {"r0", "sub", "pad", "bn1"} <= set(g.tensors)
     assert sorted(g.producers) == ["conv0", "conv1"]
     _, rep = compress(pad_shortcut(opset), 0.5)
-    assert removed(rep) == 0
+    assert removed_channels(rep) == 0
     m, rep = compress(pad_shortcut(opset, zero=True), EXACT_RATIO, prune_coupled=True)
-    assert removed(rep) == 4
+    assert removed_channels(rep) == 4
     expected = [2, 4] if opset == 18 else [0, 2, 0, 0, 0, 4, 0, 0]
     assert pad_amounts(m) == expected
     assert input_shape(m, "conv0") == (6, 3, 3, 3)
@@ -417,7 +405,7 @@ def test_channel_slice_becomes_gather(mode):
     assert (g.size, g.prunable) == (12, 12) and "slice" in g.tensors
     assert len(a.channels.tensors["slice"].slots) == cs
     m, rep = compress(channel_slice(mode, zero=True), EXACT_RATIO)
-    assert removed(rep) == 3
+    assert removed_channels(rep) == 3
     gathers = [n for n in m.graph.node if n.op_type == "Gather"]
     assert len(gathers) == 1
     gather = gathers[0]
@@ -547,7 +535,7 @@ def test_flatten_into_gemm(mode):
     np.testing.assert_array_equal(flat, expected)
     assert group_of(a, "gemm1").size == 10
     m, rep = compress(flatten_gemm(mode, zero=True), EXACT_RATIO)
-    assert removed(rep) == 5
+    assert removed_channels(rep) == 5
     k = 6 * block
     assert input_shape(m, "gemm1") == ((7, k) if mode == "flatten_transb" else (k, 7))
     assert input_shape(m, "gemm1", 2) == (7,)
@@ -578,7 +566,7 @@ def test_tokens_reshape_transpose_matmul():
     assert a.channels.tensors["seq"].axis == 1 and a.channels.tensors["tok"].axis == 2
     assert group_of(a, "act").size == 10
     m, rep = compress(tokens(zero=True), EXACT_RATIO)
-    assert removed(rep) == 5
+    assert removed_channels(rep) == 5
     assert init_value(m, "seq").tolist() == [0, 6, -1]
     assert input_shape(m, "fc1") == (6, 7) and input_shape(m, "fc1_add") == (7,)
     assert input_shape(m, "fc2") == (7, 5)
@@ -734,7 +722,7 @@ def test_passthrough(op):
     assert (g.size, g.prunable, g.coupled) == (8, 8, False), g.reasons()
     assert "op" in g.tensors and a.channels.unsupported == []
     m, rep = compress(passthrough(op), 0.5)
-    assert removed(rep) == 4
+    assert removed_channels(rep) == 4
     assert input_shape(m, "conv1") == (4, 4, 3, 3)
     if op == "Transpose":
         assert input_shape(m, "mul") == (4,)
@@ -859,7 +847,7 @@ def test_unsupported_op(factory, op, fixed_tensor, free_tensor):
     model = factory()
     m, rep = compress(model, 0.5)
     assert {"node": bad, "reason": f"unsupported op {op}"} in rep.unsupported
-    assert removed(rep) == 4 and rep.params_after < rep.params_before
+    assert removed_channels(rep) == 4 and rep.params_after < rep.params_before
     assert node(m, bad).SerializeToString() == node(model, bad).SerializeToString()
 
 
@@ -888,7 +876,7 @@ def test_subgraph_reads_are_fixed():
     assert group_of(a, "r0").prunable == 8
     model = subgraph_read()
     m, rep = compress(model, 0.5)
-    assert removed(rep) == 4 and input_shape(m, "conv1") == (8, 4, 3, 3)
+    assert removed_channels(rep) == 4 and input_shape(m, "conv1") == (8, 4, 3, 3)
     assert node(m, "if").SerializeToString() == node(model, "if").SerializeToString()
 
 
@@ -905,7 +893,7 @@ def test_graph_output_fixed():
     g = group_of(a, "r0")
     assert g.prunable == 0 and g.reasons() == ["8x reaches graph output 'r0'"]
     m, rep = compress(graph_output(), 0.5)
-    assert removed(rep) == 0 and rep.params_after == rep.params_before
+    assert removed_channels(rep) == 0 and rep.params_after == rep.params_before
 
 
 # -- 18. Shape reads ------------------------------------------------------------------------
@@ -943,7 +931,7 @@ def test_shape_read(mode):
     else:
         assert g.prunable == 8 and not g.fixed
     m, rep = compress(shape_read(mode), 0.5, input_shapes=shapes)
-    assert removed(rep) == (0 if reads_channels else 4)
+    assert removed_channels(rep) == (0 if reads_channels else 4)
     assert input_shape(m, "conv1") == ((4, 8, 3, 3) if reads_channels else (4, 4, 3, 3))
 
 
@@ -1020,7 +1008,7 @@ def test_shared_constant_copied():
     assert group_of(a, "conv0").prunable == 8
     model = shared_const(zero=True)
     m, rep = compress(model, EXACT_RATIO)
-    assert removed(rep) == 6
+    assert removed_channels(rep) == 6
     ma, mb = node(m, "mula"), node(m, "mulb")
     assert ma.input[1] != mb.input[1]
     full = init_value(model, "mula").reshape(-1)
@@ -1071,7 +1059,7 @@ def test_ratio_zero_is_identity(case):
     factory, _, _ = CASES[case]
     model = factory()
     m, rep = compress(model, 0.0, prune_coupled=True)
-    assert removed(rep) == 0 and rep.params_after == rep.params_before
+    assert removed_channels(rep) == 0 and rep.params_after == rep.params_before
     assert max_diff(model, m) < 1e-6
 
 
@@ -1089,7 +1077,7 @@ def test_half_pruning_is_valid(case, value_info):
     assert [o.shape for o in after] == [o.shape for o in before]
     assert all(np.isfinite(o).all() for o in after)
     if expect:
-        assert removed(rep) > 0
+        assert removed_channels(rep) > 0
         assert rep.params_after < rep.params_before and rep.macs_after < rep.macs_before
     else:
         assert rep.params_after == rep.params_before
@@ -1100,7 +1088,7 @@ def test_exact_removal_of_zero_channels(case):
     factory, coupled, expect = CASES[case]
     model = factory(zero=True)
     m, rep = compress(model, EXACT_RATIO, prune_coupled=coupled, criterion="l1")
-    assert removed(rep) == expect
+    assert removed_channels(rep) == expect
     if expect:
         assert rep.params_after < rep.params_before
     assert max_diff(model, m) < 1e-5

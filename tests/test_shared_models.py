@@ -9,6 +9,7 @@ import pytest
 from onnx_udfc import api
 from onnx_udfc.core.ort import make_inputs, run, session
 from onnx_udfc.report.verify import compare
+from tests.helpers import analysed, removed_channels
 
 MODELS = ["resnet20_cifar10_bn", "resnet20_cifar10_folded", "resnet56_cifar10_nm_bn",
           "resnet56_cifar10_nm_folded", "resnet56_cifar10_bn", "lenet300100_fashionmnist_nm"]
@@ -19,8 +20,8 @@ def _outputs(model, feed):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_ratio_zero_is_identity(shared, name):
-    path = shared / "models" / f"{name}.onnx"
+def test_ratio_zero_is_identity(shared_model, name):
+    path = shared_model(name)
     model, report = api.compress(str(path), prune=0.0)
     feed, _ = make_inputs(onnx.load(str(path)), batch=4)
     fid = compare(_outputs(str(path), feed), _outputs(model, feed), ["out"])[0]
@@ -30,15 +31,15 @@ def test_ratio_zero_is_identity(shared, name):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_prune_real_models(shared, name, ratio):
-    path = shared / "models" / f"{name}.onnx"
+def test_prune_real_models(shared_model, name, ratio):
+    path = shared_model(name)
     model, report = api.compress(str(path), prune=ratio)
     onnx.checker.check_model(model, full_check=True)
     feed, _ = make_inputs(onnx.load(str(path)), batch=2)
     out = _outputs(model, feed)[0]
     assert out.shape == (2, 10) and np.isfinite(out).all()
     # Block-internal channels (or LeNet's hidden layers) go; residual stages stay by default.
-    removed = sum(g["removed"] for g in report.groups)
+    removed = removed_channels(report)
     prunable = [g for g in report.groups if g["prunable"]]
     expected = sum(int(np.floor(ratio * g["channels"] + 0.5)) for g in prunable)
     assert removed == expected > 0
@@ -59,28 +60,25 @@ EXPECTED_GROUPS = {
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_GROUPS))
-def test_group_structure(shared, name):
-    model = api.load(shared / "models" / f"{name}.onnx")
-    api.normalize(model)
-    groups = api.analyse(model).groups
+def test_group_structure(shared_model, name):
+    groups = analysed(api.load(shared_model(name))).groups
     n, coupled, internal = EXPECTED_GROUPS[name]
     assert len(groups) == n
     assert sum(g.coupled for g in groups) == coupled
     assert sum(1 for g in groups if not g.coupled and g.prunable == g.size) == internal
 
 
-def test_resnet20_option_a_shortcut_couples_all_stages(shared):
+def test_resnet20_option_a_shortcut_couples_all_stages(shared_model):
     """The zero-padded shortcut ties stage 1's 16 channels into stage 2 and 3 (64 classes)."""
-    model = api.load(shared / "models" / "resnet20_cifar10_bn.onnx")
-    api.normalize(model)
-    coupled = [g for g in api.analyse(model).groups if g.coupled]
+    coupled = [g for g in analysed(api.load(shared_model("resnet20_cifar10_bn"))).groups
+               if g.coupled]
     assert len(coupled) == 1 and coupled[0].size == 64 and coupled[0].prunable == 64
     assert len(coupled[0].producers) == 10  # stem conv + 9 blocks' second convs
 
 
 @pytest.mark.parametrize("name", ["resnet20_cifar10_bn", "resnet56_cifar10_nm_folded"])
-def test_prune_coupled_residual_stages(shared, name):
-    path = shared / "models" / f"{name}.onnx"
+def test_prune_coupled_residual_stages(shared_model, name):
+    path = shared_model(name)
     model, report = api.compress(str(path), prune=0.5, prune_coupled=True)
     onnx.checker.check_model(model, full_check=True)
     assert all(g["removed"] > 0 for g in report.groups if g["coupled"])
@@ -90,9 +88,9 @@ def test_prune_coupled_residual_stages(shared, name):
     assert report.params_after < plain.params_after
 
 
-def test_lenet_parameters_lost_exactly(shared):
+def test_lenet_parameters_lost_exactly(shared_model):
     """784-300-100-10 at 50%: 150 and 50 hidden neurons remain."""
-    model, report = api.compress(str(shared / "models" / "lenet300100_fashionmnist_nm.onnx"),
+    model, report = api.compress(str(shared_model("lenet300100_fashionmnist_nm")),
                                  prune=0.5)
     expected = 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
     assert report.params_after == expected
@@ -101,8 +99,8 @@ def test_lenet_parameters_lost_exactly(shared):
         shapes == sorted([(784, 150), (150, 50), (50, 10)])
 
 
-def test_fold_batchnorm_keeps_outputs_and_stats(shared):
-    path = shared / "models" / "resnet56_cifar10_nm_bn.onnx"
+def test_fold_batchnorm_keeps_outputs_and_stats(shared_model):
+    path = shared_model("resnet56_cifar10_nm_bn")
     model = api.load(path)
     api.normalize(model)
     stats = api.fold_batchnorm(model)
@@ -116,12 +114,12 @@ def test_fold_batchnorm_keeps_outputs_and_stats(shared):
     assert fid.max_abs < 1e-3 and fid.cosine > 0.999999
 
 
-def test_zero_filters_removed_exactly(shared):
+def test_zero_filters_removed_exactly(shared_model):
     """Zeroing the lowest-l1 filters of block-internal convs (and their BN so the channel
     output is exactly zero) then pruning exactly those leaves the outputs unchanged."""
     from onnx_udfc.core.io import set_tensor_array, tensor_array
 
-    path = shared / "models" / "resnet56_cifar10_nm_bn.onnx"
+    path = shared_model("resnet56_cifar10_nm_bn")
     model = api.load(path)
     inits = {t.name: t for t in model.graph.initializer}
     nodes = list(model.graph.node)
@@ -141,7 +139,7 @@ def test_zero_filters_removed_exactly(shared):
         set_tensor_array(inits[bn.input[2]], beta)
         set_tensor_array(inits[bn.input[3]], mean)
     pruned, report = api.compress(model, prune=0.5)
-    assert sum(g["removed"] for g in report.groups) == sum(
+    assert removed_channels(report) == sum(
         g["channels"] // 2 for g in report.groups if not g["coupled"] and g["prunable"])
     feed, _ = make_inputs(model, batch=4)
     fid = compare(_outputs(model, feed), _outputs(pruned, feed), ["out"])[0]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_methods import _bn_chain
 
 from onnx_udfc import api
 from onnx_udfc.moments.gaussian import Activation, gaussian_moments
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.reconstruction import reconstruction
-from tests.synthetic import max_diff, random_feeds, run
+from tests.helpers import assert_refused, bn_chain, initializers, max_diff, random_feeds, run
 
 
 def test_solver_matches_least_squares_on_samples():
@@ -43,7 +42,7 @@ def test_exact_copy_is_reconstructed_exactly():
 def test_compress_udfc_plus_exact_on_duplicate_channel():
     # channel 5 = 0.3 x channel 0 after BN; the synthetic BN statistics are not those of any
     # data (var5 = var0), so the moments are measured on the test inputs (data-aware mode)
-    model = _bn_chain()
+    model = bn_chain()
     feeds = random_feeds(model, 2, 1)
     plain, _ = api.compress(model, prune=0.1, method="prune")
     plus, report = api.compress(model, prune=0.1, method="udfc+", calibration=feeds)
@@ -54,7 +53,7 @@ def test_compress_udfc_plus_exact_on_duplicate_channel():
 
 
 def test_calibration_and_quantization_run():
-    model = _bn_chain()
+    model = bn_chain()
     feeds = random_feeds(model, batch=16, seed=4)
     ref = run(model, feeds)[0]
     errs = {}
@@ -67,7 +66,7 @@ def test_calibration_and_quantization_run():
 
 
 def test_bias_correction_reduces_mean_error():
-    model = _bn_chain()
+    model = bn_chain()
     feeds = random_feeds(model, batch=32, seed=5)
     ref = run(model, feeds)[0]
     rtn, _ = api.compress(model, bits=3, method="prune")
@@ -77,18 +76,13 @@ def test_bias_correction_reduces_mean_error():
     assert bias["plus"] < bias["rtn"]
 
 
-def _weights(model) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
 def test_seed_picks_the_synthetic_samples_reproducibly(digits_model):
     def run_seed(seed: int):
         return api.compress(str(digits_model), prune=0.3, bits=4, method="udfc+",
                             moments="sampled", seed=seed)
 
     (a, report), (b, _), (c, _) = run_seed(0), run_seed(0), run_seed(1)
-    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    wa, wb, wc = initializers(a), initializers(b), initializers(c)
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert any(wa[k].shape == wc[k].shape and not np.array_equal(wa[k], wc[k]) for k in wa)
     assert report.to_dict()["config"]["method"]["seed"] == 0
@@ -118,12 +112,5 @@ def test_bad_seed_is_refused_before_anything_runs(digits_model, seed):
 
 
 def test_cli_bad_seed_is_a_one_line_usage_error(digits_model, tmp_path, capsys):
-    from onnx_udfc.cli import main
-
-    out = tmp_path / "o.onnx"
-    with pytest.raises(SystemExit) as exc:
-        main(["compress", str(digits_model), "-o", str(out), "--method", "udfc+",
-              "--seed", "-3"])
-    assert exc.value.code == 2 and not out.exists()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "seed must be a non-negative integer" in err[0]
+    assert_refused(capsys, tmp_path / "o.onnx", "seed must be a non-negative integer",
+                   "compress", str(digits_model), "--method", "udfc+", "--seed", "-3")

@@ -16,21 +16,17 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from synthetic import random_feeds, session
 
 from onnx_udfc import api
+from tests.helpers import ROOT, analysed, compensations, random_feeds, run, tool_module
 
-ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "tests" / "fixtures" / "zoo"
-sys.path.insert(0, str(ROOT / "tools"))
-from zoo_light import materialise  # noqa: E402
+materialise = tool_module("zoo_light").materialise
 
 MANIFEST = json.loads((ZOO / "manifest.json").read_text())
 ENTRIES = {e["file"]: e for e in MANIFEST}
@@ -49,14 +45,8 @@ def fixture(name: str) -> onnx.ModelProto:
 
 
 @functools.cache
-def analysed(name: str) -> api.Analysis:
-    m = fixture(name)
-    api.normalize(m)
-    return api.analyse(m)
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session(model).run(None, feeds)
+def analysis(name: str) -> api.Analysis:
+    return analysed(fixture(name))
 
 
 def names(arch: str) -> list[str]:
@@ -84,7 +74,7 @@ def test_manifest_covers_the_zoo():
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_zoo_model(name):
     model = fixture(name)
-    a = analysed(name)
+    a = analysis(name)
     assert a.groups and all(g.size > 0 for g in a.groups)
     assert all(r for g in a.groups for r in g.reasons())  # every fixed channel says why
     prunable = sum(g.prunable for g in a.groups if not g.coupled)
@@ -114,17 +104,13 @@ def compressed(name: str, **kwargs):
     return api.compress(fixture(name), **kwargs)
 
 
-def pruned_layers(rep) -> dict[str, dict]:
-    return {x["name"]: x["compensation"] for x in rep.layers if x.get("compensation")}
-
-
 @pytest.mark.parametrize("name", names("resnet18") + names("resnet50") + names("vgg16_bn"))
 def test_plain_cnns_compensate_every_pruned_layer(name):
-    a = analysed(name)
+    a = analysis(name)
     if name.startswith("resnet"):  # residual stages: coupled, left alone by default
         assert any(g.coupled and g.prunable for g in a.groups)
     _, rep = compressed(name, prune=0.3, method="udfc", bits=6)
-    comp = pruned_layers(rep)
+    comp = compensations(rep)
     assert comp and all(c["compensated"] for c in comp.values()), comp
     assert not any(c.get("activations") for c in comp.values())  # ReLU only: exact form
 
@@ -144,7 +130,7 @@ def test_vgg_flatten_into_gemm_over_7x7(name):
 
 @pytest.mark.parametrize("name", names("shufflenet_v2"))
 def test_shufflenet_shuffles_stay_fixed(name):
-    a = analysed(name)
+    a = analysis(name)
     reasons = Counter(r for _, r in a.channels.unsupported)
     assert reasons[RESHAPE_SPLIT] == 16  # one channel shuffle per block
     shuffled = [g for g in a.groups if any(RESHAPE_SPLIT in r for r in g.fixed.values())]
@@ -155,13 +141,13 @@ def test_shufflenet_shuffles_stay_fixed(name):
 
 @pytest.mark.parametrize("name", names("transformer"))
 def test_transformer_ffn_is_pruned_with_compensation(name):
-    a = analysed(name)
+    a = analysis(name)
     ffn = [g for g in a.groups if g.size == 128]
     assert len(ffn) == 2 and all(g.prunable == 128 and not g.coupled for g in ffn)
     heads = [g for g in a.groups if g.size == 32 and not g.coupled]
     assert len(heads) == 6 and all(g.prunable == 0 for g in heads)  # q, k, v: heads split
     m, rep = compressed(name, prune=0.5, method="udfc")
-    comp = pruned_layers(rep)
+    comp = compensations(rep)
     assert len(comp) == 2 and all(c["compensated"] for c in comp.values()), comp
     gelu = "Gelu" if "legacy_erf" not in name else "Erf"
     assert all(gelu in c["activations"] for c in comp.values())
@@ -174,7 +160,7 @@ def test_transformer_ffn_is_pruned_with_compensation(name):
 
 @pytest.mark.parametrize("name", names("efficientnet_b0") + names("mobilenet_v3_small"))
 def test_squeeze_excite(name):
-    a = analysed(name)
+    a = analysis(name)
     model = a.model
     readers: dict[str, list[str]] = {}
     for n in model.graph.node:
@@ -192,7 +178,7 @@ def test_squeeze_excite(name):
     assert any(g.coupled and set(g.producers) & gates for g in a.groups)
     m, rep = compressed(name, prune=0.3, method="udfc", prune_coupled=True)
     assert rep.flops_after < rep.flops_before
-    comp = pruned_layers(rep)
+    comp = compensations(rep)
     fc1 = {k: c for k, c in comp.items() if k in fc1}
     assert fc1 and all(c["compensated"] for c in fc1.values())
     if name.startswith("efficientnet"):  # SiLU = x * sigmoid(x), recognised as one activation
@@ -202,7 +188,7 @@ def test_squeeze_excite(name):
 @pytest.mark.parametrize("name", names("mobilenet_v2"))
 def test_mobilenet_v2_depthwise(name):
     _, rep = compressed(name, prune=0.3, method="udfc", bits=6)
-    comp = pruned_layers(rep)
+    comp = compensations(rep)
     through_dw = [c for c in comp.values() if not c["compensated"]]
     assert through_dw and all("depthwise" in c["reason"] for c in through_dw)
     quant = [x["quantization"] for x in rep.layers if x.get("quantization")]
@@ -218,7 +204,7 @@ def test_unet(name):
     model = fixture(name)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["ConvTranspose"] == 2 and ops["Resize"] == 1 and ops["Concat"] >= 3
-    a = analysed(name)
+    a = analysis(name)
     assert sum(g.prunable for g in a.groups) == sum(g.size for g in a.groups) - 2  # the map
     m, rep = compressed(name, prune=0.5)
     assert rep.flops_after < 0.4 * rep.flops_before
@@ -239,7 +225,7 @@ def test_light_models_opset9():
     for name in [e["file"] for e in MANIFEST if e["arch"].startswith("light_")]:
         model = fixture(name)
         assert model.opset_import[0].version == 9 and model.ir_version == 3
-    a = analysed("light_resnet50.onnx.gz")
+    a = analysis("light_resnet50.onnx.gz")
     assert any(g.coupled for g in a.groups)  # Sum residuals
-    a = analysed("light_shufflenet.onnx.gz")
+    a = analysis("light_shufflenet.onnx.gz")
     assert sum(g.prunable for g in a.groups) == 0  # grouped convs + shuffles: all fixed

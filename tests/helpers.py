@@ -1,20 +1,28 @@
-"""Small synthetic ONNX graphs for the channel-rule tests, built with ``onnx.helper`` only.
+"""What test files share (they never import from one another): small ONNX graphs, running and
+inspecting them, and the command line in-process.
 
-A :class:`Builder` collects nodes and float32 weights (seeded), remembers for every layer which
-of its arrays hold its output channels (so a test can zero whole channels for exactness checks)
-and turns everything into a ``ModelProto``. The remaining helpers run models in onnxruntime and
-inspect the result.
-"""
+A :class:`Builder` collects nodes and seeded float32 weights, remembers which arrays hold each
+layer's output channels (so a test can zero whole channels for exactness checks) and builds a
+``ModelProto``. A few fixed models whose tests pin exact weights or names are written node by
+node (``bn_chain``, ``conv_pair``, ``conv_node``/``bn_node``)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_udfc import api
+from onnx_udfc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 BATCH = "N"
 
 
@@ -177,6 +185,92 @@ class Builder:
         return model
 
 
+def image(b: Builder, c: int = 3, hw: int = 8, batch: int | str = BATCH) -> str:
+    """The graph input ``x``: a batch of ``c``-channel ``hw`` x ``hw`` images."""
+    return b.input("x", [batch, c, hw, hw])
+
+
+# -- models written node by node --------------------------------------------------------------
+def bn_chain(scale: float = 0.3, with_bn: bool = True) -> onnx.ModelProto:
+    """Conv(3->6) [-> BN] -> Relu -> Conv(6->4) -> GAP -> Flatten -> Gemm. Channel 5 is an
+    exact positive multiple of channel 0 after BN (filter and folded bias)."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) * 2
+    w1[5] = scale * w1[0]
+    gamma = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    beta = rng.standard_normal(6).astype(np.float32)
+    mean = rng.standard_normal(6).astype(np.float32) * 0.1
+    var = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    gamma[5], var[5] = gamma[0], var[0]
+    beta[5], mean[5] = scale * beta[0], scale * mean[0]
+    b1 = beta.copy()
+    b1[5] = scale * b1[0]
+    w2 = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    w3 = rng.standard_normal((10, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(w3, "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1"] + ([] if with_bn else ["b1"]), ["c1"],
+                              pads=[1, 1, 1, 1], name="conv1")]
+    if with_bn:
+        inits += [numpy_helper.from_array(a, n) for a, n in
+                  [(gamma, "g"), (beta, "b"), (mean, "m"), (var, "v")]]
+        nodes.append(helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"],
+                                      name="bn1"))
+    else:
+        inits.append(numpy_helper.from_array(b1, "b1"))
+        nodes.append(helper.make_node("Identity", ["c1"], ["n1"], name="id"))
+    nodes += [helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+              helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+              helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def conv_pair(*middle: onnx.NodeProto, opset: int = 17, batch: int | str = "N",
+              height: int | str = 8, first_weight: np.ndarray | None = None,
+              extra_inits: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    """``x [batch, 3, height, 8]`` -> Conv ``c1`` (3->8, 3x3, pad 1) -> ``a`` -> the middle
+    nodes (default: Relu ``r`` to ``b``) -> Conv ``c2`` (8->4, 1x1) on the last middle output
+    -> ``y``. Weights are seeded; ``first_weight`` replaces c1's."""
+    middle = middle or (helper.make_node("Relu", ["a"], ["b"], name="r"),)
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) if first_weight is None \
+        else first_weight
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             *middle, helper.make_node("Conv", [middle[-1].output[0], "w2"], ["y"], name="c2")]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, height, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, height, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), *extra_inits])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def bn_node(prefix: str, x: str, c: int, rng: np.random.Generator,
+            inits: list[onnx.TensorProto]) -> onnx.NodeProto:
+    """A BatchNormalization ``prefix`` writing ``{prefix}_y``; random statistics into ``inits``."""
+    names = [f"{prefix}_{k}" for k in ("g", "b", "m", "v")]
+    values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.5, c),
+              rng.uniform(0.5, 2.0, c)]
+    inits += [numpy_helper.from_array(v.astype(np.float32), n)
+              for n, v in zip(names, values, strict=True)]
+    return helper.make_node("BatchNormalization", [x, *names], [f"{prefix}_y"], name=prefix)
+
+
+def conv_node(prefix: str, x: str, cin: int, cout: int, rng: np.random.Generator,
+              inits: list[onnx.TensorProto], stride: int = 1, k: int = 3) -> onnx.NodeProto:
+    """A bias-free, same-padded Conv ``prefix`` writing ``{prefix}_y``; weight into ``inits``."""
+    w = rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, f"{prefix}_w"))
+    return helper.make_node("Conv", [x, f"{prefix}_w"], [f"{prefix}_y"], name=prefix,
+                            kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+
+
 # -- running and inspecting ---------------------------------------------------------------------
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
@@ -236,11 +330,7 @@ def input_shape(model: onnx.ModelProto, node_name: str, index: int = 1) -> tuple
 
 
 def init_value(model: onnx.ModelProto, node_name: str, index: int = 1) -> np.ndarray:
-    nd = node(model, node_name)
-    for t in model.graph.initializer:
-        if t.name == nd.input[index]:
-            return numpy_helper.to_array(t)
-    raise KeyError(nd.input[index])
+    return initializers(model)[node(model, node_name).input[index]]
 
 
 def attribute(model: onnx.ModelProto, node_name: str, attr: str):
@@ -248,3 +338,63 @@ def attribute(model: onnx.ModelProto, node_name: str, attr: str):
         if a.name == attr:
             return helper.get_attribute_value(a)
     return None
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# -- analysis and reports ----------------------------------------------------------------------
+def analysed(model: onnx.ModelProto) -> api.Analysis:
+    """The channel analysis of a normalised copy of ``model`` (``.model`` is that copy)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    api.normalize(m)
+    return api.analyse(m)
+
+
+def compensations(report) -> dict[str, dict]:
+    """Layer name -> its ``compensation`` entry, for the layers that have one."""
+    return {x["name"]: x["compensation"] for x in report.layers if x.get("compensation")}
+
+
+def quantizations(report) -> dict[str, dict]:
+    """Layer name -> its ``quantization`` entry, for the layers that have one."""
+    return {x["name"]: x["quantization"] for x in report.layers if x.get("quantization")}
+
+
+def removed_channels(report) -> int:
+    return sum(g["removed"] for g in report.groups)
+
+
+# -- command line and tools --------------------------------------------------------------------
+def cli(capture: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``onnx-udfc ARGS`` in-process: exit status (argparse's SystemExit too), stdout, stderr."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capture.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capture: pytest.CaptureFixture[str], out: Path, needle: str,
+                   *args: str) -> None:
+    """``onnx-udfc ARGS -o OUT`` exits with status 2 and one error line naming the problem, and
+    writes neither the output nor a temporary folder."""
+    code, _, err = cli(capture, *args, "-o", str(out))
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("onnx-udfc: error:"), err
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not any(p.name.startswith(".udfc-") for p in out.parent.iterdir())
+
+
+def tool_module(name: str) -> ModuleType:
+    """``tools/NAME.py`` imported by path (``tools`` is not a package)."""
+    path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
