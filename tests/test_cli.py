@@ -33,7 +33,8 @@ def test_version(capfd):
 def test_compress_writes_model_report_and_summary(capfd, tmp_path, digits_model, digits_data):
     out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
     code, stdout, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.3",
-                            "--report", str(rep), "--data", str(digits_data))
+                            "--report", str(rep), "--data", str(digits_data),
+                                "--target", "fake", "--method", "prune")
     assert code == 0, err
     assert "params" in stdout and "accuracy" in stdout and "FLOPs" in stdout
     report = json.loads(rep.read_text())
@@ -61,7 +62,8 @@ def test_inspect_lists_groups_and_reasons(capfd, tmp_path, shared_model):
 
 def test_verify_subcommand(capfd, tmp_path, digits_model, digits_data):
     out = tmp_path / "d.onnx"
-    assert cli(capfd, "compress", str(digits_model), "-o", str(out), "-q", "--no-verify")[0] == 0
+    assert cli(capfd, "compress", str(digits_model), "-o", str(out), "-q", "--no-verify",
+        "--target", "fake", "--method", "prune")[0] == 0
     code, _, err = cli(capfd, "verify", str(digits_model), str(out), "--data", str(digits_data),
                        "--json", str(tmp_path / "v.json"))
     assert code == 0, err
@@ -105,7 +107,8 @@ def test_bad_model_inputs(capfd, tmp_path, case, needle, digits_model):
         _write(src, tiny_model(domain_node=True))
     elif case == "dynamic":
         _write(src, tiny_model(height="H"))
-    assert_refused(capfd, tmp_path / "out.onnx", needle, "compress", str(src), "--prune", "0.3")
+    assert_refused(capfd, tmp_path / "out.onnx", needle, "compress", str(src), "--prune", "0.3",
+        "--target", "fake", "--method", "prune")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -115,21 +118,24 @@ def test_bad_model_inputs(capfd, tmp_path, case, needle, digits_model):
     (["--input-shape", "x:1xAx8"], "bad --input-shape"),
 ])
 def test_bad_options(capfd, tmp_path, digits_model, args, needle):
-    assert_refused(capfd, tmp_path / "out.onnx", needle, "compress", str(digits_model), *args)
+    assert_refused(capfd, tmp_path / "out.onnx", needle, "compress", str(digits_model), *args,
+        "--target", "fake", "--method", "prune")
 
 
 def test_output_equal_to_input_refused(capfd, tmp_path, digits_model):
     src = tmp_path / "m.onnx"
     src.write_bytes(digits_model.read_bytes())
     before = src.read_bytes()
-    code, _, err = cli(capfd, "compress", str(src), "-o", str(src), "--prune", "0.3")
+    code, _, err = cli(capfd, "compress", str(src), "-o", str(src), "--prune", "0.3",
+        "--target", "fake", "--method", "prune")
     assert code == 2 and "output path is the input" in err
     assert src.read_bytes() == before
 
 
 def test_unwritable_output_refused(capfd, tmp_path, digits_model):
     out = tmp_path / "no" / "such" / "dir" / "m.onnx"
-    code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.3")
+    code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.3",
+        "--target", "fake", "--method", "prune")
     assert code == 2 and "does not exist" in err.strip()
     assert len(err.strip().splitlines()) == 1
 
@@ -144,7 +150,8 @@ def test_dynamic_shape_can_be_fixed_by_user(capfd, tmp_path):
     src = _write(tmp_path / "in.onnx", tiny_model(height="H"))
     out = tmp_path / "out.onnx"
     code, _, err = cli(capfd, "compress", str(src), "-o", str(out), "--prune", "0.5",
-                       "--input-shape", "x:1x3x8x8", "--no-verify")
+                       "--input-shape", "x:1x3x8x8", "--no-verify",
+                           "--target", "fake", "--method", "prune")
     assert code == 0, err
     assert onnx.load(str(out)).graph.initializer[0].dims[0] == 4
 
@@ -154,7 +161,7 @@ def test_unsupported_custom_op_left_untouched_and_reported(tmp_path):
     m.opset_import.append(helper.make_opsetid("com.example", 1))
     from onnx_udfc import api
 
-    pruned, report = api.compress(m, prune=0.5, check=False)
+    pruned, report = api.compress(m, prune=0.5, check=False, target="fake", method="prune")
     assert report.unsupported and "Foo" in report.unsupported[0]["reason"]
     assert [tuple(t.dims) for t in pruned.graph.initializer] == \
         [tuple(t.dims) for t in m.graph.initializer]
@@ -169,7 +176,7 @@ def test_external_data_roundtrip_and_auto_switch(capfd, tmp_path, monkeypatch, d
                     size_threshold=0)
     out = tmp_path / "o.onnx"
     code, _, err = cli(capfd, "compress", str(src), "-o", str(out), "--prune", "0.3",
-                       "--external-data", "--no-verify")
+                       "--external-data", "--no-verify", "--target", "fake", "--method", "prune")
     assert code == 0, err
     assert (tmp_path / "o.onnx.data").is_file()
     onnx.checker.check_model(str(out), full_check=True)
@@ -186,7 +193,8 @@ def test_missing_external_data_refused(capfd, tmp_path, digits_model):
     onnx.save_model(onnx.load(str(digits_model)), str(src), save_as_external_data=True,
                     location="ext.onnx.data", size_threshold=0)
     (tmp_path / "ext.onnx.data").unlink()
-    assert_refused(capfd, tmp_path / "out.onnx", "external data", "compress", str(src))
+    assert_refused(capfd, tmp_path / "out.onnx", "external data", "compress", str(src),
+        "--target", "fake", "--method", "prune")
 
 
 def test_metadata_and_names_survive(capfd, tmp_path, digits_model):
@@ -197,7 +205,7 @@ def test_metadata_and_names_survive(capfd, tmp_path, digits_model):
     src = _write(tmp_path / "m.onnx", m)
     out = tmp_path / "o.onnx"
     assert cli(capfd, "compress", str(src), "-o", str(out), "--prune", "0.3", "-q",
-               "--no-verify")[0] == 0
+               "--no-verify", "--target", "fake", "--method", "prune")[0] == 0
     o = onnx.load(str(out))
     assert o.doc_string == "my model" and o.metadata_props[0].value == "me"
     assert o.graph.node[0].doc_string == "first" and o.opset_import == m.opset_import
@@ -208,14 +216,14 @@ def test_exclude_and_round_to(shared_model):
     from onnx_udfc import api
 
     path = str(shared_model("resnet56_cifar10_nm_bn"))
-    _, base = api.compress(path, prune=0.3)
-    _, excl = api.compress(path, prune=0.3, exclude=[r"layer3"])
+    _, base = api.compress(path, prune=0.3, target="fake", method="prune")
+    _, excl = api.compress(path, prune=0.3, exclude=[r"layer3"], target="fake", method="prune")
     untouched = [x for x in excl.layers if "layer3" in x["name"]]
     assert untouched and all(x["out_channels_after"] == x["out_channels_before"] and
                              x["in_channels_after"] == x["in_channels_before"]
                              for x in untouched)
     assert excl.params_after > base.params_after
-    _, rounded = api.compress(path, prune=0.3, round_to=8)
+    _, rounded = api.compress(path, prune=0.3, round_to=8, target="fake", method="prune")
     for g in rounded.groups:
         if g["removed"]:
             assert g["kept"] % 8 == 0
@@ -236,7 +244,7 @@ def test_cuda_provider_unavailable_is_one_line(capfd, digits_model):
 @pytest.mark.parametrize("bits", ["1", "9", "six"])
 def test_bad_bits(capfd, tmp_path, digits_model, bits):
     assert_refused(capfd, tmp_path / "out.onnx", "bits must be an integer in 2..8", "compress",
-                   str(digits_model), "--bits", bits)
+                   str(digits_model), "--bits", bits, "--target", "fake", "--method", "prune")
 
 
 def test_evaluate_digits_and_npz(capfd, tmp_path, digits_model, digits_data):
@@ -270,7 +278,7 @@ def test_plot_and_verbose_layer_table(capfd, tmp_path, digits_model):
     out, png = tmp_path / "o.onnx", tmp_path / "p.png"
     code, stdout, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.3",
                             "--method", "udfc", "--bits", "6", "--plot", str(png), "-v",
-                            "--no-verify")
+                            "--no-verify", "--target", "fake")
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "pred.err" in stdout and "/block/conv1/Conv" in stdout

@@ -73,11 +73,11 @@ def test_greedy_removes_the_reconstructable_channel_not_the_small_one():
 
 def test_recon_criterion_plans_and_compresses():
     model = bn_chain()
-    out, report = api.compress(model, prune=0.2, method="udfc+", criterion="recon")
+    out, report = api.compress(model, prune=0.2, method="udfc+", criterion="recon", target="fake")
     onnx.checker.check_model(out, full_check=True)
     assert report.params_after < report.params_before
     with pytest.raises(UdfcError, match="criterion"):
-        api.compress(model, prune=0.2, criterion="l3")
+        api.compress(model, prune=0.2, criterion="l3", target="fake", method="prune")
 
 
 def test_pink_noise_is_standardised_and_smooth():
@@ -139,7 +139,7 @@ def test_frozen_statistics_reproduce_training_mode():
 
 def test_sequential_needs_udfc_plus():
     with pytest.raises(UdfcError, match="sequential"):
-        api.compress(bn_chain(), prune=0.2, method="udfc", sequential=True)
+        api.compress(bn_chain(), prune=0.2, method="udfc", sequential=True, target="fake")
 
 
 def _images(npz) -> np.ndarray:
@@ -165,7 +165,7 @@ def test_sequential_fit_beats_per_layer_fit_with_calibration(digits_model, digit
     errs = {}
     for seq in (False, True):
         out, report = api.compress(digits_model, prune=0.5, method="udfc+", criterion=criterion,
-                                   calibration=x, sequential=seq)
+                                   calibration=x, sequential=seq, target="fake")
         onnx.checker.check_model(out, full_check=True)
         layers = compensations(report)
         assert layers and all(c["compensated"] for c in layers.values())
@@ -174,7 +174,8 @@ def test_sequential_fit_beats_per_layer_fit_with_calibration(digits_model, digit
 
 
 def test_data_free_sequential_runs_and_reports(digits_model):
-    out, report = api.compress(digits_model, prune=0.4, method="udfc+", sequential=True)
+    out, report = api.compress(digits_model, prune=0.4, method="udfc+", sequential=True,
+        target="fake")
     onnx.checker.check_model(out, full_check=True)
     assert {c.get("stats") for c in compensations(report).values()} == {"sequential"}
 
@@ -184,7 +185,8 @@ def test_gptq_weights_lie_on_the_grid_and_beat_rounding(digits_model, digits_dat
     _, error = _digits_error(digits_model, digits_data)
     errs = {}
     for method in ("prune", "udfc+"):
-        out, report = api.compress(digits_model, bits=3, method=method, quantizer=quantizer)
+        out, report = api.compress(digits_model, bits=3, method=method, quantizer=quantizer,
+            target="fake")
         errs[method] = error(out)
         if method == "udfc+":
             assert any(q.get("gptq") for q in quantizations(report).values())
@@ -197,9 +199,9 @@ def test_gptq_weights_lie_on_the_grid_and_beat_rounding(digits_model, digits_dat
 
 def test_gptq_qdq_twin_matches_fake(digits_model, digits_data):
     fake, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
-                           granularity="channel")
+                           granularity="channel", target="fake")
     qdq, _ = api.compress(digits_model, bits=4, method="udfc+", quantizer="symmetric",
-                          granularity="channel", format="qdq")
+                          granularity="channel", format="qdq", target="fake")
     x = _images(digits_data)[:64]
     a = session(fake).run(None, {session(fake).get_inputs()[0].name: x})[0]
     b = session(qdq).run(None, {session(qdq).get_inputs()[0].name: x})[0]
@@ -213,7 +215,7 @@ def test_gptq_qdq_twin_matches_fake(digits_model, digits_data):
 def test_cli_options(capsys, tmp_path, digits_model, args):
     dst = tmp_path / "o.onnx"
     code, _, err = cli(capsys, "compress", str(digits_model), "-o", str(dst), "--method", "udfc+",
-                       *args, "--report", str(tmp_path / "r.json"), "-q")
+                       *args, "--report", str(tmp_path / "r.json"), "-q", "--target", "fake")
     assert code == 0 and dst.exists(), err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params_after"] < report["params_before"]
@@ -221,4 +223,4 @@ def test_cli_options(capsys, tmp_path, digits_model, args):
 
 def test_cli_rejects_sequential_without_udfc_plus(tmp_path, digits_model, capsys):
     assert_refused(capsys, tmp_path / "o.onnx", "sequential", "compress", str(digits_model),
-                   "--prune", "0.3", "--method", "udfc", "--sequential")
+                   "--prune", "0.3", "--method", "udfc", "--sequential", "--target", "fake")

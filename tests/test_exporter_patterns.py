@@ -77,7 +77,7 @@ def test_run_time_shapes_fold_and_channels_stay_prunable():
     assert by["conv0"].prunable == 0  # through the shuffle
     assert by["conv2"].prunable == 4  # concatenated after the shuffled half, into the Gemm
     for ratio in (0.0, 0.5):
-        out, rep = api.compress(model, prune=ratio)
+        out, rep = api.compress(model, prune=ratio, target="fake", method="prune")
         assert max_diff(model, out) < 1e-5 if ratio == 0 else rep.macs_after < rep.macs_before
         assert [o.shape for o in run(out, random_feeds(model))] == [(2, 5)]
 
@@ -92,7 +92,7 @@ def test_dynamo_reshape_with_allowzero_and_symbolic_batch():
     b.output(b.gemm(b.op("Reshape", [p, target], allowzero=1), 8, 5, name="fc", trans_b=1))
     model = b.build()
     assert group_sizes(model)[0] == (8, 8)
-    out, rep = api.compress(model, prune=0.5)
+    out, rep = api.compress(model, prune=0.5, target="fake", method="prune")
     assert rep.macs_after < rep.macs_before
 
 
@@ -106,7 +106,7 @@ def test_static_channel_count_read_is_folded_not_fixed():
                                                                  axis=0)]))
     model = b.build()
     assert group_sizes(model)[0] == (8, 8)
-    out, _ = api.compress(model, prune=0.5)
+    out, _ = api.compress(model, prune=0.5, target="fake", method="prune")
     feeds = random_feeds(model)
     assert run(out, feeds)[1].shape == run(model, feeds)[1].shape == (4, 8)
 
@@ -124,7 +124,8 @@ def test_ir3_initializers_declared_as_inputs():
     model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                              for t in model.graph.initializer)
     onnx.checker.check_model(model, full_check=True)
-    out, rep = api.compress(model, prune=0.5)  # the full checker runs inside
+    out, rep = api.compress(model, prune=0.5,
+        target="fake", method="prune")  # the full checker runs inside
     assert rep.macs_after < rep.macs_before
     declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
                 for i in out.graph.input}
@@ -149,7 +150,7 @@ def test_constant_folding_uses_the_models_opset():
     values = initializers(m)
     assert values[clipped].tolist() == [0.0, 0.5, 1.0]
     assert values[scale].shape == (8, 1, 1)
-    out, rep = api.compress(model, prune=0.5)
+    out, rep = api.compress(model, prune=0.5, target="fake", method="prune")
     assert rep.macs_after < rep.macs_before
     assert run(out, random_feeds(model))[1].tolist() == [0.0, 0.5, 1.0]
 
@@ -178,7 +179,7 @@ def test_computed_conv_bias_fixes_its_channels():
     a = analysed(model)
     g = next(g for g in a.groups if "conv1" in g.producers)
     assert g.prunable == 0 and g.reasons() == ["8x Conv bias 'bias' is computed at run time"]
-    out, _ = api.compress(model, prune=0.5)
+    out, _ = api.compress(model, prune=0.5, target="fake", method="prune")
     feeds = random_feeds(model)
     assert run(out, feeds)[0].shape == run(model, feeds)[0].shape
 
@@ -193,7 +194,7 @@ def test_dynamo_zero_bias_castlike_folds():
     b.output(b.conv(b.relu(y), 8, 4, name="conv2"))
     model = onnx.shape_inference.infer_shapes(b.build())  # dynamo writes value_info
     assert [s for s in group_sizes(model)[:2]] == [(8, 8), (8, 8)]
-    out, rep = api.compress(model, prune=0.5)
+    out, rep = api.compress(model, prune=0.5, target="fake", method="prune")
     assert rep.macs_after < rep.macs_before
     assert run(out, random_feeds(model))[0].shape == (2, 4, 8, 8)
 
@@ -216,7 +217,7 @@ def test_computed_per_channel_operand_is_reported():
     model = b.build()
     a_sizes = group_sizes(model)
     assert a_sizes[0] == (8, 0)
-    out, _ = api.compress(model, prune=0.5)
+    out, _ = api.compress(model, prune=0.5, target="fake", method="prune")
     assert max_diff(model, out) < 1e-5
 
 
@@ -256,7 +257,7 @@ def test_linear_bias_add_is_part_of_the_layer(act):
     """The bias in the Add enters the statistics, so an exact multiple is reconstructed exactly
     through a positively homogeneous activation."""
     model = mlp_tokens(act)
-    _, rep = api.compress(model, prune=0.5, method="udfc")
+    _, rep = api.compress(model, prune=0.5, method="udfc", target="fake")
     comp = compensations(rep)["fc1"]
     assert comp["compensated"] and comp["stats"] == "identity" and "activations" not in comp
     a = analysed(model)
@@ -285,14 +286,14 @@ RELU_LIKE = [("erf", ["Add", "Erf", "Mul"]), ("silu", ["Mul", "Sigmoid"]), ("Gel
 @pytest.mark.parametrize("act,names", RELU_LIKE)
 def test_relu_like_activations_are_crossed_and_reported(act, names):
     model = mlp_tokens(act) if act != "Gelu" else _gelu20()
-    _, rep = api.compress(model, prune=0.5, method="udfc", bits=6)
+    _, rep = api.compress(model, prune=0.5, method="udfc", bits=6, target="fake")
     comp, q = compensations(rep)["fc1"], quantizations(rep)["fc1"]
     assert comp["compensated"] and comp["activations"] == names
     assert q["scale_compensated"] and q["activations"] == names
     old = compensate.PRUNE_THROUGH_CURVED, compensate.SCALE_THROUGH_CURVED
     compensate.PRUNE_THROUGH_CURVED = compensate.SCALE_THROUGH_CURVED = False
     try:
-        _, rep = api.compress(model, prune=0.5, method="udfc", bits=6)
+        _, rep = api.compress(model, prune=0.5, method="udfc", bits=6, target="fake")
     finally:
         compensate.PRUNE_THROUGH_CURVED, compensate.SCALE_THROUGH_CURVED = old
     assert "not positively homogeneous" in compensations(rep)["fc1"]["reason"]
@@ -301,7 +302,7 @@ def test_relu_like_activations_are_crossed_and_reported(act, names):
 
 @pytest.mark.parametrize("act", ["Sigmoid", "Tanh", "HardSigmoid"])
 def test_saturating_activations_are_not_crossed(act):
-    _, rep = api.compress(mlp_tokens(act), prune=0.5, method="udfc", bits=6)
+    _, rep = api.compress(mlp_tokens(act), prune=0.5, method="udfc", bits=6, target="fake")
     for entry in (compensations(rep)["fc1"], quantizations(rep)["fc1"]):
         assert entry.get("compensated", entry.get("scale_compensated")) is False
         assert f"{act}, a saturating activation" in entry["reason"]
@@ -330,7 +331,7 @@ def test_scale_with_a_batchnorm_goes_into_it_before_a_curved_activation(act):
         h = b.op(act, [h])
     b.output(b.conv(h, 8, 4, name="conv1"))
     model = b.build()
-    out, rep = api.compress(model, bits=6, method="udfc")
+    out, rep = api.compress(model, bits=6, method="udfc", target="fake")
     q = quantizations(rep)["conv0"]
     assert q["scale_compensated"]
     assert q.get("scale_into") == (None if act == "Relu" else "batchnorm")
@@ -349,9 +350,9 @@ def test_squeeze_excite_gate_takes_the_scale_and_split_readers_take_subsets():
     left, right = b.op("Split", [y], "split", outputs=2, axis=1)
     b.output(b.conv(left, 4, 2, name="convl"), b.conv(right, 4, 2, name="convr"))
     model = b.build()
-    _, rep = api.compress(model, bits=6, method="udfc")
+    _, rep = api.compress(model, bits=6, method="udfc", target="fake")
     assert quantizations(rep)["conv0"]["scale_compensated"]
-    _, rep = api.compress(model, prune=0.5, method="udfc", prune_coupled=True)
+    _, rep = api.compress(model, prune=0.5, method="udfc", prune_coupled=True, target="fake")
     # the gate ties conv0's channels to fc2's: a coupled group, never reconstructed across
     assert "coupled" in compensations(rep)["conv0"]["reason"]
 
@@ -382,7 +383,7 @@ def test_dropout_mask_does_not_block_compensation():
     h = b.relu(b.conv(image(b), 3, 8, name="conv0"), "r0")
     d = b.op("Dropout", [h], "drop", outputs=2)[0]
     b.output(b.conv(d, 8, 4, name="conv1"))
-    _, rep = api.compress(b.build(), prune=0.5, method="udfc")
+    _, rep = api.compress(b.build(), prune=0.5, method="udfc", target="fake")
     assert compensations(rep)["conv0"]["compensated"]
 
 
@@ -393,6 +394,6 @@ def test_all_or_nothing_when_a_reader_cannot_be_mapped():
     s = b.op("Reshape", [b.op("Transpose", [b.op("Reshape", [h, b.ints([0, 2, 4, 8, 8])])],
                                             perm=[0, 2, 1, 3, 4]), b.ints([0, 8, 8, 8])])
     b.output(b.conv(h, 8, 4, name="conv1"), b.conv(s, 8, 4, name="conv2"))
-    _, rep = api.compress(b.build(), bits=6, method="udfc")
+    _, rep = api.compress(b.build(), bits=6, method="udfc", target="fake")
     q = quantizations(rep)["conv0"]
     assert not q["scale_compensated"] and "cannot follow" in q["reason"]

@@ -253,7 +253,7 @@ def test_compress_uses_the_inverted_batch_everywhere(digits_model, monkeypatch):
         return original(*a, **k)
     monkeypatch.setattr(synthetic, "synthetic_inputs", once)
     model, report = api.compress(str(digits_model), prune=0.3, bits=4, method="udfc+",
-                                 moments="inverted", sequential=True)
+                                 moments="inverted", sequential=True, target="fake")
     onnx.checker.check_model(model, full_check=True)
     assert report.inversion["steps"] == inversion.STEPS
     assert report.inversion["loss_end"] < report.inversion["loss_start"]
@@ -272,7 +272,7 @@ def test_calibration_skips_the_inversion(digits_model, tmp_path, monkeypatch):
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(0).normal(size=(16, *shape[1:])).astype(np.float32)
     _, report = api.compress(str(digits_model), prune=0.3, method="udfc+",
-                             moments="inverted", calibration=x)
+                             moments="inverted", calibration=x, target="fake")
     assert report.inversion is None
 
 
@@ -280,7 +280,7 @@ def test_cli_inverted_moments_writes_the_fit_to_the_report(digits_model, tmp_pat
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
     code, stdout, err = cli(capsys, "compress", str(digits_model), "-o", str(out), "--prune",
                             "0.3", "--method", "udfc+", "--moments", "inverted", "--report",
-                            str(rep), "--no-verify")
+                            str(rep), "--no-verify", "--target", "fake")
     assert code == 0, err
     onnx.checker.check_model(str(out), full_check=True)
     fit = json.loads(rep.read_text())["inversion"]
@@ -294,7 +294,8 @@ def test_cli_inverted_moments_on_a_model_without_batchnorm_fails_cleanly(tmp_pat
     src = tmp_path / "nobn.onnx"
     onnx.save(_without_batchnorm(residual_net()), src)
     assert_refused(capsys, tmp_path / "out.onnx", "BatchNormalization", "compress", str(src),
-                   "--prune", "0.3", "--method", "udfc+", "--moments", "inverted", "--no-verify")
+                   "--prune", "0.3", "--method", "udfc+", "--moments", "inverted", "--no-verify",
+                       "--target", "fake")
 
 
 def test_progress_detail_is_silent_off_a_tty(capsys):

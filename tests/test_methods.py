@@ -22,23 +22,23 @@ def _fidelity(a: onnx.ModelProto, b: onnx.ModelProto):
 def test_udfc_exact_when_pruned_channel_is_a_multiple(with_bn):
     model = bn_chain(with_bn=with_bn)
     # 1 of 6 channels of conv1 (the group of 4 conv2 channels keeps all 4 at 10%).
-    pruned, report = api.compress(model, prune=0.1, method="udfc")
+    pruned, report = api.compress(model, prune=0.1, method="udfc", target="fake")
     layer = next(x for x in report.layers if x["name"] == "conv1")
     assert layer["out_channels_after"] == 5
     assert layer["compensation"]["compensated"] is True
     assert layer["predicted_error"] < 1e-6
     assert _fidelity(model, pruned).max_abs < 1e-4
-    plain, _ = api.compress(model, prune=0.1, method="prune")
+    plain, _ = api.compress(model, prune=0.1, method="prune", target="fake")
     assert _fidelity(model, plain).max_abs > 1e-2  # the channel mattered
 
 
 def test_neuron_merging_compensates_and_reports():
     model = bn_chain()
-    pruned, report = api.compress(model, prune=0.1, method="nm")
+    pruned, report = api.compress(model, prune=0.1, method="nm", target="fake")
     comp = next(x for x in report.layers if x["name"] == "conv1")["compensation"]
     assert comp["compensated"] is True and comp["merged"] == 1
     assert _fidelity(model, pruned).max_abs < _fidelity(model, api.compress(
-        model, prune=0.1)[0]).max_abs
+        model, prune=0.1, target="fake", method="prune")[0]).max_abs
 
 
 def test_fold_bn_keeps_the_paper_exact(shared_model):
@@ -64,7 +64,7 @@ def test_fold_bn_keeps_the_paper_exact(shared_model):
                                         np.arange(8, 16), 0.01)
         coefficients.append(sol.coefficients)
     assert np.allclose(coefficients[0], coefficients[1], rtol=1e-4, atol=1e-6)
-    _, report = api.compress(str(path), prune=0.5, method="udfc", fold_bn=True)
+    _, report = api.compress(str(path), prune=0.5, method="udfc", fold_bn=True, target="fake")
     assert len(report.folded_batchnorm) == 57
     assert any(x["compensation"] and x["compensation"].get("stats") == "saved"
                for x in report.layers)
@@ -73,7 +73,8 @@ def test_fold_bn_keeps_the_paper_exact(shared_model):
 @pytest.mark.parametrize("quantizer,levels,zero", [("paper", 16, False), ("symmetric", 15, True),
                                                    ("asymmetric", 16, True)])
 def test_quantized_weights_on_grid(quantizer, levels, zero):
-    model, report = api.compress(bn_chain(), bits=4, quantizer=quantizer, method="udfc")
+    model, report = api.compress(bn_chain(), bits=4, quantizer=quantizer, method="udfc",
+        target="fake")
     inits = {t.name: tensor_array(t) for t in model.graph.initializer}
     for name in ("w1", "w2", "w3"):
         values = np.unique(inits[name])
@@ -83,8 +84,10 @@ def test_quantized_weights_on_grid(quantizer, levels, zero):
 
 
 def test_per_channel_granularity_has_lower_error():
-    _, tensor = api.compress(bn_chain(), bits=3, quantizer="symmetric")
-    _, channel = api.compress(bn_chain(), bits=3, quantizer="symmetric", granularity="channel")
+    _, tensor = api.compress(bn_chain(), bits=3, quantizer="symmetric",
+        target="fake", method="prune")
+    _, channel = api.compress(bn_chain(), bits=3, quantizer="symmetric", granularity="channel",
+        target="fake", method="prune")
     err = [sum(x["quantization"]["quant_error"] for x in r.layers) for r in (tensor, channel)]
     assert err[1] < err[0]
 
@@ -92,7 +95,8 @@ def test_per_channel_granularity_has_lower_error():
 def test_explicit_not_compensated_entries(shared_model):
     """Residual-coupled producers cannot be reconstructed per layer: said so per layer."""
     path = str(shared_model("resnet56_cifar10_nm_bn"))
-    _, report = api.compress(path, prune=0.3, method="udfc", prune_coupled=True, bits=4)
+    _, report = api.compress(path, prune=0.3, method="udfc", prune_coupled=True, bits=4,
+        target="fake")
     comps = list(compensations(report).values())
     assert any(c["compensated"] for c in comps)
     coupled = [c for c in comps if not c["compensated"]]
@@ -117,7 +121,7 @@ def test_udfc_beats_prune_on_real_model(shared, shared_model):
     ref = run(session(original), {"input": x})[0]
     errs = {}
     for method in ("prune", "nm", "udfc"):
-        model, _ = api.compress(path, prune=0.3, method=method)
+        model, _ = api.compress(path, prune=0.3, method=method, target="fake")
         errs[method] = compare([ref], run(session(model), {"input": x}), ["y"])[0].cosine
     assert errs["udfc"] > errs["prune"] and errs["nm"] > errs["prune"]
 

@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_data_free import _bn_model
-from test_methods import _bn_chain
 
 from onnx_udfc import api
 from onnx_udfc.core.errors import UdfcError
@@ -20,7 +19,7 @@ from onnx_udfc.moments import source as source_module
 from onnx_udfc.moments.measured import measure
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
 from onnx_udfc.moments.source import MomentSource
-from tests.synthetic import random_feeds
+from tests.helpers import bn_chain, random_feeds
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_udfc"
 
@@ -36,7 +35,7 @@ def _mlp() -> onnx.ModelProto:
 def _baked_batch() -> onnx.ModelProto:
     """``_bn_chain`` with its Flatten replaced by a Reshape to the fixed batch of 2: ORT refuses
     any other batch (the Gemm then sees 2 rows of 256 features, not 128 rows of 4)."""
-    model = _bn_chain()
+    model = bn_chain()
     model.graph.initializer.append(numpy_helper.from_array(np.asarray([2, -1], np.int64),
                                                            "flat_shape"))
     flat = next(n for n in model.graph.node if n.op_type == "Flatten")
@@ -54,7 +53,7 @@ def test_auto_samples_a_conv_net_and_propagates_an_mlp():
 
 
 def test_calibration_measures_whatever_was_asked():
-    model = _bn_chain()
+    model = bn_chain()
     feed = random_feeds(model, batch=2, seed=0)
     source = MomentSource(model, "propagated", calibration=feed)
     assert source.kind == "measured"
@@ -99,7 +98,7 @@ def test_refused_batch_falls_back_once_with_its_cause(monkeypatch):
 
 
 def test_report_names_the_source_and_the_fallback():
-    _, report = api.compress(_baked_batch(), prune=0.3, method="udfc+", bits=8)
+    _, report = api.compress(_baked_batch(), prune=0.3, method="udfc+", bits=8, target="fake")
     moments = report.to_dict()["moments"]
     assert moments["requested"] == "auto" and moments["used"] == "propagated"
     [fallback] = moments["fallbacks"]  # compensate fell back; quantize did not retry
@@ -107,10 +106,10 @@ def test_report_names_the_source_and_the_fallback():
     assert "moments propagated (fallback in compensate: sampled failed: InvalidArgument" \
         in report.summary()
 
-    _, report = api.compress(_bn_chain(), prune=0.3, method="udfc+")
+    _, report = api.compress(bn_chain(), prune=0.3, method="udfc+", target="fake")
     assert report.moments == {"requested": "auto", "used": "sampled", "fallbacks": []}
     assert "\nmoments sampled\n" in report.summary()
-    _, report = api.compress(_bn_chain(), prune=0.3, method="udfc")
+    _, report = api.compress(bn_chain(), prune=0.3, method="udfc", target="fake")
     assert report.moments is None and "moments" not in report.summary()
 
 

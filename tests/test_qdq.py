@@ -142,7 +142,8 @@ def test_pruned_udfc_and_asymmetric_store_and_match(digits_model) -> None:
 
 def test_int8_container_for_low_bits_keeps_opset(digits_model) -> None:
     qdq, report = api.compress(str(digits_model), bits=4, quantizer="symmetric",
-                               granularity="channel", format="qdq", container="int8")
+                               granularity="channel", format="qdq", container="int8",
+                                   target="fake", method="prune")
     assert report.storage["weights"] == {"int8": 7}
     assert report.storage["opset_after"] == 17
     codes = [numpy_helper.to_array(t) for t in qdq.graph.initializer
@@ -159,7 +160,7 @@ def test_explicit_opset_and_skeleton_conversion_keep_weights(digits_model) -> No
     assert after.keys() >= before.keys()
     assert all(after[k] == v for k, v in before.items())
     _, report = api.compress(str(digits_model), bits=8, quantizer="symmetric", format="qdq",
-                             opset=22)
+                             opset=22, target="fake", method="prune")
     assert report.storage["opset_after"] == 22 and report.storage["ir_version"] >= 10
 
 
@@ -182,7 +183,7 @@ def test_file_size_targets(shared_model, tmp_path, name: str) -> None:
         for fold in (False, True) if "folded" not in name else (False,):
             model, _ = api.compress(str(path), bits=bits, quantizer="symmetric",
                                     granularity="channel", format="qdq", fold_bn=fold,
-                                    check=False)
+                                    check=False, target="fake", method="prune")
             size = api.save_compressed(model, tmp_path / f"{bits}{fold}.onnx", check=False)
             assert size - rest <= target * weights, (bits, fold, size / fp32)
             if fold or "folded" in name:

@@ -84,7 +84,8 @@ def test_fake_format_reports_float_storage(capsys, tmp_path, digits_model) -> No
     out, rep = tmp_path / "f.onnx", tmp_path / "r.json"
     code, stdout, err = cli(capsys, "compress", str(digits_model), "-o", str(out), "--bits",
                                 "6", "--block-size", "8", "--quantizer", "asymmetric",
-                                "--no-verify", "--report", str(rep))
+                                "--no-verify", "--report", str(rep),
+                                    "--target", "fake", "--method", "prune")
     assert code == 0, err
     report = json.loads(rep.read_text())
     assert report["storage"]["format"] == "fake" and report["storage"]["weights"] == \
@@ -109,7 +110,8 @@ def test_fake_format_reports_float_storage(capsys, tmp_path, digits_model) -> No
     (["--bits", "4", "--format", "int3"], "invalid choice"),
 ])
 def test_bad_format_options_are_refused(capsys, tmp_path, digits_model, args, needle) -> None:
-    assert_refused(capsys, tmp_path / "o.onnx", needle, "compress", str(digits_model), *args)
+    assert_refused(capsys, tmp_path / "o.onnx", needle, "compress", str(digits_model), *args,
+        "--target", "fake", "--method", "prune")
 
 
 @pytest.mark.parametrize("kind, needle", [
@@ -121,7 +123,8 @@ def test_weights_dequantizelinear_cannot_feed_are_refused(capsys, tmp_path, kind
                                                           needle) -> None:
     src = _gemm(tmp_path / "m.onnx", dtype=np.float64 if kind == "double" else np.float32,
                 custom_reader=kind == "custom", weight_is_input=kind == "input")
-    assert_refused(capsys, tmp_path / "o.onnx", needle, "compress", str(src), *QDQ4)
+    assert_refused(capsys, tmp_path / "o.onnx", needle, "compress", str(src), *QDQ4,
+        "--target", "fake", "--method", "prune")
 
 
 def _groupnorm_opset18(path: Path) -> Path:
@@ -139,16 +142,17 @@ def _groupnorm_opset18(path: Path) -> Path:
 def test_conversion_that_breaks_the_model_is_refused(capsys, tmp_path) -> None:
     src = _groupnorm_opset18(tmp_path / "gn.onnx")
     assert_refused(capsys, tmp_path / "o.onnx", "ONNX Runtime cannot run the converted model",
-                   "compress", str(src), *QDQ4)
+                   "compress", str(src), *QDQ4, "--target", "fake", "--method", "prune")
 
 
 def test_unconvertible_opset_is_refused(capsys, tmp_path) -> None:
     src = _mvn_opset9(tmp_path / "mvn.onnx")
     assert_refused(capsys, tmp_path / "o.onnx", "cannot convert the model from opset 9 to 21",
-                   "compress", str(src), *QDQ4)
+                   "compress", str(src), *QDQ4, "--target", "fake", "--method", "prune")
     # Per-tensor int8 needs only opset 10, which converts cleanly.
     code, _, err = cli(capsys, "compress", str(src), "-o", str(tmp_path / "o8.onnx"),
-                           "--bits", "8", "--quantizer", "symmetric", "--format", "qdq")
+                           "--bits", "8", "--quantizer", "symmetric", "--format", "qdq",
+                               "--target", "fake", "--method", "prune")
     assert code == 0, err
     assert onnx.load(str(tmp_path / "o8.onnx")).opset_import[0].version == 10
 

@@ -22,7 +22,7 @@ def _outputs(model, feed):
 @pytest.mark.parametrize("name", MODELS)
 def test_ratio_zero_is_identity(shared_model, name):
     path = shared_model(name)
-    model, report = api.compress(str(path), prune=0.0)
+    model, report = api.compress(str(path), prune=0.0, target="fake", method="prune")
     feed, _ = make_inputs(onnx.load(str(path)), batch=4)
     fid = compare(_outputs(str(path), feed), _outputs(model, feed), ["out"])[0]
     assert fid.max_abs < 1e-6
@@ -33,7 +33,7 @@ def test_ratio_zero_is_identity(shared_model, name):
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_prune_real_models(shared_model, name, ratio):
     path = shared_model(name)
-    model, report = api.compress(str(path), prune=ratio)
+    model, report = api.compress(str(path), prune=ratio, target="fake", method="prune")
     onnx.checker.check_model(model, full_check=True)
     feed, _ = make_inputs(onnx.load(str(path)), batch=2)
     out = _outputs(model, feed)[0]
@@ -79,19 +79,20 @@ def test_resnet20_option_a_shortcut_couples_all_stages(shared_model):
 @pytest.mark.parametrize("name", ["resnet20_cifar10_bn", "resnet56_cifar10_nm_folded"])
 def test_prune_coupled_residual_stages(shared_model, name):
     path = shared_model(name)
-    model, report = api.compress(str(path), prune=0.5, prune_coupled=True)
+    model, report = api.compress(str(path), prune=0.5, prune_coupled=True,
+        target="fake", method="prune")
     onnx.checker.check_model(model, full_check=True)
     assert all(g["removed"] > 0 for g in report.groups if g["coupled"])
     feed, _ = make_inputs(onnx.load(str(path)), batch=2)
     assert _outputs(model, feed)[0].shape == (2, 10)
-    plain = api.compress(str(path), prune=0.5)[1]
+    plain = api.compress(str(path), prune=0.5, target="fake", method="prune")[1]
     assert report.params_after < plain.params_after
 
 
 def test_lenet_parameters_lost_exactly(shared_model):
     """784-300-100-10 at 50%: 150 and 50 hidden neurons remain."""
     model, report = api.compress(str(shared_model("lenet300100_fashionmnist_nm")),
-                                 prune=0.5)
+                                 prune=0.5, target="fake", method="prune")
     expected = 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
     assert report.params_after == expected
     shapes = sorted(tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2)
@@ -138,7 +139,7 @@ def test_zero_filters_removed_exactly(shared_model):
         mean[zero] = 0.0
         set_tensor_array(inits[bn.input[2]], beta)
         set_tensor_array(inits[bn.input[3]], mean)
-    pruned, report = api.compress(model, prune=0.5)
+    pruned, report = api.compress(model, prune=0.5, target="fake", method="prune")
     assert removed_channels(report) == sum(
         g["channels"] // 2 for g in report.groups if not g["coupled"] and g["prunable"])
     feed, _ = make_inputs(model, batch=4)

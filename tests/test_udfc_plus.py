@@ -44,8 +44,8 @@ def test_compress_udfc_plus_exact_on_duplicate_channel():
     # data (var5 = var0), so the moments are measured on the test inputs (data-aware mode)
     model = bn_chain()
     feeds = random_feeds(model, 2, 1)
-    plain, _ = api.compress(model, prune=0.1, method="prune")
-    plus, report = api.compress(model, prune=0.1, method="udfc+", calibration=feeds)
+    plain, _ = api.compress(model, prune=0.1, method="prune", target="fake")
+    plus, report = api.compress(model, prune=0.1, method="udfc+", calibration=feeds, target="fake")
     comp = [entry["compensation"] for entry in report.to_dict()["layers"]
             if entry.get("compensation")]
     assert comp and all(c["compensated"] for c in comp)
@@ -69,8 +69,8 @@ def test_bias_correction_reduces_mean_error():
     model = bn_chain()
     feeds = random_feeds(model, batch=32, seed=5)
     ref = run(model, feeds)[0]
-    rtn, _ = api.compress(model, bits=3, method="prune")
-    plus, _ = api.compress(model, bits=3, method="udfc+", calibration=feeds)
+    rtn, _ = api.compress(model, bits=3, method="prune", target="fake")
+    plus, _ = api.compress(model, bits=3, method="udfc+", calibration=feeds, target="fake")
     bias = {k: float(np.abs((run(m, feeds)[0] - ref).mean(0)).mean())
             for k, m in {"rtn": rtn, "plus": plus}.items()}
     assert bias["plus"] < bias["rtn"]
@@ -79,7 +79,7 @@ def test_bias_correction_reduces_mean_error():
 def test_seed_picks_the_synthetic_samples_reproducibly(digits_model):
     def run_seed(seed: int):
         return api.compress(str(digits_model), prune=0.3, bits=4, method="udfc+",
-                            moments="sampled", seed=seed)
+                            moments="sampled", seed=seed, target="fake")
 
     (a, report), (b, _), (c, _) = run_seed(0), run_seed(0), run_seed(1)
     wa, wb, wc = initializers(a), initializers(b), initializers(c)
@@ -99,7 +99,8 @@ def test_seed_starts_the_inversion(digits_model, monkeypatch):
         return real(model, steps=2, seed=k.get("seed", 0))
 
     monkeypatch.setattr(inversion, "cached_inverted_inputs", spy)
-    api.compress(str(digits_model), prune=0.3, method="udfc+", moments="inverted", seed=5)
+    api.compress(str(digits_model), prune=0.3, method="udfc+", moments="inverted", seed=5,
+        target="fake")
     assert seen == [5]
 
 
@@ -108,9 +109,10 @@ def test_bad_seed_is_refused_before_anything_runs(digits_model, seed):
     from onnx_udfc.core.errors import UdfcError
 
     with pytest.raises(UdfcError, match="seed must be a non-negative integer"):
-        api.compress(str(digits_model), prune=0.3, method="udfc+", seed=seed)
+        api.compress(str(digits_model), prune=0.3, method="udfc+", seed=seed, target="fake")
 
 
 def test_cli_bad_seed_is_a_one_line_usage_error(digits_model, tmp_path, capsys):
     assert_refused(capsys, tmp_path / "o.onnx", "seed must be a non-negative integer",
-                   "compress", str(digits_model), "--method", "udfc+", "--seed", "-3")
+                   "compress", str(digits_model), "--method", "udfc+", "--seed", "-3",
+                       "--target", "fake")
