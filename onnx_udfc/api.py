@@ -34,9 +34,9 @@ from onnx_udfc.channels.plan import PruneConfig, PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.core import io as _io
 from onnx_udfc.core import normalize as _normalize
-from onnx_udfc.core.cost import count_params, layer_stats
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.ops.cost import count_params, layer_stats
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
 from onnx_udfc.quant.qdq import StorageConfig, fake_summary, to_qdq

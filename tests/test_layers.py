@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_udfc"
 # Lowest first. A module may import from its own layer and any layer below it.
-LAYERS = ["core", "ops", "moments", "channels", "quant", "methods", "report", "config",
+LAYERS = ["core", "config", "ops", "moments", "channels", "quant", "methods", "report",
           "pipeline", "api", "cli"]
 TOP = {"__init__": 0, "__main__": len(LAYERS) - 1}
 

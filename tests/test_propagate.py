@@ -10,7 +10,8 @@ from test_methods import _bn_chain
 from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.methods.plus import single_blas_thread
 from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, gaussian_variances
-from onnx_udfc.moments.propagated import TensorMoments, conv_moments, propagate
+from onnx_udfc.moments.propagated import TensorMoments, propagate
+from onnx_udfc.ops.tensor_moments import conv_moments
 
 
 def _reference(w: np.ndarray, x: np.ndarray, r: float) -> np.ndarray:

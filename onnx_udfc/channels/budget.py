@@ -19,7 +19,6 @@ import numpy as np
 
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.plan import PruneConfig, make_plan
-from onnx_udfc.core.cost import layer_stats
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.methods.plus import (
     DEFAULT,
@@ -30,6 +29,7 @@ from onnx_udfc.methods.plus import (
     single_blas_thread,
 )
 from onnx_udfc.moments.propagated import TensorMoments
+from onnx_udfc.ops.cost import layer_stats
 
 STEPS = 16  # ratio grid per group: multiples of 1/STEPS of its size
 MAX_RATIO = 0.9
