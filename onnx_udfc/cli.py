@@ -210,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _inspect(args) -> int:
     from onnx_udfc import api
-    from onnx_udfc.core.cost import count_params, layer_stats, total_macs
     from onnx_udfc.core.io import parse_input_shapes
+    from onnx_udfc.ops.cost import count_params, layer_stats, total_macs
 
     model = api.load(args.model)
     api.normalize(model)

@@ -24,10 +24,10 @@ from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
 from onnx_udfc.core.blas import single_blas_thread
-from onnx_udfc.core.cost import LayerStats, count_params, layer_stats
 from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.source import MomentSource
+from onnx_udfc.ops.cost import LayerStats, count_params, layer_stats
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
 from onnx_udfc.quant.qdq import fake_summary, to_qdq

@@ -9,7 +9,8 @@ import pytest
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.moments.gaussian import SMOOTH, Activation, gaussian_moments, gaussian_variances
-from onnx_udfc.moments.propagated import TensorMoments, conv_moments, propagate
+from onnx_udfc.moments.propagated import TensorMoments, propagate
+from onnx_udfc.ops.tensor_moments import conv_moments
 from tests.helpers import bn_chain
 
 

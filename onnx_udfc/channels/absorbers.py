@@ -20,26 +20,8 @@ import onnx
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, follower_bias, weight_layer
 from onnx_udfc.core.io import set_tensor_array, tensor_array
-from onnx_udfc.ops.base import ELEMENTWISE_UNARY, SPATIAL, attr
-
-TRANSPARENT = set(ELEMENTWISE_UNARY) | set(SPATIAL) | {
-    "Flatten", "Reshape", "Concat", "Split", "Slice", "Gather", "Pad", "Transpose", "Squeeze",
-    "Unsqueeze", "Resize", "Upsample", "ReduceMean", "ReduceMax"} - {"Cast", "CastLike"}
-
-
-# Ops through which ``f(s * z) = s * f(z)`` for s > 0 (positively homogeneous of degree 1):
-# a correction of the pre-activation z then passes to the absorbers exactly.
-HOMOGENEOUS = set(SPATIAL) | {
-    "Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "Neg", "Abs", "Flatten", "Reshape",
-    "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Resize",
-    "Upsample", "ReduceMean", "ReduceMax"}
-# Bounded or offset functions (f(0) != 0 or saturating both ways): a linear combination of
-# their outputs cannot stand for another channel's, nor a rescaling for a rescaled input.
-# Gated by the channel itself (x * sigmoid(x) = SiLU, x * hardsigmoid(x) = HardSwish,
-# x * (1 + erf(x / sqrt 2)) / 2 = GELU) the result is ReLU-like again.
-SATURATING = {"Sigmoid", "HardSigmoid", "Tanh", "Softsign", "Erf", "Sin", "Cos", "Exp", "Log",
-              "Reciprocal", "Sqrt", "Sign", "Round", "Floor", "Ceil"}
-BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+from onnx_udfc.ops.base import attr
+from onnx_udfc.ops.registry import Trait, op_spec
 
 # Policy for activations that are not positively homogeneous but ReLU-like (GELU, SiLU,
 # HardSwish, ReLU6, ELU, ...): fold the correction through them as an approximation (reported
@@ -62,23 +44,6 @@ class Absorber:
     layer: LayerWeights
     tensor: str
     nonlinear: tuple[str, ...] = ()
-
-
-def _op_homogeneous(c: onnx.NodeProto, ctx: ChannelAnalysis) -> bool:
-    """Whether a pass-through op keeps ``f(s z) = s f(z)`` (s > 0)."""
-    if c.op_type == "Clip":
-        lo = ctx.const(c.input[1]) if len(c.input) > 1 and c.input[1] else attr(c, "min")
-        hi = ctx.const(c.input[2]) if len(c.input) > 2 and c.input[2] else attr(c, "max")
-        lo = -np.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
-        hi = np.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
-        # ReLU (0, inf) or identity; opset < 11 spells "no bound" as +-FLT_MAX.
-        return (lo == 0.0 or lo <= -1e30) and hi >= 1e30
-    if c.op_type == "Pad":
-        mode = attr(c, "mode", b"constant")
-        value = ctx.const(c.input[2]) if len(c.input) > 2 and c.input[2] else attr(c, "value")
-        return (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or \
-            value is None or not np.any(np.asarray(value))
-    return c.op_type in HOMOGENEOUS
 
 
 def _uniform_constant(ctx: ChannelAnalysis, name: str, axis: int | None, rank: int | None
@@ -185,7 +150,8 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                         (added is not None and c is added[0]):
                     reach(c.output[0], path[t], c.output[0])
                     continue
-                if c.op_type in BINARY:
+                spec = op_spec(c.op_type)
+                if Trait.BINARY in spec.traits:
                     verdict = binary(c)
                     if verdict == "wait":
                         pending.append(c)
@@ -195,12 +161,7 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                 if c.input[0] != t and c.op_type != "Concat":
                     return [], f"its channels enter {label} as a parameter"
                 layer = weight_layer(c, ctx.inits)
-                if c.op_type == "ConvTranspose" and layer is not None:  # weight [Cin, Cout..]
-                    if t in bounded:
-                        saturated.append(bounded[t])
-                    found.append(Absorber(layer, t, path[t]))
-                    continue
-                if c.op_type in ("Conv", "Gemm", "MatMul") and layer is not None:
+                if layer is not None:  # (a ConvTranspose has a layout only when not grouped)
                     groups = int(attr(c, "group", 1))
                     depthwise = groups == _channels(c, ctx) and \
                         int(ctx.inits[c.input[1]].dims[0]) == groups
@@ -212,16 +173,16 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                         found.append(Absorber(layer, t, path[t]))
                         continue
                     return [], f"its channels pass through grouped/depthwise {label}"
-                if c.op_type in TRANSPARENT:
+                if Trait.TRANSPARENT in spec.traits:
                     lost = [o for o in c.output if o and (o in outputs or ctx.consumers.get(o))
                             and (ctx.tensors.get(o) is None or ctx.tensors[o].slots is None)]
                     if lost:  # e.g. a channel shuffle: the positions after it are unknown
                         return [], f"its channels pass through {label}, which the analysis " \
                             "cannot follow"
-                    elementwise = c.op_type in ELEMENTWISE_UNARY
-                    via = path[t] if _op_homogeneous(c, ctx) else \
+                    elementwise = Trait.UNARY in spec.traits
+                    via = path[t] if spec.homogeneous(c, ctx.const) else \
                         tuple(dict.fromkeys(path[t] + (c.op_type,)))
-                    sat = c.op_type if c.op_type in SATURATING else bounded.get(t, "")
+                    sat = c.op_type if Trait.SATURATING in spec.traits else bounded.get(t, "")
                     for o in c.output:
                         reach(o, via, root[t] if elementwise else o, sat)
                     continue

@@ -7,9 +7,7 @@ import onnx
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.source import MomentSource
-
-FOLLOW = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "Sigmoid", "Tanh",
-          "Gelu", "Identity", "Dropout"}
+from onnx_udfc.ops.registry import Trait, op_spec
 
 
 def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
@@ -17,7 +15,8 @@ def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
     t = node.output[0]
     while True:
         readers = ctx.consumers.get(t, [])
-        if len(readers) != 1 or readers[0].op_type not in FOLLOW or readers[0].input[0] != t:
+        if len(readers) != 1 or Trait.LAYER_TAIL not in op_spec(readers[0].op_type).traits \
+                or readers[0].input[0] != t:
             return t
         t = readers[0].output[0]
 

@@ -315,7 +315,8 @@ def filter_norms(filters: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray,
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis:
     """Run every node's channel rule in graph order (the graph must be topologically sorted)."""
-    from onnx_udfc.ops.base import RULES, unsupported
+    from onnx_udfc.ops.base import unsupported
+    from onnx_udfc.ops.registry import op_spec
 
     ctx = ChannelAnalysis(model, shapes)
     for inp in model.graph.input:
@@ -326,7 +327,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis
         ins = [n for n in [*node.input, *sorted(outer)] if n and n in ctx.tensors]
         if not ins:
             continue  # pure constant or shape arithmetic: no channels involved
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = op_spec(node.op_type).rule if node.domain in ("", "ai.onnx") else None
         reason = f"unsupported op {node.op_type}" if rule is None or outer \
             else rule.analyse(node, ctx)
         if reason:

@@ -21,11 +21,11 @@ from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.plan import make_plan
 from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.blas import single_blas_thread
-from onnx_udfc.core.cost import layer_stats
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.reconstruction import RIDGE, reconstruction
 from onnx_udfc.moments.source import MomentSource
+from onnx_udfc.ops.cost import layer_stats
 
 STEPS = 16  # ratio grid per group: multiples of 1/STEPS of its size
 MAX_RATIO = 0.9

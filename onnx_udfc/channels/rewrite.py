@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
-from onnx_udfc.ops.base import RULES
+from onnx_udfc.ops.registry import op_spec
 
 
 class Rewriter:
@@ -134,7 +134,7 @@ def apply_removal(analysis: ChannelAnalysis, removed: np.ndarray) -> Rewriter:
         if node.domain not in ("", "ai.onnx") or not node.output \
                 or node.output[0] in analysis.untouchable:
             continue
-        rule = RULES.get(node.op_type)
+        rule = op_spec(node.op_type).rule
         if rule is None:
             continue
         names = [n for n in list(node.input) + list(node.output) if n]

@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.normalize import BatchNormStats
 from onnx_udfc.ops.base import attr
+from onnx_udfc.ops.registry import op_spec
 
 
 def finite_vector(a: ArrayLike, name: str, n: int | None = None) -> np.ndarray:
@@ -157,27 +158,21 @@ class LayerWeights:
         return np.moveaxis(w, self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
 
     def bias(self, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-        n = self.node
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] \
-                and n.input[2] in inits:
-            b = tensor_array(inits[n.input[2]]).astype(np.float64).reshape(-1)
-            return b
+        n, layer = self.node, op_spec(self.node.op_type).layer
+        i = None if layer is None else layer.bias_input
+        if i is not None and len(n.input) > i and n.input[i] and n.input[i] in inits:
+            return tensor_array(inits[n.input[i]]).astype(np.float64).reshape(-1)
         return None
 
 
 def weight_layer(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> LayerWeights | None:
-    """The weight layout of a Conv/ConvTranspose/Gemm/MatMul with a constant weight."""
-    if len(node.input) < 2 or node.input[1] not in inits:
+    """The weight layout of a layer with a constant weight (Conv, ConvTranspose, Gemm,
+    MatMul: see their :class:`~onnx_udfc.ops.base.WeightLayer`)."""
+    layer = op_spec(node.op_type).layer
+    if layer is None or len(node.input) < 2 or node.input[1] not in inits:
         return None
-    if node.op_type == "Conv":
-        return LayerWeights(node, node.input[1], 0, 1)
-    if node.op_type == "ConvTranspose" and int(attr(node, "group", 1)) == 1:
-        return LayerWeights(node, node.input[1], 1, 0)
-    if node.op_type == "Gemm" and not int(attr(node, "transA", 0)):
-        return LayerWeights(node, node.input[1], *((0, 1) if attr(node, "transB", 0) else (1, 0)))
-    if node.op_type == "MatMul" and len(inits[node.input[1]].dims) == 2:
-        return LayerWeights(node, node.input[1], 1, 0)
-    return None
+    axes = layer.layout(node, inits)
+    return None if axes is None else LayerWeights(node, node.input[1], *axes)
 
 
 def follower_batchnorm(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
@@ -208,10 +203,9 @@ def follower_bias(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto
         return None
     c = tensor_array(inits[other[0]]).astype(np.float64)
     w = inits[layer.weight]
-    n = int(w.dims[layer.out_axis]) * (int(attr(node, "group", 1))
-                                       if node.op_type == "ConvTranspose" else 1)
-    # The channel axis counted from the right: last for Gemm/MatMul, rank-2 (axis 1) for convs.
-    from_right = 1 if node.op_type in ("Gemm", "MatMul") else len(w.dims) - 1
+    spec = op_spec(node.op_type).layer
+    _, n = spec.channels(node, [int(d) for d in w.dims])
+    from_right = spec.channel_axis_from_right(len(w.dims))
     if c.size != n or c.ndim < from_right or c.shape[c.ndim - from_right] != n:
         return None
     return add, (-c if add.op_type == "Sub" else c).reshape(-1)
@@ -238,6 +232,6 @@ def layer_stats(layer: LayerWeights, inits: dict[str, onnx.TensorProto],
     if saved is not None and len(saved.gamma) == n and np.all(saved.gamma != 0):
         weight = (saved.var + saved.eps) / saved.gamma ** 2
         return ChannelStats.folded(k, f, weighting=weight), "saved"
-    if layer.node.op_type in ("Conv", "ConvTranspose"):
+    if op_spec(layer.node.op_type).layer.assume_folded:
         return ChannelStats.folded(k, f), "folded"
     return ChannelStats.identity(k), "identity"

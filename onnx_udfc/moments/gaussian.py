@@ -18,26 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import ndtr
 
+from onnx_udfc.ops.activations import SMOOTH, Activation
+
 ORDER = 16  # Hermite terms of the cross moments
 NODES = 96  # quadrature nodes for activations without a closed form
 SQRT2 = math.sqrt(2.0)
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An elementwise activation: ``kind`` in relu, leaky, clip, identity, or a name of
-    :data:`SMOOTH`; ``alpha`` for leaky; ``lo, hi`` for clip."""
-
-    kind: str = "relu"
-    alpha: float = 0.01
-    lo: float = 0.0
-    hi: float = 6.0
 
 
 def _phi(x: np.ndarray) -> np.ndarray:
@@ -46,19 +36,6 @@ def _phi(x: np.ndarray) -> np.ndarray:
 
 def _Phi(x: np.ndarray) -> np.ndarray:
     return ndtr(np.asarray(x, dtype=float))
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    return x * _Phi(x)
-
-
-SMOOTH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-    "gelu": _gelu,
-    "hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
-    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-    "tanh": np.tanh,
-}
 
 
 def _hermite_norm(x: np.ndarray, order: int) -> np.ndarray:
@@ -178,23 +155,3 @@ def gaussian_moments(mu: np.ndarray, cov: np.ndarray, act: Activation,
     out += (power * rho) * np.sqrt(np.outer(tail, tail))
     np.fill_diagonal(out, np.clip(m2 - mean * mean, 0.0, None))
     return mean, out
-
-
-def activation_of(op_type: str, attrs: dict[str, float]) -> Activation | None:
-    """The :class:`Activation` of an ONNX node (None if not elementwise/known)."""
-    if op_type == "Relu":
-        return Activation("relu")
-    if op_type == "LeakyRelu":
-        return Activation("leaky", alpha=float(attrs.get("alpha", 0.01)))
-    if op_type == "Clip":
-        return Activation("clip", lo=float(attrs.get("min", -np.inf)),
-                          hi=float(attrs.get("max", np.inf)))
-    if op_type == "HardSwish":
-        return Activation("hardswish")
-    if op_type == "Sigmoid":
-        return Activation("sigmoid")
-    if op_type == "Tanh":
-        return Activation("tanh")
-    if op_type == "Gelu":
-        return Activation("gelu")
-    return None

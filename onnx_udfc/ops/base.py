@@ -1,17 +1,16 @@
-"""The channel-rule registry: one entry per op type, shared by analysis and rewrite.
+"""Channel rules and the helpers every op family shares.
 
 A rule's ``analyse(node, ctx)`` tells the :class:`~onnx_udfc.channels.analysis.ChannelAnalysis`
 where the node's output channels come from, or returns a reason string when it cannot follow
 them (the channels touching the node are then fixed and reported). ``rewrite(node, rw)``
 applies the kept channel indices (see :class:`~onnx_udfc.channels.rewrite.Rewriter`) to the
-node's constants and attributes.
-Adding support for an op is adding one entry here (layers with weights live in
-:mod:`onnx_udfc.ops.layers`).
+node's constants and attributes. A :class:`WeightLayer` rule also tells where its weight keeps
+the channels (compensation, statistics and cost read that). Rules are registered with their op
+types by :func:`onnx_udfc.ops.registry.define`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,8 +19,8 @@ import onnx
 if TYPE_CHECKING:
     from onnx_udfc.channels.analysis import ChannelAnalysis
     from onnx_udfc.channels.rewrite import Rewriter
+    from onnx_udfc.core.io import Shape
 
-RULES: dict[str, Rule] = {}
 # where a channel slot's values come from: a filter of a weight layer, or a zero pad
 SOURCE_FILTER, SOURCE_ZERO = 1, 2
 
@@ -36,12 +35,31 @@ class Rule:
         return None
 
 
-def register(*op_types: str) -> Callable[[type[Rule]], type[Rule]]:
-    def wrap(cls: type[Rule]) -> type[Rule]:
-        for op in op_types:
-            RULES[op] = cls()
-        return cls
-    return wrap
+class WeightLayer(Rule):
+    """A layer with a constant weight (input 1): the producer of fresh output channels (one
+    filter each) and the consumer whose weight slice absorbs a pruned input channel."""
+
+    bias_input: int | None = None  # the input holding the per-output-channel bias
+    assume_folded = False  # without statistics, the weight is taken as BN-folded (Conv)
+
+    def layout(self, node: onnx.NodeProto,
+               inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
+        """(output axis, input axis) of the weight, or None when it is not a plain
+        filters-by-inputs weight (transposed input, grouped layout, 3-D weight, ...)."""
+        raise NotImplementedError
+
+    def channels(self, node: onnx.NodeProto, dims: list[int]) -> tuple[int, int]:
+        """(input channels, output channels) of a weight with ``dims``."""
+        raise NotImplementedError
+
+    def channel_axis_from_right(self, weight_rank: int) -> int:
+        """Where the output channels sit in the layer's output, counted from the right."""
+        raise NotImplementedError
+
+    def cost(self, node: onnx.NodeProto, dims: list[int],
+             shapes: dict[str, Shape]) -> tuple[int, int, int] | None:
+        """(input channels, output channels, multiply-adds per sample) for weight ``dims``."""
+        raise NotImplementedError
 
 
 def unsupported(node: onnx.NodeProto, ctx: ChannelAnalysis, reason: str) -> None:
@@ -87,179 +105,6 @@ def input_or_attr(node: onnx.NodeProto, ctx_or_rw, index: int, name: str):
     return (None if value is None else list(value)), True
 
 
-def _only_constant_extras(node: onnx.NodeProto, ctx: ChannelAnalysis) -> bool:
-    return all(ctx.channels(n) is None for n in node.input[1:] if n)
-
-
-# -- pass-through ---------------------------------------------------------------------------
-ELEMENTWISE_UNARY = (
-    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-    "Softplus", "Softsign", "Gelu", "Erf", "Dropout", "Identity", "Cast", "Abs", "Neg", "Exp",
-    "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu",
-    "ThresholdedRelu", "IsNaN", "IsInf", "Not", "CastLike",
-)
-SPATIAL = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
-           "GlobalLpPool", "MaxRoiPool")
-
-
-@register(*ELEMENTWISE_UNARY)
-class PassThrough(Rule):
-    """Output channel c is input channel c."""
-
-    spatial = False
-
-    def analyse(self, node, ctx):
-        if not _only_constant_extras(node, ctx):
-            return f"{node.op_type} with a computed parameter input"
-        info = ctx.channels(node.input[0])
-        if info is None:
-            return f"{node.op_type} input has no channel information"
-        if self.spatial and info.axis not in (None, 1):
-            return f"{node.op_type} works on the axis that holds the channels"
-        ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
-        for extra in node.output[1:]:
-            if extra:
-                ctx.set(extra, None, None, f"secondary output of {node.op_type}")
-        return None
-
-
-@register("CastLike")
-class CastLike(Rule):
-    """Output channels are input 0's; input 1 only lends its element type, so a constant cast
-    like an activation (``CastLike(0.0, x)``, dynamo's zero bias) stays a constant."""
-
-    def analyse(self, node, ctx):
-        info = ctx.channels(node.input[0])
-        if info is not None:
-            ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
-        return None
-
-
-@register(*SPATIAL)
-class SpatialPassThrough(PassThrough):
-    """Pooling: channels pass through as long as they sit on axis 1."""
-
-    spatial = True
-
-
-# -- elementwise couplers and per-channel constants ------------------------------------------
-@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu", "Where",
-          "BitShift", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual",
-          "GreaterOrEqual", "Mod")
-class Elementwise(Rule):
-    """Broadcasting elementwise ops: activations tie their channels index by index (residual
-    connections); a constant with a full channel dimension is a per-channel follower."""
-
-    def analyse(self, node, ctx):
-        out_rank = ctx.rank(node.output[0])
-        acts = [n for n in node.input if ctx.channels(n) is not None]
-        if out_rank is None:
-            out_rank = max(ctx.rank(n) or 0 for n in node.input if n)
-        aligned = {ctx.channels(n).axis + out_rank - (ctx.rank(n) or out_rank)
-                   for n in acts if ctx.channels(n).axis is not None}
-        if not aligned:
-            info = ctx.channels(acts[0])
-            if len(acts) > 1:
-                for n in acts:  # several opaque inputs: nothing to tie, all stay fixed
-                    ctx.fix_tensor(n, info.opaque_reason)
-            ctx.set(node.output[0], None, None, info.opaque_reason)
-            return None
-        if len(aligned) > 1:
-            return "inputs hold their channels on different axes"
-        axis = aligned.pop()
-        out_shape = ctx.shape(node.output[0])
-        out_size = out_shape[axis] if out_shape is not None else None
-        slots = None
-        for n in acts:
-            rank = ctx.rank(n) or out_rank
-            ax = axis - (out_rank - rank)
-            shape = ctx.shape(n)
-            if ax < 0 or (shape is not None and shape[ax] == 1 and out_size != 1):
-                continue  # broadcast along the channel axis: not tied
-            s = ctx.slots(n, ax)
-            if slots is None:
-                slots = s
-            elif len(s) == len(slots):
-                ctx.union(slots, s)
-            else:
-                return "inputs disagree on the channel count"
-        if slots is None:  # every activation broadcasts: the channels come from a constant
-            if not isinstance(out_size, int):
-                return "cannot tell the output's channel count"
-            slots = ctx.new_slots(out_size)
-            ctx.fix(slots, "channels created by broadcasting a constant")
-        for n in node.input:
-            value = ctx.const(n)
-            if value is not None and value.ndim > 0:
-                ax = axis - (out_rank - value.ndim)
-                if ax >= 0 and value.shape[ax] not in (1, len(slots)):
-                    return f"constant '{n}' does not broadcast per channel"
-            elif value is None and n and ctx.channels(n) is None and len(slots) > 1:
-                # Computed from constants but not folded (too large, DequantizeLinear, ...):
-                # the rewrite could not cut it, so it must broadcast along the channels.
-                shape = ctx.shape(n)
-                ax = axis - (out_rank - len(shape)) if shape is not None else 0
-                if shape is None or (ax >= 0 and shape[ax] != 1):
-                    return f"per-channel operand '{n}' is computed at run time"
-        ctx.set(node.output[0], axis, slots)
-        return None
-
-    def rewrite(self, node, rw):
-        out = node.output[0]
-        keep = rw.keep(out)
-        if keep is None:
-            return
-        axis, out_rank = rw.axis(out), rw.rank(out)
-        for i, n in enumerate(node.input):
-            value = rw.const(n)
-            if value is None or value.ndim == 0:
-                continue
-            ax = axis - (out_rank - value.ndim)
-            if ax >= 0 and value.shape[ax] == rw.size(out) and rw.size(out) > 1:
-                rw.set_const(node, i, np.take(value, keep, axis=ax))
-
-
-# -- normalisation layers ---------------------------------------------------------------------
-@register("BatchNormalization", "InstanceNormalization")
-class PerChannelNorm(Rule):
-    """Per-channel parameters on axis 1 (scale, bias, and for BN the running statistics)."""
-
-    def analyse(self, node, ctx):
-        if any(o for o in node.output[1:]):
-            return f"{node.op_type} in training mode"
-        if any(ctx.const(n) is None for n in node.input[1:] if n):
-            return f"{node.op_type} with computed parameters"
-        ctx.set(node.output[0], 1, ctx.slots(node.input[0], 1))
-        return None
-
-    def rewrite(self, node, rw):
-        keep = rw.keep(node.input[0])
-        if keep is not None:
-            for i in range(1, len(node.input)):
-                if node.input[i]:
-                    rw.set_const(node, i, rw.const(node.input[i])[keep])
-
-
-@register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization",
-          "MeanVarianceNormalization")
-class AxisMixing(Rule):
-    """Ops that mix values along some axes: channels pass only if they sit elsewhere."""
-
-    def analyse(self, node, ctx):
-        info = ctx.channels(node.input[0])
-        rank = ctx.rank(node.input[0])
-        if rank is None:
-            return f"{node.op_type} on a tensor of unknown rank"
-        if node.op_type == "MeanVarianceNormalization":
-            mixed = set(attr(node, "axes", [0, 2, 3]))
-        elif node.op_type == "LayerNormalization":
-            mixed = set(range(norm_axis(attr(node, "axis", -1), rank), rank))
-        elif node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and ctx.opset < 13:
-            mixed = set(range(norm_axis(attr(node, "axis", 1), rank), rank))
-        else:
-            mixed = {norm_axis(attr(node, "axis", -1), rank)}
-        mixed = {norm_axis(a, rank) for a in mixed}
-        if info.axis is not None and info.axis in mixed:
-            return f"{node.op_type} mixes values across the channel axis"
-        ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
-        return None
+def attrs(node: onnx.NodeProto) -> dict:
+    """Every attribute of ``node`` by name."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

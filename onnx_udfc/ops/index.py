@@ -1,24 +1,22 @@
-"""Channel rules of the index-map ops: Concat, Split, Slice and Gather on the channel axis
-(offsets and explicit indices) and Pad of the channel axis (zero sources)."""
+"""The index-map ops: Concat, Split, Slice and Gather on the channel axis (offsets and
+explicit indices; Pad is in :mod:`onnx_udfc.ops.pad`). Channel rules, traits, moments and reverse
+passes."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from onnx_udfc.ops.base import (
-    SOURCE_ZERO,
-    Elementwise,
-    Rule,
-    attr,
-    input_or_attr,
-    norm_axis,
-    register,
-    set_attr,
-)
+from onnx_udfc.core.builder import Builder
+from onnx_udfc.ops.base import Rule, attr, attrs, input_or_attr, norm_axis, set_attr
+from onnx_udfc.ops.elementwise import Elementwise
+from onnx_udfc.ops.registry import SEPARATE, define
+from onnx_udfc.ops.tensor_moments import MomentStep, TensorMoments
 
 INT64_MAX = np.iinfo(np.int64).max
 
-@register("Concat")
+
 class Concat(Rule):
     """On the channel axis: output channels are the inputs' channels at their offsets.
     On another axis: the inputs' channels are tied like a residual Add."""
@@ -63,7 +61,6 @@ def _split_sizes(node, ctx_or_rw, axis_size: int) -> list[int] | None:
     return [int(s) for s in sizes]
 
 
-@register("Split")
 class Split(Rule):
     def analyse(self, node, ctx):
         info = ctx.channels(node.input[0])
@@ -120,7 +117,6 @@ def _slice_params(node, ctx_or_rw):
     return starts, ends, axes, steps
 
 
-@register("Slice")
 class Slice(Rule):
     """A slice of the channel axis maps output channel k to input channel start + k*step. The
     rewrite turns the channel part of the slice into a Gather with explicit indices, since the
@@ -174,7 +170,6 @@ class Slice(Rule):
         rw.insert_after(node, gather(mid, out))
 
 
-@register("Gather")
 class Gather(Rule):
     def analyse(self, node, ctx):
         info = ctx.channels(node.input[0])
@@ -207,59 +202,110 @@ class Gather(Rule):
         rw.set_const(node, 1, np.searchsorted(keep_in, idx[keep_out]).astype(np.int64))
 
 
-@register("Pad")
-class Pad(Rule):
-    """Constant padding of the channel axis (ResNet 'option A' shortcuts): the padded channels
-    are zero sources; removing one shortens the pad."""
 
-    def _pads(self, node, ctx_or_rw, rank):
-        pads, found = input_or_attr(node, ctx_or_rw, 1, "pads")
-        if not found or pads is None:
-            return None, None
-        axes = list(range(rank))
-        if len(node.input) > 3 and node.input[3]:
-            value = ctx_or_rw.const(node.input[3])
-            if value is None:
-                return None, None
-            axes = [norm_axis(int(a), rank) for a in value.reshape(-1)]
-        return [int(p) for p in pads], axes
 
-    def analyse(self, node, ctx):
-        info = ctx.channels(node.input[0])
-        rank = ctx.rank(node.input[0])
-        pads, axes = self._pads(node, ctx, rank)
-        if pads is None:
-            return "Pad amounts computed at run time"
-        if info.axis is None or info.axis not in axes:
-            ctx.set(node.output[0], info.axis, info.slots, info.opaque_reason)
-            return None
-        k = axes.index(info.axis)
-        before, after = pads[k], pads[k + len(axes)]
-        if before == 0 and after == 0:
-            ctx.set(node.output[0], info.axis, info.slots)
-            return None
-        mode = attr(node, "mode", b"constant")
-        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or before < 0 \
-                or after < 0:
-            return "Pad crops or reflects the channel axis"
-        ctx.set(node.output[0], info.axis, np.concatenate([
-            ctx.new_slots(before, SOURCE_ZERO), ctx.slots(node.input[0], info.axis),
-            ctx.new_slots(after, SOURCE_ZERO)]))
+# -- moments: index maps on the channel axis, pass-through elsewhere --------------------------
+def _take(x: TensorMoments, idx: np.ndarray) -> TensorMoments:
+    cov = x.cov[idx] if x.diagonal else x.cov[np.ix_(idx, idx)]
+    return TensorMoments(x.mean[idx], cov, x.hw)
+
+
+def _concat_moments(step: MomentStep) -> TensorMoments | None:
+    """Independent inputs: a block-diagonal covariance."""
+    rank, x = step.rank, step.x
+    axis = int(attr(step.node, "axis", 1))
+    if rank is None or axis % rank != 1:
         return None
+    parts = [step.moments.get(n) for n in step.node.input]
+    if any(p is None for p in parts):
+        return None
+    mean = np.concatenate([p.mean for p in parts])
+    if all(p.diagonal for p in parts):
+        return TensorMoments(mean, np.concatenate([p.cov for p in parts]), x.hw)
+    cov = np.zeros((mean.size, mean.size))
+    i = 0
+    for p in parts:
+        cov[i:i + p.mean.size, i:i + p.mean.size] = p.full
+        i += p.mean.size
+    return TensorMoments(mean, cov, x.hw)
 
-    def rewrite(self, node, rw):
-        x, out = node.input[0], node.output[0]
-        keep = rw.keep(out)
-        if keep is None:
-            return
-        pads, axes = self._pads(node, rw, rw.rank(x))
-        if rw.axis(x) not in axes:
-            return
-        k = axes.index(rw.axis(x))
-        before = pads[k]
-        pads[k] = int((keep < before).sum())
-        pads[k + len(axes)] = int((keep >= before + rw.size(x)).sum())
-        if len(node.input) > 1 and node.input[1]:
-            rw.set_const(node, 1, np.asarray(pads, dtype=np.int64))
-        else:
-            set_attr(node, "pads", pads)
+
+def _gather_moments(step: MomentStep) -> TensorMoments | None:
+    rank, x = step.rank, step.x
+    axis = int(attr(step.node, "axis", 0))
+    idx = step.const(step.node.input[1])
+    if rank is None or axis % rank == 0:
+        return None
+    if axis % rank != 1:
+        return step.with_hw(x)
+    if idx is None or idx.ndim != 1:
+        return None
+    return _take(x, np.mod(idx.astype(np.int64), x.mean.size))
+
+
+def _slice_moments(step: MomentStep) -> TensorMoments | None:
+    rank, x = step.rank, step.x
+    c = x.mean.size
+    starts, ends = step.ints(1, "starts"), step.ints(2, "ends")
+    if starts is None or ends is None or rank is None:
+        return None
+    axes = step.ints(3, "axes") or list(range(len(starts)))
+    steps = step.ints(4, "steps") or [1] * len(starts)
+    idx = np.arange(c)
+    for a, b, e, st in zip(axes, starts, ends, steps, strict=False):
+        if a % rank == 0:
+            return None
+        if a % rank == 1:
+            idx = idx[slice(b, e, st)]
+    return step.with_hw(_take(x, idx) if idx.size != c or np.any(idx != np.arange(c)) else x)
+
+
+# -- reverse passes: the transposes of the index maps ----------------------------------------
+def _slice_grad(b: Builder, node: onnx.NodeProto, dy: str, shapes: dict, inits: dict
+                ) -> dict[str, str] | None:
+    """``dy`` scattered into zeros where the slice read."""
+    x = node.input[0]
+    if x not in shapes or b.opset < 11:
+        return None
+    shape = shapes[x]
+    if any(n and n not in inits for n in node.input[1:]) or len(node.input) < 3:
+        return None
+    args = [numpy_helper.to_array(inits[n]) if n else None for n in node.input[1:]]
+    starts, ends = args[0], args[1]
+    axes = args[2] if len(args) > 2 and args[2] is not None else np.arange(len(starts))
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones(len(starts), np.int64)
+    index = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    sl = [slice(None)] * len(shape)
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        sl[int(a) % len(shape)] = slice(int(s), int(max(min(e, 1 << 62), -(1 << 62))), int(st))
+    picked = index[tuple(sl)].reshape(-1)
+    zeros = b.const(np.zeros(index.size, np.float32), "zeros")
+    flat = b.op("Reshape", [dy, b.const(np.asarray([-1], np.int64))])
+    scattered = b.op("ScatterElements", [zeros, b.const(picked, "idx"), flat], axis=0)
+    return {x: b.op("Reshape", [scattered, b.const(np.asarray(shape, np.int64))])}
+
+
+def _concat_grad(b: Builder, node: onnx.NodeProto, dy: str, shapes: dict, inits: dict
+                 ) -> dict[str, str] | None:
+    """Each input's part of ``dy``."""
+    axis = attrs(node).get("axis", 0)
+    out: dict[str, str] = {}
+    offset = 0
+    for n in node.input:
+        if n not in shapes:
+            return None
+        size = shapes[n][axis]
+        if n not in inits:
+            part = b.op("Slice", [dy, b.const(np.asarray([offset], np.int64)),
+                                  b.const(np.asarray([offset + size], np.int64)),
+                                  b.const(np.asarray([axis], np.int64))])
+            out[n] = part if n not in out else b.op("Add", [out[n], part])
+        offset += size
+    return out
+
+
+define("Concat", rule=Concat(), traits=SEPARATE, propagate=_concat_moments,
+       backward=_concat_grad)
+define("Split", rule=Split(), traits=SEPARATE)
+define("Slice", rule=Slice(), traits=SEPARATE, propagate=_slice_moments, backward=_slice_grad)
+define("Gather", rule=Gather(), traits=SEPARATE, propagate=_gather_moments)

@@ -1,4 +1,5 @@
-"""Channel rules of the layers that own weights: Conv, ConvTranspose, Gemm, MatMul.
+"""The layers that own weights: Conv, ConvTranspose, Gemm, MatMul. Channel rules, weight
+layouts, cost, moments and reverse passes.
 
 These are the *producers* (their output channels are fresh slots, one filter each) and the
 *consumers* (removing an input channel drops a slice of their weight, which is what absorbs a
@@ -7,9 +8,22 @@ pruned channel).
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from onnx_udfc.ops.base import Rule, attr, register, set_attr
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_udfc.core.builder import Builder
+from onnx_udfc.ops.base import WeightLayer, attr, attrs, set_attr
+from onnx_udfc.ops.cost import numel, spatial_size
+from onnx_udfc.ops.registry import define
+from onnx_udfc.ops.tensor_moments import (
+    MomentStep,
+    TensorMoments,
+    conv_moments,
+    linear_moments,
+)
 
 
 def _bias_rewrite(node, rw, index: int, keep_out: np.ndarray | None) -> None:
@@ -32,29 +46,49 @@ def fix_computed_bias(node, ctx, index: int, out: np.ndarray) -> None:
     ctx.fix(out, f"{node.op_type} bias '{name}' is computed at run time")
 
 
-@register("Conv")
-class Conv(Rule):
-    """Conv: plain (producer + consumer), depthwise (input channel c feeds output channels
-    c*m..c*m+m-1, so they are one class) or grouped (the same number of channels must go from
-    every group, on both sides)."""
+class _ConvFamily(WeightLayer):
+    """Conv and ConvTranspose. The weight's axis 1 holds one group's channels, axis 0 all of
+    the other side's; the subclasses differ only in which of the two indexes the outputs (the
+    filter axis, :attr:`out_axis`). Plain (producer + consumer), depthwise (input channel c
+    feeds output channels c*m..c*m+m-1, so they are one class) or grouped (the same number of
+    channels must go from every group, on both sides; only where the groups split the weight's
+    input axis)."""
+
+    out_axis: int
+    bias_input = 2
+    assume_folded = True
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
+
+    def channels(self, node, dims):
+        whole = [int(dims[0]), int(dims[1]) * int(attr(node, "group", 1))]
+        return whole[self.in_axis], whole[self.out_axis]
+
+    def _filters(self, w: np.ndarray, cout: int) -> np.ndarray:
+        """The weight as [output channels, rest]."""
+        return np.moveaxis(w, self.out_axis, 0).reshape(cout, -1)
 
     def analyse(self, node, ctx):
         w = ctx.const(node.input[1])
         if w is None:
-            return "Conv with a computed weight"
+            return f"{node.op_type} with a computed weight"
         groups = int(attr(node, "group", 1))
-        cout, cin = w.shape[0], w.shape[1] * groups
+        cin, cout = self.channels(node, w.shape)
         xs = ctx.slots(node.input[0], 1)
         if len(xs) != cin:
-            return f"Conv expects {cin} input channels, the graph gives {len(xs)}"
+            return f"{node.op_type} expects {cin} input channels, the graph gives {len(xs)}"
         if groups == 1:
-            ctx.produce(node, node.output[0], 1, w.reshape(cout, -1))
+            ctx.produce(node, node.output[0], 1, self._filters(w, cout))
         elif groups == cin:
             ctx.set(node.output[0], 1, np.repeat(xs, cout // cin))
-        else:
+        elif self.out_axis == 0:
             ctx.balance.append((xs, groups))
-            out = ctx.produce(node, node.output[0], 1, w.reshape(cout, -1))
+            out = ctx.produce(node, node.output[0], 1, self._filters(w, cout))
             ctx.balance.append((out, groups))
+        else:
+            return f"grouped {node.op_type} (group={groups})"
         fix_computed_bias(node, ctx, 2, ctx.tensors[node.output[0]].slots)
         return None
 
@@ -64,16 +98,17 @@ class Conv(Rule):
             return
         w = rw.const(node.input[1])
         groups = int(attr(node, "group", 1))
-        cin = w.shape[1] * groups
-        if keep_out is not None:
-            w = w[keep_out]
+        cin, _ = self.channels(node, w.shape)
+        whole, split = (keep_out, keep_in) if self.out_axis == 0 else (keep_in, keep_out)
+        if whole is not None:
+            w = w[whole]
         if groups == 1:
-            if keep_in is not None:
-                w = w[:, keep_in]
+            if split is not None:
+                w = w[:, split]
         elif groups == cin:
             if keep_in is not None:
                 set_attr(node, "group", len(keep_in))
-        elif keep_in is not None:
+        elif keep_in is not None:  # grouped on the input axis (analyse refuses the others)
             per_in = cin // groups
             per_out = w.shape[0] // groups
             parts = []
@@ -84,50 +119,57 @@ class Conv(Rule):
         rw.set_const(node, 1, w)
         _bias_rewrite(node, rw, 2, keep_out)
 
+    def layout(self, node, inits):
+        # Grouped, axis 1 holds one group's channels: as the filter axis it misses the others.
+        if self.out_axis == 1 and int(attr(node, "group", 1)) != 1:
+            return None
+        return self.out_axis, self.in_axis
 
-@register("ConvTranspose")
-class ConvTranspose(Rule):
-    """ConvTranspose: weight [Cin, Cout/group, k...]; plain or depthwise."""
+    def channel_axis_from_right(self, weight_rank):
+        return weight_rank - 1  # axis 1 of [N, C, spatial...]
 
-    def analyse(self, node, ctx):
-        w = ctx.const(node.input[1])
-        if w is None:
-            return "ConvTranspose with a computed weight"
-        groups = int(attr(node, "group", 1))
-        cin, cout = w.shape[0], w.shape[1] * groups
-        xs = ctx.slots(node.input[0], 1)
-        if len(xs) != cin:
-            return f"ConvTranspose expects {cin} input channels, the graph gives {len(xs)}"
-        if groups == 1:
-            ctx.produce(node, node.output[0], 1, np.swapaxes(w, 0, 1).reshape(cout, -1))
-        elif groups == cin:
-            ctx.set(node.output[0], 1, np.repeat(xs, cout // cin))
-        else:
-            return f"grouped ConvTranspose (group={groups})"
-        fix_computed_bias(node, ctx, 2, ctx.tensors[node.output[0]].slots)
-        return None
-
-    def rewrite(self, node, rw):
-        keep_in, keep_out = rw.keep(node.input[0]), rw.keep(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        w = rw.const(node.input[1])
-        groups = int(attr(node, "group", 1))
-        if keep_in is not None:
-            w = w[keep_in]
-        if groups == 1:
-            if keep_out is not None:
-                w = w[:, keep_out]
-        elif keep_in is not None:
-            set_attr(node, "group", len(keep_in))
-        rw.set_const(node, 1, w)
-        _bias_rewrite(node, rw, 2, keep_out)
+    def cost(self, node, dims, shapes):
+        cin, cout = self.channels(node, dims)
+        # Each position of the tensor on the weight's axis 0 meets every weight once.
+        side = node.output[0] if self.out_axis == 0 else node.input[0]
+        return cin, cout, numel(dims) * spatial_size(shapes.get(side))
 
 
-@register("Gemm")
-class Gemm(Rule):
+class Conv(_ConvFamily):
+    """Conv: weight [Cout, Cin/group, k...]."""
+
+    out_axis = 0
+
+
+class ConvTranspose(_ConvFamily):
+    """ConvTranspose: weight [Cin, Cout/group, k...]."""
+
+    out_axis = 1
+
+
+class Gemm(WeightLayer):
     """Gemm with a constant B: consumes A's features (axis 1, or 0 with transA) and produces N
     output features; bias C follows the output features."""
+
+    bias_input = 2
+
+    @staticmethod
+    def _axes(node) -> tuple[int, int]:
+        """(output axis, input axis) of B."""
+        return (0, 1) if int(attr(node, "transB", 0)) else (1, 0)
+
+    def layout(self, node, inits):
+        return None if int(attr(node, "transA", 0)) else self._axes(node)
+
+    def channel_axis_from_right(self, weight_rank):
+        return 1
+
+    def channels(self, node, dims):
+        out_axis, in_axis = self._axes(node)
+        return dims[in_axis], dims[out_axis]
+
+    def cost(self, node, dims, shapes):
+        return *self.channels(node, dims), numel(dims)
 
     def analyse(self, node, ctx):
         b = ctx.const(node.input[1])
@@ -147,8 +189,7 @@ class Gemm(Rule):
         if keep_in is None and keep_out is None:
             return
         b = rw.const(node.input[1])
-        trans_b = int(attr(node, "transB", 0))
-        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+        out_axis, in_axis = self._axes(node)
         if keep_in is not None:
             b = np.take(b, keep_in, axis=in_axis)
         if keep_out is not None:
@@ -157,9 +198,25 @@ class Gemm(Rule):
         _bias_rewrite(node, rw, 2, keep_out)
 
 
-@register("MatMul")
-class MatMul(Rule):
+class MatMul(WeightLayer):
     """MatMul by a constant 2-D weight on the right: the Linear of 3-D inputs."""
+
+    def layout(self, node, inits):
+        return (1, 0) if len(inits[node.input[1]].dims) == 2 else None
+
+    def channel_axis_from_right(self, weight_rank):
+        return 1
+
+    def channels(self, node, dims):
+        return dims[0], dims[1]
+
+    def cost(self, node, dims, shapes):
+        if len(dims) != 2:
+            return None
+        shape = shapes.get(node.input[0])
+        rows = math.prod(d if isinstance(d, int) else 1 for d in shape[1:-1]) \
+            if shape is not None and len(shape) > 2 else 1
+        return *self.channels(node, dims), numel(dims) * rows
 
     def analyse(self, node, ctx):
         b = ctx.const(node.input[1])
@@ -186,3 +243,89 @@ class MatMul(Rule):
         if keep_out is not None:
             b = b[:, keep_out]
         rw.set_const(node, 1, b)
+
+
+# -- moments ----------------------------------------------------------------------------------
+def _conv_moments(step: MomentStep) -> TensorMoments | None:
+    node = step.node
+    if node.input[1] not in step.inits:
+        return None
+    return conv_moments(step.const(node.input[1]), step.optional_const(2), step.x,
+                        int(attr(node, "group", 1)), step.spatial,
+                        step.targets.get(node.output[0]), step.max_full, step.full)
+
+
+def _dense_moments(step: MomentStep, w: np.ndarray, b: np.ndarray | None
+                   ) -> TensorMoments | None:
+    """``w`` as [outputs, inputs]."""
+    if w.shape[1] != step.x.mean.size:
+        return None
+    return linear_moments(w, b, step.x, step.max_full, step.full)
+
+
+def _gemm_moments(step: MomentStep) -> TensorMoments | None:
+    node = step.node
+    w = step.const(node.input[1])
+    if w is None or w.ndim != 2 or attr(node, "transA", 0):
+        return None
+    if not attr(node, "transB", 0):
+        w = w.T
+    w = w * float(attr(node, "alpha", 1.0))
+    b = step.optional_const(2)
+    if b is not None:
+        b = np.broadcast_to(b.reshape(-1) * float(attr(node, "beta", 1.0)), (w.shape[0],))
+    return _dense_moments(step, w, b)
+
+
+def _matmul_moments(step: MomentStep) -> TensorMoments | None:
+    w = step.const(step.node.input[1])
+    return None if w is None or w.ndim != 2 else _dense_moments(step, w.T, None)
+
+
+# -- reverse passes ---------------------------------------------------------------------------
+def _conv_grad(b: Builder, node: onnx.NodeProto, dy: str, shapes: dict, inits: dict
+               ) -> dict[str, str] | None:
+    """The transposed convolution with the same weights."""
+    a, ins, x = attrs(node), node.input, node.input[0]
+    w = ins[1]
+    if w not in inits or x not in shapes or node.output[0] not in shapes:
+        return None
+    k = list(numpy_helper.to_array(inits[w]).shape[2:])
+    nd = len(k)
+    strides = a.get("strides", [1] * nd)
+    dil = a.get("dilations", [1] * nd)
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    pads = a.get("pads", [0] * (2 * nd))
+    xs, ys = shapes[x][2:], shapes[node.output[0]][2:]
+    outpad = [xs[i] - ((ys[i] - 1) * strides[i] - pads[i] - pads[i + nd]
+                       + dil[i] * (k[i] - 1) + 1) for i in range(nd)]
+    if any(p < 0 or p >= max(strides[i], dil[i]) for i, p in enumerate(outpad)):
+        return None
+    return {x: b.op("ConvTranspose", [dy, w], kernel_shape=k, strides=strides, pads=pads,
+                    dilations=dil, group=a.get("group", 1), output_padding=outpad)}
+
+
+def _linear_grad(b: Builder, node: onnx.NodeProto, dy: str, shapes: dict, inits: dict
+                 ) -> dict[str, str] | None:
+    """Gemm / MatMul with a constant right-hand side: ``dA = dY B^T`` (times alpha, transposed
+    back under transA)."""
+    x, w, a = node.input[0], node.input[1], attrs(node)
+    if w not in inits or x in inits or x not in shapes or (
+            len(node.input) > 2 and node.input[2] and node.input[2] not in inits):
+        return None
+    weight = numpy_helper.to_array(inits[w]).astype(np.float64)
+    if weight.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        weight = (weight.T if a.get("transB", 0) else weight) * a.get("alpha", 1.0)
+    g = b.op("MatMul", [dy, b.const(np.ascontiguousarray(weight.T).astype(np.float32), "wt")])
+    if node.op_type == "Gemm" and a.get("transA", 0):
+        g = b.op("Transpose", [g], perm=[1, 0])
+    return {x: g}
+
+
+define("Conv", rule=Conv(), propagate=_conv_moments, backward=_conv_grad)
+define("ConvTranspose", rule=ConvTranspose())
+define("Gemm", rule=Gemm(), propagate=_gemm_moments, backward=_linear_grad)
+define("MatMul", rule=MatMul(), propagate=_matmul_moments, backward=_linear_grad)

@@ -1,6 +1,6 @@
-"""Channel rules of the layout ops (Flatten, Reshape, Transpose, Squeeze, Unsqueeze),
-reductions, Resize and Shape. Index maps (Concat, Split, Slice, Gather, Pad) live in
-:mod:`onnx_udfc.ops.index`.
+"""The layout ops (Flatten, Reshape, Transpose, Squeeze, Unsqueeze), reductions, Resize and
+Shape: channel rules, traits, moments and reverse passes. Index maps (Concat, Split, Slice,
+Gather) live in :mod:`onnx_udfc.ops.index`, Pad in :mod:`onnx_udfc.ops.pad`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ import math
 import numpy as np
 import onnx
 
-from onnx_udfc.ops.base import Rule, attr, input_or_attr, norm_axis, register
+from onnx_udfc.core.builder import Builder
+from onnx_udfc.ops.base import Rule, attr, input_or_attr, norm_axis
+from onnx_udfc.ops.pooling import pooled_moments
+from onnx_udfc.ops.registry import SEPARATE, define
+from onnx_udfc.ops.tensor_moments import MomentStep, TensorMoments, passed_through
 
 SYMBOLIC_BATCH = 1_000_003  # a large prime standing in for a symbolic batch dimension
+MAX_FEATURES = 4096  # Flatten expansion limit (covariance size)
 
 
 def _static(dims) -> list[int] | None:
@@ -79,14 +84,12 @@ class _Relayout(Rule):
         return None
 
 
-@register("Flatten")
 class Flatten(_Relayout):
     def out_dims(self, node, ctx, in_dims):
         k = norm_axis(int(attr(node, "axis", 1)), len(in_dims))
         return [math.prod(in_dims[:k]), math.prod(in_dims[k:])]
 
 
-@register("Reshape")
 class Reshape(_Relayout):
     def out_dims(self, node, ctx, in_dims):
         shape = ctx.const(node.input[1])
@@ -121,7 +124,6 @@ def resolve_reshape(in_dims: list[int], shape: list[int], allowzero: int) -> lis
     return out if math.prod(out) == math.prod(in_dims) else None
 
 
-@register("Transpose")
 class Transpose(Rule):
     def analyse(self, node, ctx):
         info = ctx.channels(node.input[0])
@@ -132,7 +134,6 @@ class Transpose(Rule):
         return None
 
 
-@register("Squeeze", "Unsqueeze")
 class SqueezeUnsqueeze(Rule):
     def analyse(self, node, ctx):
         info = ctx.channels(node.input[0])
@@ -159,8 +160,6 @@ class SqueezeUnsqueeze(Rule):
         return None
 
 
-@register("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
-          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 class Reduce(Rule):
     """Reductions over non-channel axes (e.g. spatial ReduceMean) pass channels through."""
 
@@ -187,7 +186,6 @@ class Reduce(Rule):
         return None
 
 
-@register("Resize", "Upsample")
 class Resize(Rule):
     """Spatial resampling; an explicit ``sizes`` input holds the channel count."""
 
@@ -243,7 +241,6 @@ class Resize(Rule):
         rw.set_const(node, 3, sizes.astype(np.int64))
 
 
-@register("Shape", "Size")
 class ShapeRead(Rule):
     """Reading a shape is harmless unless the channel count flows into a computation."""
 
@@ -271,3 +268,47 @@ class ShapeRead(Rule):
             idx = ctx.const(consumer.input[1])
             return idx is not None and position not in np.asarray(idx).reshape(-1).tolist()
         return False
+
+
+def _patch(r: float, p: int) -> np.ndarray:
+    return (1.0 - r) * np.eye(p) + r * np.ones((p, p))
+
+
+def _flatten_moments(step: MomentStep) -> TensorMoments | None:
+    """To a feature vector: the channels, or each channel's ``hw`` positions (correlated by
+    ``r``, see :mod:`onnx_udfc.moments.propagated`)."""
+    x = step.x
+    shape = step.shapes.get(step.node.output[0])
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        return None
+    f = int(shape[1])
+    if f == x.mean.size:
+        return TensorMoments(x.mean, x.cov, 1)
+    if f != x.mean.size * x.hw:
+        return None
+    mean = np.repeat(x.mean, x.hw)
+    if step.full and f <= MAX_FEATURES:
+        return TensorMoments(mean, np.kron(x.full, _patch(step.spatial, x.hw)), 1)
+    return TensorMoments(mean, np.repeat(x.var, x.hw), 1)
+
+
+def _reshape_grad(b: Builder, node: onnx.NodeProto, dy: str, shapes: dict, inits: dict
+                  ) -> dict[str, str] | None:
+    x = node.input[0]
+    if x not in shapes:
+        return None
+    return {x: b.op("Reshape", [dy, b.const(np.asarray(shapes[x], np.int64))])}
+
+
+define("Flatten", rule=Flatten(), traits=SEPARATE, propagate=_flatten_moments,
+       backward=_reshape_grad)
+define("Reshape", rule=Reshape(), traits=SEPARATE, propagate=_flatten_moments,
+       backward=_reshape_grad)
+define("Squeeze", "Unsqueeze", rule=SqueezeUnsqueeze(), traits=SEPARATE, backward=_reshape_grad)
+define("Transpose", rule=Transpose(), traits=SEPARATE)
+define("ReduceMean", rule=Reduce(), traits=SEPARATE, propagate=pooled_moments)
+define("ReduceMax", rule=Reduce(), traits=SEPARATE)
+define("ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+       "ReduceLogSumExp", "ReduceSumSquare", rule=Reduce())
+define("Resize", "Upsample", rule=Resize(), traits=SEPARATE, propagate=passed_through)
+define("Shape", "Size", rule=ShapeRead())

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from onnx_udfc import __version__
-from onnx_udfc.core.cost import LayerStats, total_macs
+from onnx_udfc.ops.cost import LayerStats, total_macs
 
 
 @dataclass
