@@ -47,6 +47,8 @@ class Patch:
         """A constant of the patch (reused when ``name`` is one already)."""
         if name not in self._tensors:
             self._tensors[name] = gs.Constant(name, np.asarray(value))
+        elif not isinstance(self._tensors[name], gs.Constant):
+            raise ValueError(f"'{name}' is already a tensor of the host graph")
         return name
 
     def node(self, op_type: str, inputs: list[str], outputs: list[str], **attrs: object) -> None:
