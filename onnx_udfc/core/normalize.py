@@ -3,7 +3,8 @@
 ``normalize`` is behaviour-preserving: weights held in ``Constant`` nodes or behind ``Identity``
 nodes become plain initializers, and small constant subgraphs (the shape arithmetic exporters
 emit, e.g. the channel pads of an 'option A' ResNet shortcut) are evaluated into initializers so
-that every index the channel analysis needs is a literal.
+that every index the channel analysis needs is a literal. A graph whose nodes are out of
+topological order is sorted first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_udfc.core.graph_edit import cleanup, keep_only, toposort
 from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
 
 # Ops never folded: random, or with side information the reference evaluator cannot honour.
@@ -36,7 +38,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
                 continue
         keep.append(node)
     if moved:
-        _replace_repeated(g.node, keep)
+        keep_only(g.node, keep)
     return moved
 
 
@@ -72,7 +74,7 @@ def bypass_identities(model: onnx.ModelProto) -> int:
             for i, name in enumerate(node.input):
                 if name in alias:
                     node.input[i] = alias[name]
-        _replace_repeated(g.node, keep)
+        keep_only(g.node, keep)
     return len(alias)
 
 
@@ -126,7 +128,7 @@ def fold_constants(model: onnx.ModelProto, limit: int = FOLD_LIMIT) -> int:
                 continue
         keep.append(node)
     if folded:
-        _replace_repeated(g.node, keep)
+        keep_only(g.node, keep)
     return folded
 
 
@@ -149,52 +151,6 @@ def _node_model(node: onnx.NodeProto, values: dict[str, onnx.TensorProto],
         onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
 
 
-def remove_dead(model: onnx.ModelProto) -> int:
-    """Drop nodes and initializers nothing reads (graph outputs count as reads)."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs read outer names implicitly
-                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                    needed.update(_subgraph_reads(sub))
-    removed = len(g.node) - len(keep)
-    if removed:
-        _replace_repeated(g.node, list(reversed(keep)))
-    inits = [t for t in g.initializer if t.name in needed]
-    if len(inits) != len(g.initializer):
-        removed += len(g.initializer) - len(inits)
-        dropped = {t.name for t in g.initializer} - {t.name for t in inits}
-        _replace_repeated(g.initializer, inits)
-        # Old IRs declare initializers as graph inputs too; an unread one goes with it.
-        _replace_repeated(g.input, [i for i in g.input if i.name not in dropped])
-    return removed
-
-
-def _replace_repeated(field, items: list) -> None:
-    """Replace a repeated message field's content with ``items`` (a subset, same order).
-
-    Elements are moved, not copied: a 100 MB initializer list must not be duplicated.
-    """
-    keep_ids = {id(x) for x in items}
-    for i in range(len(field) - 1, -1, -1):
-        if id(field[i]) not in keep_ids:
-            del field[i]
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(i for i in node.input if i)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                names.update(_subgraph_reads(sub))
-    return names
-
-
 # Ops that make up exporters' shape arithmetic; evaluated on small integer tensors only.
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast",
               "Add", "Sub", "Mul", "Div", "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Mod",
@@ -204,7 +160,10 @@ _PROBE_BATCHES = (1_000_003, 1_000_033)  # two primes standing in for a dynamic 
 
 def _probe_types(model: onnx.ModelProto) -> list[dict[str, onnx.TypeProto]] | None:
     """Graph input and initializer types, with each input's dynamic batch fixed to each probe
-    value (one set without a dynamic batch); None when other input dims are dynamic."""
+    value (one set without a dynamic batch); None when other input dims are dynamic.
+
+    Types for ONNX shape inference, not probe outputs: nothing here for onnx-graphsurgeon
+    (it infers no shapes), and the initializer types come straight off the raw protos."""
     from onnx_udfc.core.io import graph_inputs
 
     g = model.graph
@@ -311,7 +270,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, limit: int = 64) -> int:
             continue
         keep.append(node)
     if len(keep) != len(g.node):
-        _replace_repeated(g.node, keep)
+        keep_only(g.node, keep)
     return changed
 
 
@@ -342,12 +301,15 @@ def _reshape_target(node: onnx.NodeProto, ins: list[list[int] | None],
 def normalize(model: onnx.ModelProto) -> dict[str, int]:
     """All behaviour-preserving normalisations, in order. Returns counts per step."""
     counts = {"constants": constants_to_initializers(model),
-              "identities": bypass_identities(model),
-              "folded": fold_constants(model)}
+              "identities": bypass_identities(model)}
+    # The passes below and the channel analysis read the nodes in order, and ONNX Runtime runs
+    # a graph whose nodes are not sorted, so such a model can reach us.
+    toposort(model)
+    counts["folded"] = fold_constants(model)
     if any(n.op_type in ("Shape", "Size") for n in model.graph.node):
         more = fold_shape_arithmetic(model)
         counts["folded"] += more + (fold_constants(model) if more else 0)
-    counts["removed"] = remove_dead(model)
+    counts["removed"] = cleanup(model)
     sync_initializer_inputs(model)
     return counts
 
@@ -421,8 +383,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> dict[str, BatchNormStats]:
         stats[src.name or src.output[0]] = BatchNormStats(gamma, beta, mean, var, eps)
         drop.add(id(bn))
     if drop:
-        _replace_repeated(g.node, [n for n in g.node if id(n) not in drop])
-        remove_dead(model)
+        keep_only(g.node, [n for n in g.node if id(n) not in drop])
+        cleanup(model)
         sync_initializer_inputs(model)
     return stats
 

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from onnx_udfc.channels.absorbers import Absorber, ColumnView, channel_positions, channels_present
 from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
+from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import session
 from onnx_udfc.methods.plus import absorb_constants
@@ -43,16 +44,12 @@ def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
 
     probe = free_batch(training_batchnorm(model, shapes))
     bns = [n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"]
-    names = []
-    for o in bns:
-        for part in ("mu", "var"):
-            name = f"{o}__bnstat_{part}"
-            if any(name in n.output for n in probe.graph.node):
-                probe.graph.output.append(onnx.ValueInfoProto(name=name))
-                names.append(name)
+    produced = {o for n in probe.graph.node for o in n.output}
+    names = [name for o in bns for part in ("mu", "var")
+             for name in [f"{o}__bnstat_{part}"] if name in produced]
     if not names:
         return {}
-    values = dict(zip(names, session(probe).run(names, feed), strict=True))
+    values = dict(zip(names, session(with_outputs(probe, names)).run(names, feed), strict=True))
     return {o: (values[f"{o}__bnstat_mu"].reshape(-1), values[f"{o}__bnstat_var"].reshape(-1))
             for o in bns if f"{o}__bnstat_mu" in values}
 
@@ -90,12 +87,8 @@ def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: li
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     free_batch(probe)
-    have = {o.name for o in probe.graph.output}
-    for t in tensors:
-        if t not in have:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
     names = list(dict.fromkeys(tensors))
-    return dict(zip(names, session(probe).run(names, feed), strict=True))
+    return dict(zip(names, session(with_outputs(probe, names)).run(names, feed), strict=True))
 
 
 def channels_last(a: np.ndarray) -> np.ndarray:

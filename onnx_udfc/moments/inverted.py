@@ -176,7 +176,7 @@ def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_
     if not inputs:
         raise UdfcError("model inversion needs a float input")
     x = inputs[0].name
-    b = Builder(fixed.graph, opset_version(fixed))
+    b = Builder(opset_version(fixed))
     forward = list(fixed.graph.node)
     groups = group_count(batch, group_size)
     grads: dict[str, list[str]] = {}
@@ -218,8 +218,10 @@ def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_
                         f"(stopped at {', '.join(sorted(set(stopped))) or 'nothing'})")
     total = losses[0] if len(losses) == 1 else b.op("Sum", losses, "loss")
     grad = gx[0] if len(gx) == 1 else b.op("Sum", gx, "gx")
-    b.graph.node.append(helper.make_node("Identity", [total], ["udfc_inversion_loss"]))
-    b.graph.node.append(helper.make_node("Identity", [grad], ["udfc_inversion_grad"]))
+    b.op("Identity", [total], output="udfc_inversion_loss")
+    b.op("Identity", [grad], output="udfc_inversion_grad")
+    # only what the two outputs need: gradients that ended at an op without a rule are dropped
+    b.append_to(fixed.graph, ["udfc_inversion_loss", "udfc_inversion_grad"])
     del fixed.graph.output[:]
     fixed.graph.output.extend([
         helper.make_tensor_value_info("udfc_inversion_loss", onnx.TensorProto.FLOAT, []),

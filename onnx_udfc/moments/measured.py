@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import make_inputs, session
 from onnx_udfc.moments.propagated import TensorMoments
@@ -35,11 +36,7 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
     inputs = {i.name for i in model.graph.input}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for t in wanted:
-        if t not in have and t not in inputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
-    sess = session(probe)
+    sess = session(with_outputs(probe, [t for t in wanted if t not in inputs]))
     names = [o.name for o in sess.get_outputs()]
     keep = [t for t in wanted if t in names]
     n = len(next(iter(feed.values())))

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
+from onnx_udfc.core.graph_edit import Patch
 from onnx_udfc.core.io import graph_inputs, opset_version
 from onnx_udfc.moments.propagated import TensorMoments
 
@@ -90,7 +90,8 @@ def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
 
 def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose BatchNormalization nodes normalise by batch statistics
-    (``shapes``: tensor name -> shape, for the rank of each BN's input; 4 when unknown)."""
+    (``shapes``: tensor name -> shape, for the rank of each BN's input; 4 when unknown). The
+    batch mean and variance of the BN writing ``y`` are ``y__bnstat_mu`` and ``y__bnstat_var``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name for t in out.graph.initializer}
@@ -100,46 +101,38 @@ def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> on
         if node.op_type != "BatchNormalization" or not all(n in inits for n in node.input[1:3]):
             nodes.append(node)
             continue
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        x, gamma, beta = node.input[0], node.input[1], node.input[2]
-        p = f"{node.output[0]}__bnstat"
-        eps_name = f"{p}_eps"
-        out.graph.initializer.append(numpy_helper.from_array(np.asarray(eps, np.float32),
-                                                             eps_name))
-        shape_name = f"{p}_cshape"
-        out.graph.initializer.append(numpy_helper.from_array(np.asarray([-1], np.int64),
-                                                             shape_name))
-        known = (shapes or {}).get(x)
-        rank = len(known) if known else 4  # channel axis 1; reduced over all the others
-        axes = [0, *range(2, rank)]
-
-        def reduce_mean(src: str, dst: str, axes: list[int] = axes, p: str = p
-                        ) -> list[onnx.NodeProto]:
-            if opset >= 18:
-                name = f"{p}_axes"
-                if name not in {t.name for t in out.graph.initializer}:
-                    out.graph.initializer.append(numpy_helper.from_array(
-                        np.asarray(axes, np.int64), name))
-                return [helper.make_node("ReduceMean", [src, name], [dst], keepdims=1)]
-            return [helper.make_node("ReduceMean", [src], [dst], axes=axes, keepdims=1)]
-
-        bshape = f"{p}_bshape"
-        out.graph.initializer.append(numpy_helper.from_array(
-            np.asarray([1, -1] + [1] * (rank - 2), np.int64), bshape))
-        nodes += reduce_mean(x, f"{p}_mu")
-        nodes.append(helper.make_node("Sub", [x, f"{p}_mu"], [f"{p}_xc"]))
-        nodes.append(helper.make_node("Mul", [f"{p}_xc", f"{p}_xc"], [f"{p}_sq"]))
-        nodes += reduce_mean(f"{p}_sq", f"{p}_var")
-        nodes.append(helper.make_node("Add", [f"{p}_var", eps_name], [f"{p}_ve"]))
-        nodes.append(helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"]))
-        nodes.append(helper.make_node("Div", [f"{p}_xc", f"{p}_sd"], [f"{p}_n"]))
-        nodes.append(helper.make_node("Reshape", [gamma, bshape], [f"{p}_g"]))
-        nodes.append(helper.make_node("Reshape", [beta, bshape], [f"{p}_b"]))
-        nodes.append(helper.make_node("Mul", [f"{p}_n", f"{p}_g"], [f"{p}_ng"]))
-        nodes.append(helper.make_node("Add", [f"{p}_ng", f"{p}_b"], [node.output[0]]))
+        known = (shapes or {}).get(node.input[0])
+        patch_nodes, constants = _batch_normalization(node, len(known) if known else 4, opset)
+        nodes += patch_nodes
+        out.graph.initializer.extend(constants)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
+
+
+def _batch_normalization(node: onnx.NodeProto, rank: int, opset: int
+                         ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and constants replacing the BN ``node`` (input of rank ``rank``, channel axis
+    1): its input normalised by its own mean and variance over all the other axes."""
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    x, gamma, beta = node.input[0], node.input[1], node.input[2]
+    p = f"{node.output[0]}__bnstat"
+    axes = [0, *range(2, rank)]
+    patch = Patch(opset)
+    eps_name = patch.constant(f"{p}_eps", np.asarray(eps, np.float32))
+    bshape = patch.constant(f"{p}_bshape", np.asarray([1, -1] + [1] * (rank - 2), np.int64))
+    patch.reduce_to("ReduceMean", x, axes, f"{p}_mu", f"{p}_axes")
+    patch.node("Sub", [x, f"{p}_mu"], [f"{p}_xc"])
+    patch.node("Mul", [f"{p}_xc", f"{p}_xc"], [f"{p}_sq"])
+    patch.reduce_to("ReduceMean", f"{p}_sq", axes, f"{p}_var", f"{p}_axes")
+    patch.node("Add", [f"{p}_var", eps_name], [f"{p}_ve"])
+    patch.node("Sqrt", [f"{p}_ve"], [f"{p}_sd"])
+    patch.node("Div", [f"{p}_xc", f"{p}_sd"], [f"{p}_n"])
+    patch.node("Reshape", [gamma, bshape], [f"{p}_g"])
+    patch.node("Reshape", [beta, bshape], [f"{p}_b"])
+    patch.node("Mul", [f"{p}_n", f"{p}_g"], [f"{p}_ng"])
+    patch.node("Add", [f"{p}_ng", f"{p}_b"], [node.output[0]])
+    return patch.export()
 
 
 def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_udfc.core.graph_edit import cleanup
 from onnx_udfc.core.io import opset_version, tensor_array
-from onnx_udfc.core.normalize import remove_dead
 from onnx_udfc.ops.base import attr, set_attr
 from onnx_udfc.quant.qdq import integer_tensor
 
@@ -98,7 +98,7 @@ def fold_bn_into_scales(model: onnx.ModelProto) -> tuple[int, list[str]]:
         for i in range(len(g.node) - 1, -1, -1):
             if id(g.node[i]) in drop:
                 del g.node[i]
-        remove_dead(model)
+        cleanup(model)
     return folded, skipped
 
 
