@@ -225,6 +225,8 @@ class CompressConfig:
         explicit = []
         for key, value in overrides.items():
             dotted = SHORT_NAMES.get(key, key)
+            if dotted == "graph.input_shapes":
+                value = {k: list(v) for k, v in (value or {}).items()}
             config.set(dotted, value)
             explicit.append(dotted)
         config.explicit = sorted(explicit)
@@ -274,7 +276,8 @@ class CompressConfig:
         _check_choice("moments source", m.moments, MOMENT_SOURCES)
         if m.sequential and m.name != "udfc+":
             raise UdfcError("--sequential applies to --method udfc+ only")
-        _check_int("seed", m.seed, 0)
+        if isinstance(m.seed, bool) or not isinstance(m.seed, int | np.integer) or m.seed < 0:
+            raise UdfcError(f"seed must be a non-negative integer, got {m.seed!r}")
         for name in ("alpha1", "alpha2"):
             value = getattr(m, name)
             if not _is_number(value) or value < 0:

@@ -83,7 +83,7 @@ def check_destinations(source: str | os.PathLike, config: CompressConfig) -> dic
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UdfcError(f"{path}: {kind} directory '{parent}' is not writable")
         if src.exists() and path.exists() and os.path.samefile(src, path):
-            raise UdfcError(f"{path}: {kind} path is the input model; choose another path")
+            raise UdfcError(f"{path}: output path is the input model; choose another path")
         if any(p.resolve() == path.resolve() for p in paths.values()):
             raise UdfcError(f"{path}: two outputs share this path")
         paths[kind] = path

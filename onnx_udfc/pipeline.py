@@ -184,6 +184,7 @@ def _quantize(state: RunState) -> None:
                                         state.bn_stats,
                                         list(state.config.prune.exclude) + list(q.exclude),
                                         state.kept, state.source)
+    io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 
 

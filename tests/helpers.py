@@ -398,3 +398,23 @@ def tool_module(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def conv_bn_relu_model(opset: int) -> onnx.ModelProto:
+    """Conv 3->5 (3x3, pad 1), BatchNorm with running mean 0 / var 1, ReLU on 16x16."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 5).astype(np.float32)
+    beta = rng.normal(size=5).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (w, "w"), (gamma, "g"), (beta, "b"), (np.zeros(5, np.float32), "m"),
+        (np.ones(5, np.float32), "v")]]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"],
+                              name="bn"),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16, 16])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from onnx_udfc import api
 from onnx_udfc.channels.select import greedy_removal
@@ -23,6 +23,7 @@ from tests.helpers import (
     bn_chain,
     cli,
     compensations,
+    conv_bn_relu_model,
     initializers,
     quantizations,
     random_feeds,
@@ -91,30 +92,11 @@ def test_pink_noise_is_standardised_and_smooth():
     assert 0.6 < colour < 0.95
 
 
-def _bn_model(opset: int) -> onnx.ModelProto:
-    rng = np.random.default_rng(2)
-    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
-    gamma = rng.uniform(0.5, 2.0, 5).astype(np.float32)
-    beta = rng.normal(size=5).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in [
-        (w, "w"), (gamma, "g"), (beta, "b"), (np.zeros(5, np.float32), "m"),
-        (np.ones(5, np.float32), "v")]]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"],
-                              name="bn"),
-             helper.make_node("Relu", ["n"], ["y"], name="relu")]
-    g = helper.make_graph(nodes, "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16, 16])],
-                          inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-
-
 @pytest.mark.parametrize("opset", [13, 18])
 def test_sampled_bn_outputs_have_the_running_marginals(opset):
     # the BN's own running statistics (mean 0, var 1) are nothing like the inputs' (conv of
     # pink noise): re-anchored, its output still has mean beta and spread |gamma|
-    model = _bn_model(opset)
+    model = conv_bn_relu_model(opset)
     shapes = infer_shapes(model)
     probe = training_batchnorm(model, shapes)
     onnx.checker.check_model(probe, full_check=True)

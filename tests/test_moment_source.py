@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_data_free import _bn_model
 
 from onnx_udfc import api
 from onnx_udfc.core.errors import UdfcError
@@ -19,7 +18,7 @@ from onnx_udfc.moments import source as source_module
 from onnx_udfc.moments.measured import measure
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
 from onnx_udfc.moments.source import MomentSource
-from tests.helpers import bn_chain, random_feeds
+from tests.helpers import bn_chain, conv_bn_relu_model, random_feeds
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_udfc"
 
@@ -45,9 +44,9 @@ def _baked_batch() -> onnx.ModelProto:
 
 
 def test_auto_samples_a_conv_net_and_propagates_an_mlp():
-    assert MomentSource(_bn_model(13)).kind == "sampled"
+    assert MomentSource(conv_bn_relu_model(13)).kind == "sampled"
     assert MomentSource(_mlp()).kind == "propagated"
-    assert MomentSource(_bn_model(13), "propagated").kind == "propagated"
+    assert MomentSource(conv_bn_relu_model(13), "propagated").kind == "propagated"
     with pytest.raises(UdfcError, match="moments"):
         MomentSource(_mlp(), "measured")
 
@@ -64,7 +63,7 @@ def test_calibration_measures_whatever_was_asked():
 
 
 def test_inverted_reads_the_given_batch():
-    model = _bn_model(13)
+    model = conv_bn_relu_model(13)
     shapes = infer_shapes(model)
     batch = synthetic_inputs(model, seed=5)
     source = MomentSource(model, "inverted", samples=batch)

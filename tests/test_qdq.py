@@ -232,7 +232,8 @@ def test_old_ir_model_with_weights_as_inputs_converts(bits: int, opset: int) -> 
                                                  numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
     model.ir_version = 3
-    kw = dict(bits=bits, quantizer="symmetric", granularity="channel")
+    kw = dict(bits=bits, quantizer="symmetric", granularity="channel", target="fake",
+              method="prune")
     fake, _ = api.compress(model, **kw)
     qdq, report = api.compress(model, format="qdq", **kw)
     assert report.storage["opset_after"] == opset and [i.name for i in qdq.graph.input] == ["x"]

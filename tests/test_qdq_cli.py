@@ -47,7 +47,8 @@ def _mvn_opset9(path: Path) -> Path:
 
 def test_qdq_summary_report_and_latency(capsys, tmp_path, digits_model, digits_data) -> None:
     out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
-    common = ["compress", str(digits_model), "--prune", "0.3", "--bits", "4", "--quantizer",
+    common = ["compress", str(digits_model), "--target", "fake", "--method", "prune",
+              "--prune", "0.3", "--bits", "4", "--quantizer",
               "symmetric", "--granularity", "channel", "--data", str(digits_data)]
     code, stdout, err = cli(capsys, *common, "-o", str(out), "--format", "qdq", "--report",
                                 str(rep), "--latency")

@@ -131,10 +131,10 @@ class Report:
                          f"({inv['seconds']:.1f} s)" + (
                              f"; gradient stopped at {', '.join(stopped)}" if stopped else ""))
         comps = [x["compensation"] for x in self.layers if x.get("compensation")]
+        method = self.config.get("method", {}).get("name")
         if comps:
             done = sum(1 for c in comps if c["compensated"])
             why = next((c["reason"] for c in comps if not c["compensated"]), "")
-            method = self.config.get("method", {}).get("name")
             lines.append(f"method  {method}: {done} of {len(comps)} pruned "
                          "layers compensated" + (f" (not: {why})" if why else ""))
         if self.moments and method == "udfc+":
