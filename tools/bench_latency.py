@@ -66,7 +66,10 @@ def make_variants(model: Path, ratios: list[float], rounds: list[int], qdq: bool
 
 
 def bench_model(model: Path, args, workdir: Path) -> list[dict]:
-    extra = {"prune_coupled": True} if args.prune_coupled else {}
+    # plain pruning, float weights unless a variant says otherwise (not the preset defaults)
+    extra = {"target": "fake", "method": "prune"}
+    if args.prune_coupled:
+        extra["prune_coupled"] = True
     variants = make_variants(model, args.ratios, args.round_to, not args.no_qdq, workdir, extra)
     rows = []
     for batch in args.batches:

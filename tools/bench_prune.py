@@ -2,16 +2,17 @@
 
 For every model file, the command
 
-    onnx-udfc compress MODEL -o OUT --prune 0.5 --report REPORT.json
+    onnx-udfc compress MODEL -o OUT --target fake --method prune --prune 0.5 --report REPORT.json
 
 is run ``--repeat`` times (default 5), each time as a fresh subprocess (``subprocess.Popen`` +
 ``os.wait4``), recording the wall-clock time (``time.perf_counter``) and that subprocess's
 own peak resident set size (``ru_maxrss`` from ``wait4``, KiB on Linux; it covers the process
 and any children it reaped, and is *not* the cumulative ``RUSAGE_CHILDREN`` of this script).
-``--prune 0.5`` can be replaced with ``--args "..."``. Per model it reports file size, median
-/ min / max wall seconds, median peak RSS and RSS / file-size ratio, params and FLOPs
-before/after (``params_before``, ``params_after``, ``flops_before``, ``flops_after`` from the
-report JSON), the output file size and the report's per-stage ``timings`` (median over runs).
+``--target fake --method prune --prune 0.5`` can be replaced with ``--args "..."``. Per model
+it reports file size, median / min / max wall seconds, median peak RSS and RSS / file-size
+ratio, params and FLOPs before/after (``params_before``, ``params_after``, ``flops_before``,
+``flops_after`` from the report JSON), the output file size and the report's per-stage
+``timings`` (median over runs).
 In the same run it measures the peak RSS of ``python -c pass``, ``python -c "import onnx,
 onnxruntime, numpy"`` and ``python -c "import onnx_udfc.cli"`` (interpreter + import overhead).
 
@@ -28,7 +29,7 @@ Usage::
 
     python tools/bench_prune.py                                   # both ResNet-50 files, 5 runs
     python tools/bench_prune.py --json bench_out/bench.json       # also write JSON
-    python tools/bench_prune.py -n 3 --args "--prune 0.3 --bits 6 --method udfc"
+    python tools/bench_prune.py -n 3 --args "--target fake --prune 0.3 --bits 6 --method udfc"
     python tools/bench_prune.py bench_out/resnet50_folded.onnx -n 1 --keep --workdir /tmp/b
     # timing/RSS machinery only, against a stand-in that loads and re-saves the model with onnx:
     python tools/bench_prune.py --standin -n 3
@@ -56,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODELS = ("bench_out/resnet50_bn.onnx", "bench_out/resnet50_folded.onnx")
-DEFAULT_ARGS = "--prune 0.5"
+# explicit settings, not the preset defaults: plain 50 % pruning, float weights
+DEFAULT_ARGS = "--target fake --method prune --prune 0.5"
 REPORT_KEYS = ("params_before", "params_after", "flops_before", "flops_after")
 MIB = 2**20
 

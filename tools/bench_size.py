@@ -1,8 +1,9 @@
 """File size on disk of ``--format qdq`` models against the FP32 file, with the breakdown that
 explains it.
 
-For every model and storage mode the model is compressed with ``--bits B --quantizer
-symmetric --format qdq`` (no pruning), saved, and its size on disk divided by the FP32 file's.
+For every model and storage mode the model is compressed with ``--target fake --method prune
+--bits B --quantizer symmetric --format qdq`` (no pruning, per-tensor unless the mode says
+otherwise), saved, and its size on disk divided by the FP32 file's.
 The breakdown splits the FP32 file into the weights of Conv/Gemm/MatMul layers (what integer
 storage shrinks) and the rest (BatchNorm statistics, biases, graph structure), which stays.
 
@@ -52,8 +53,9 @@ def measure(path: Path, fold_bn: bool, workdir: Path) -> dict:
     weights = weight_bytes(onnx.load(str(path)))
     row = {"model": path.name, "fp32_bytes": fp32, "weight_share": weights / fp32, "modes": {}}
     for label, kw in MODES.items():
-        model, report = api.compress(str(path), quantizer="symmetric", format="qdq",
-                                     fold_bn=fold_bn, check=False, **kw)
+        model, report = api.compress(str(path), target="fake", method="prune",
+                                     quantizer="symmetric", format="qdq", fold_bn=fold_bn,
+                                     check=False, **kw)
         size = api.save_compressed(model, workdir / "out.onnx", check=False)
         stored = [x["quantization"]["storage"] for x in report.layers if x["quantization"]]
         row["modes"][label] = {

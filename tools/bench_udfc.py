@@ -10,7 +10,8 @@ For every ``--model`` (a file name from ``shared/models/manifest.json``) the scr
 2. checks that the ORIGINAL model's top-1 on the whole shared subset equals the manifest's
    ``top1_on_shared_subset`` within 0.05 points (the proof that preprocessing is right) and
    aborts otherwise;
-3. runs ``onnx_udfc.api.compress`` in-process for every grid point
+3. runs ``onnx_udfc.api.compress`` in-process for every grid point, with ``target="fake"``
+   and every other option given explicitly (the presets and targets do not apply)
    ``method x ratio x bits x criterion`` (plus, with ``--quant-only``, the ratio-0
    quantization-only baselines: method ``prune`` = plain round-to-nearest, method ``udfc`` =
    RTN + Eq. 21 scales, for every bits value) and evaluates top-1 (%) in ONNX Runtime (CPU)
@@ -76,8 +77,8 @@ import onnxruntime
 
 import onnx_udfc
 from onnx_udfc import api
+from onnx_udfc.config import GRANULARITIES, METHODS, QUANTIZERS
 from onnx_udfc.core.ort import run, session
-from onnx_udfc.methods.compensate import GRANULARITIES, METHODS, QUANTIZERS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SHARED = REPO.parent / "shared"
@@ -377,8 +378,8 @@ def bench_model(args: argparse.Namespace, manifest: dict[str, Any], name: str,
         t = time.perf_counter()
         try:
             base, extra, calibrated = VARIANTS.get(method, (method, {}, False))
-            model, report = api.compress(
-                original, prune=ratio, method=base, **extra,
+            model, report = api.compress(  # every option explicit: the figures predate presets
+                original, target="fake", prune=ratio, method=base, **extra,
                 calibration=x if calibrated else None, bits=bits, criterion=criterion,
                 quantizer=args.quantizer, granularity=args.granularity, alpha1=args.alpha1,
                 alpha2=args.alpha2, quant_exclude=list(args.quant_exclude), check=False,

@@ -1,8 +1,10 @@
 """Write an MLP whose weights exceed protobuf's 2 GiB limit (stored as external data).
 
     python tools/make_big_model.py --out bench_out/big_mlp.onnx
-    onnx-udfc compress bench_out/big_mlp.onnx -o bench_out/big_pruned.onnx --prune 0.5
-    onnx-udfc compress bench_out/big_mlp.onnx -o bench_out/big_same.onnx --prune 0
+    onnx-udfc compress bench_out/big_mlp.onnx -o bench_out/big_pruned.onnx --target fake \
+        --method prune --prune 0.5
+    onnx-udfc compress bench_out/big_mlp.onnx -o bench_out/big_same.onnx --target fake \
+        --method prune --prune 0
 
 Exercises the > 2 GiB paths: loading with external data, shape inference and checking without
 serialising the model, and saving with external data when the result is still too large.
