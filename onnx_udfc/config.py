@@ -300,19 +300,13 @@ class CompressConfig:
                 raise UdfcError(f"bad input shape for '{name}': {shape!r} (positive integers)")
 
 
-# Short keyword names accepted by CompressConfig.resolve and api.compress (one per option).
+# Short keyword names accepted by CompressConfig.resolve and api.compress: the field's own name,
+# except where two sections share one or the section names it.
+_RENAMED = {"prune.ratio": "prune", "method.name": "method", "quant.exclude": "quant_exclude"}
 SHORT_NAMES: dict[str, str] = {
-    "prune": "prune.ratio", "criterion": "prune.criterion", "budget_flops": "prune.budget_flops",
-    "exclude": "prune.exclude", "prune_coupled": "prune.prune_coupled",
-    "round_to": "prune.round_to", "input_shapes": "graph.input_shapes",
-    "fold_bn": "graph.fold_bn", "method": "method.name", "moments": "method.moments",
-    "sequential": "method.sequential", "calibration": "method.calibration",
-    "seed": "method.seed", "alpha1": "method.alpha1", "alpha2": "method.alpha2",
-    "bits": "quant.bits", "quantizer": "quant.quantizer", "granularity": "quant.granularity",
-    "block_size": "quant.block_size", "quant_exclude": "quant.exclude",
-    "format": "storage.format", "container": "storage.container", "opset": "storage.opset",
-    "fold_bn_scales": "storage.fold_bn_scales", "external_data": "storage.external_data",
-}
+    _RENAMED.get(f"{section}.{f.name}", f.name): f"{section}.{f.name}"
+    for section in ("graph", "prune", "method", "quant", "storage")
+    for f in dataclasses.fields(SECTIONS[section])}
 
 
 def check_prune(p: PruneOptions, group_ratios: dict[int, float] | None = None) -> None:

@@ -24,7 +24,7 @@ from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
 from onnx_udfc.core.blas import single_blas_thread
-from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning, quantize_model
+from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.ops.cost import LayerStats, count_params, layer_stats
@@ -70,7 +70,7 @@ class RunState:
     layers_before: list[LayerStats] = field(default_factory=list)
     params_before: int = 0
     inversion: Any = None
-    method_config: MethodConfig | None = None
+    method_config: MethodRun | None = None
     source: MomentSource | None = None
     moments: dict | None = None
     scores: np.ndarray | None = None
@@ -296,11 +296,8 @@ def _report(state: RunState) -> Report:
     return report
 
 
-def method_config(config: CompressConfig) -> MethodConfig:
-    m, q = config.method, config.quant
-    return MethodConfig(m.name, q.bits, q.quantizer, q.granularity, m.alpha1, m.alpha2,
-                        calibration=m.calibration, block_size=q.block_size, moments=m.moments,
-                        sequential=m.sequential, seed=m.seed)
+def method_config(config: CompressConfig) -> MethodRun:
+    return MethodRun(config.method, config.quant)
 
 
 def compact(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -270,9 +270,11 @@ def test_linear_bias_add_is_part_of_the_layer(act):
     p = api.plan(a, 0.0)
     g = next(g for g in a.groups if "fc1" in g.producers)
     p.removed[g.classes[5]] = True
-    from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning
+    from onnx_udfc.config import MethodOptions
+    from onnx_udfc.methods.compensate import MethodRun, compensate_pruning
 
-    entry = compensate_pruning(a.channels, p.removed, MethodConfig("udfc", alpha1=1.0))["fc1"]
+    run = MethodRun(MethodOptions("udfc", alpha1=1.0))
+    entry = compensate_pruning(a.channels, p.removed, run)["fc1"]
     assert entry["compensated"] and entry["predicted_error"] < 1e-3
     api.prune(a, p)
     assert max_diff(model, a.model) < 1e-3
@@ -370,9 +372,10 @@ def test_conv_transpose_absorbs_a_reconstruction_exactly():
     p = api.plan(a, 0.0)
     g = next(g for g in a.groups if "conv0" in g.producers)
     p.removed[g.classes[5]] = True
-    from onnx_udfc.methods.compensate import MethodConfig, compensate_pruning
+    from onnx_udfc.config import MethodOptions
+    from onnx_udfc.methods.compensate import MethodRun, compensate_pruning
 
-    entry = compensate_pruning(a.channels, p.removed, MethodConfig("udfc"))["conv0"]
+    entry = compensate_pruning(a.channels, p.removed, MethodRun(MethodOptions("udfc")))["conv0"]
     assert entry["compensated"] and entry["absorbers"] == ["up"]
     api.prune(a, p)
     assert max_diff(model, a.model) < 1e-3

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.core.graph_edit import cleanup, keep_only, toposort
+from onnx_udfc.core.graph_index import GraphIndex
 from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
 
 # Ops never folded: random, or with side information the reference evaluator cannot honour.
@@ -332,21 +333,13 @@ def fold_batchnorm(model: onnx.ModelProto) -> dict[str, BatchNormStats]:
     UDFC solver) keep gamma, beta, mean and var although the graph no longer has them.
     """
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    outputs = {o.name for o in g.output}
+    index = GraphIndex.of(g)
+    inits, readers = index.inits, index.readers
     stats: dict[str, BatchNormStats] = {}
     drop = set()
-    for bn in g.node:
-        if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
-            continue
-        src = producers.get(bn.input[0])
-        if src is None or src.op_type not in ("Conv", "Gemm") or readers.get(bn.input[0]) != 1 \
-                or bn.input[0] in outputs or not all(n in inits for n in bn.input[1:5]):
+    for bn, src in index.batchnorms(g):
+        if src is None or src.op_type not in ("Conv", "Gemm") or not index.private(bn.input[0]) \
+                or not all(n in inits for n in bn.input[1:5]):
             continue
         if src.op_type == "Gemm" and _attr(src, "transA", 0):
             continue

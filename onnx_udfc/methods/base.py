@@ -53,7 +53,7 @@ class RunContext:
     """What a method may read while compensating one model."""
 
     ctx: ChannelAnalysis
-    config: Any  # methods.compensate.MethodConfig
+    config: Any  # methods.compensate.MethodRun
     folded: dict[str, BatchNormStats]
     outputs: set[str]
     moments: dict | None = None

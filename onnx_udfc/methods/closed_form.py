@@ -55,7 +55,7 @@ class Udfc(Method):
 
     def reconstruct(self, run: RunContext, job: PruneJob, entry: dict[str, Any]) -> bool:
         sol = eq20_pruning_coefficients(job.layer.filters(run.ctx.inits), job.stats, job.kept,
-                                        job.pruned, run.config.alpha1)
+                                        job.pruned, run.config.options.alpha1)
         entry["predicted_error"] = float(np.mean(sol.residual))
         fold_reconstruction(run, job, entry, sol.coefficients, sol.degenerate)
         return True
@@ -65,7 +65,8 @@ class Udfc(Method):
         ctx, entry = run.ctx, job.entry
         stats, stats_kind = layer_stats(job.layer, ctx.inits, ctx.consumers, run.outputs,
                                         run.folded)
-        scales = eq14_21_quantization_scale(job.filters, job.rounded, stats, run.config.alpha2)
+        scales = eq14_21_quantization_scale(job.filters, job.rounded, stats,
+                                            run.config.options.alpha2)
         found, reason = absorbers(job.node, ctx, cross_channel=False)
         info = ctx.tensors.get(job.node.output[0])
         classes = None if info is None or info.slots is None else ctx.roots()[info.slots]

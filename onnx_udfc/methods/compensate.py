@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ import onnx
 from onnx_udfc.channels.absorbers import absorbers, weight_uses
 from onnx_udfc.channels.analysis import ChannelAnalysis, analyse
 from onnx_udfc.channels.stats import layer_stats, weight_layer
+from onnx_udfc.config import MethodOptions, QuantOptions
 from onnx_udfc.core.io import infer_shapes, set_tensor_array, tensor_array
 from onnx_udfc.core.normalize import BatchNormStats
 from onnx_udfc.methods import get_method
@@ -25,36 +26,32 @@ from onnx_udfc.quant.grids import QuantizedWeight, quantize_blocks_params, quant
 
 
 @dataclass
-class MethodConfig:
-    method: str = "prune"
-    bits: int | None = None
-    quantizer: str = "paper"
-    granularity: str = "tensor"
-    alpha1: float = 0.01
-    alpha2: float = 0.008
-    calibration: Any = None  # udfc+: inputs to measure moments on (array, dict, .npz)
-    block_size: int | None = None  # block-wise scales along the input channels (overrides
-    # granularity), the layout of ONNX's blocked DequantizeLinear
-    moments: str = "auto"  # udfc+: what to read the moments from (moments.source.MOMENTS)
-    sequential: bool = False  # udfc+: fit each layer on the compressed-so-far network
+class MethodRun:
+    """What a method reads: the user's method and quantization options (written once, in
+    :mod:`onnx_udfc.config`) plus what the run adds (the model-inversion batch)."""
+
+    options: MethodOptions = field(default_factory=MethodOptions)
+    quant: QuantOptions = field(default_factory=QuantOptions)
     samples: Any = None  # udfc+ --moments inverted: the fitted input batch
-    seed: int = 0  # udfc+: of the synthetic samples / the inversion's start
 
     @property
-    def inverted(self) -> bool:
-        """True when this run needs the model-inversion batch (udfc+ without calibration)."""
-        return self.method == "udfc+" and self.moments == "inverted" and self.calibration is None
+    def method(self) -> str:
+        return self.options.name
+
+    @property
+    def calibration(self) -> Any:
+        return self.options.calibration
 
     @property
     def plus(self) -> udfc_plus.PlusConfig:
         """The udfc+ hyperparameters with this run's choices."""
-        return dataclasses.replace(udfc_plus.DEFAULT, moments=self.moments,
-                                   sequential=self.sequential, samples=self.samples,
-                                   seed=self.seed)
+        m = self.options
+        return dataclasses.replace(udfc_plus.DEFAULT, moments=m.moments,
+                                   sequential=m.sequential, samples=self.samples, seed=m.seed)
 
 
 @udfc_plus.plus_threads("cfg")
-def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodConfig,
+def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun,
                        folded: dict[str, BatchNormStats] | None = None,
                        moments: dict | None = None,
                        source: MomentSource | None = None) -> dict[str, dict]:
@@ -118,7 +115,7 @@ def _prune_job(run: RunContext, p: Any, cls: np.ndarray, gone: np.ndarray,
 
 
 @udfc_plus.plus_threads("cfg")
-def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
+def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    input_shapes: dict[str, list[int]] | None = None,
                    folded: dict[str, BatchNormStats] | None = None,
                    exclude: list[str] | None = None,
@@ -131,7 +128,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
     scales, zero points) so integer storage can write exactly what the fake model holds.
     udfc+ reads its moments from ``source`` (the run's; one from ``cfg`` when None)."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
-    method = get_method(cfg.method)
+    method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
                      source)
     method.prepare_quantization(run)
@@ -146,12 +143,12 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
         w = tensor_array(ctx.inits[layer.weight])
         # Scales in the weight's own dtype: what integer storage writes, so the fake model
         # and its integer (qdq) twin hold bit-identical weights.
-        if cfg.block_size:
+        if grid.block_size:
             moved = np.moveaxis(w, layer.out_axis, 0).shape
-            q = quantize_blocks_params(job.filters.reshape(moved), cfg.bits, cfg.quantizer,
-                                       cfg.block_size, w.dtype)
+            q = quantize_blocks_params(job.filters.reshape(moved), grid.bits, grid.quantizer,
+                                       grid.block_size, w.dtype)
         else:
-            q = quantize_params(job.filters, cfg.bits, cfg.quantizer, cfg.granularity, w.dtype)
+            q = quantize_params(job.filters, grid.bits, grid.quantizer, grid.granularity, w.dtype)
         q = method.round(run, job, q)
         if results is not None:
             results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
@@ -159,9 +156,9 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodConfig,
         job.rounded = np.asarray(q.dequantized, dtype=np.float64).reshape(f.shape)
         norm = float(np.linalg.norm(f))
         gptq = job.entry.pop("gptq", None)
-        job.entry.update({"bits": cfg.bits, "quantizer": cfg.quantizer,
-                          "granularity": "block" if cfg.block_size else cfg.granularity,
-                          "block_size": cfg.block_size,
+        job.entry.update({"bits": grid.bits, "quantizer": grid.quantizer,
+                          "granularity": "block" if grid.block_size else grid.granularity,
+                          "block_size": grid.block_size,
                           "quant_error": float(np.linalg.norm(job.rounded - f) / norm)
                           if norm else 0.0, "scale_compensated": False})
         if gptq is not None:

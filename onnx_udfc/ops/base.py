@@ -61,6 +61,26 @@ class WeightLayer(Rule):
         """(input channels, output channels, multiply-adds per sample) for weight ``dims``."""
         raise NotImplementedError
 
+    def slice_weight(self, node: onnx.NodeProto, weight: np.ndarray,
+                     keep_in: np.ndarray | None, keep_out: np.ndarray | None) -> np.ndarray:
+        """The weight restricted to the kept input and output channels."""
+        raise NotImplementedError
+
+    def rewrite(self, node: onnx.NodeProto, rw: Rewriter) -> None:
+        keep_in, keep_out = rw.keep(node.input[0]), rw.keep(node.output[0])
+        if keep_in is None and keep_out is None:
+            return
+        rw.set_const(node, 1, self.slice_weight(node, rw.const(node.input[1]), keep_in,
+                                                keep_out))
+        index = self.bias_input
+        if keep_out is None or index is None or len(node.input) <= index \
+                or not node.input[index]:
+            return
+        bias = rw.const(node.input[index])
+        if bias is not None and bias.ndim >= 1 and bias.shape[-1] == rw.size(node.output[0]) \
+                and bias.shape[-1] > 1:
+            rw.set_const(node, index, np.take(bias, keep_out, axis=-1))
+
 
 def unsupported(node: onnx.NodeProto, ctx: ChannelAnalysis, reason: str) -> None:
     """Fix every channel the node reads and make its outputs opaque."""

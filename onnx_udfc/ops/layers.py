@@ -26,14 +26,6 @@ from onnx_udfc.ops.tensor_moments import (
 )
 
 
-def _bias_rewrite(node, rw, index: int, keep_out: np.ndarray | None) -> None:
-    if keep_out is not None and len(node.input) > index and node.input[index]:
-        bias = rw.const(node.input[index])
-        if bias is not None and bias.ndim >= 1 and bias.shape[-1] == rw.size(node.output[0]) \
-                and bias.shape[-1] > 1:
-            rw.set_const(node, index, np.take(bias, keep_out, axis=-1))
-
-
 def fix_computed_bias(node, ctx, index: int, out: np.ndarray) -> None:
     """A bias computed at run time (the dynamo exporter's ``Expand(CastLike(0, x), [N])``
     when nothing folded it) cannot be cut: the output channels it covers stay."""
@@ -92,11 +84,7 @@ class _ConvFamily(WeightLayer):
         fix_computed_bias(node, ctx, 2, ctx.tensors[node.output[0]].slots)
         return None
 
-    def rewrite(self, node, rw):
-        keep_in, keep_out = rw.keep(node.input[0]), rw.keep(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        w = rw.const(node.input[1])
+    def slice_weight(self, node, w, keep_in, keep_out):
         groups = int(attr(node, "group", 1))
         cin, _ = self.channels(node, w.shape)
         whole, split = (keep_out, keep_in) if self.out_axis == 0 else (keep_in, keep_out)
@@ -116,8 +104,7 @@ class _ConvFamily(WeightLayer):
                 rel = keep_in[(keep_in >= g * per_in) & (keep_in < (g + 1) * per_in)] - g * per_in
                 parts.append(w[g * per_out:(g + 1) * per_out][:, rel])
             w = np.concatenate(parts, axis=0)
-        rw.set_const(node, 1, w)
-        _bias_rewrite(node, rw, 2, keep_out)
+        return w
 
     def layout(self, node, inits):
         # Grouped, axis 1 holds one group's channels: as the filter axis it misses the others.
@@ -184,18 +171,13 @@ class Gemm(WeightLayer):
         fix_computed_bias(node, ctx, 2, out)
         return None
 
-    def rewrite(self, node, rw):
-        keep_in, keep_out = rw.keep(node.input[0]), rw.keep(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        b = rw.const(node.input[1])
+    def slice_weight(self, node, b, keep_in, keep_out):
         out_axis, in_axis = self._axes(node)
         if keep_in is not None:
             b = np.take(b, keep_in, axis=in_axis)
         if keep_out is not None:
             b = np.take(b, keep_out, axis=out_axis)
-        rw.set_const(node, 1, b)
-        _bias_rewrite(node, rw, 2, keep_out)
+        return b
 
 
 class MatMul(WeightLayer):
@@ -233,16 +215,12 @@ class MatMul(WeightLayer):
         ctx.produce(node, node.output[0], rank - 1, b.T)
         return None
 
-    def rewrite(self, node, rw):
-        keep_in, keep_out = rw.keep(node.input[0]), rw.keep(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        b = rw.const(node.input[1])
+    def slice_weight(self, node, b, keep_in, keep_out):
         if keep_in is not None:
             b = b[keep_in]
         if keep_out is not None:
             b = b[:, keep_out]
-        rw.set_const(node, 1, b)
+        return b
 
 
 # -- moments ----------------------------------------------------------------------------------

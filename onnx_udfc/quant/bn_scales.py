@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.core.graph_edit import cleanup
+from onnx_udfc.core.graph_index import GraphIndex
 from onnx_udfc.core.io import opset_version, tensor_array
 from onnx_udfc.ops.base import attr, set_attr
 from onnx_udfc.quant.qdq import integer_tensor
@@ -28,25 +29,16 @@ def fold_bn_into_scales(model: onnx.ModelProto) -> tuple[int, list[str]]:
     Returns the number folded and, for the BNs left alone, why.
     """
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    outputs = {o.name for o in g.output}
+    index = GraphIndex.of(g)
+    inits, producer = index.inits, index.producer
     per_axis_ok = opset_version(model) >= 13
     folded, skipped, drop = 0, [], set()
-    for bn in g.node:
-        if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
-            continue
-        conv = producer.get(bn.input[0])
+    for bn, conv in index.batchnorms(g):
         dq = producer.get(conv.input[1]) if conv is not None and conv.op_type == "Conv" else None
         label = bn.name or bn.output[0]
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        if readers.get(bn.input[0]) != 1 or bn.input[0] in outputs \
-                or readers.get(conv.input[1]) != 1 \
+        if not index.private(bn.input[0]) or index.readers.get(conv.input[1]) != 1 \
                 or not all(n in inits for n in list(bn.input[1:5]) + list(dq.input[1:])):
             skipped.append(f"{label}: shared tensors")
             continue

@@ -103,7 +103,11 @@ class Report:
             return f"{b / a:.3f}x" if a else "n/a"
 
         pruned = sum(1 for g in self.groups if g["removed"])
+        explicit = ", ".join(k for k in self.config.get("explicit", [])
+                             if not k.startswith(("output.", "check."))) or "nothing"
         lines = [
+            f"config  preset {self.config.get('preset')}, target {self.config.get('target')}, "
+            f"set explicitly: {explicit}",
             f"params  {self.params_before:,} -> {self.params_after:,} "
             f"({ratio(self.params_before, self.params_after)})",
             f"FLOPs   {self.flops_before:,} -> {self.flops_after:,} "
