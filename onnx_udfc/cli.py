@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except UdfcError as exc:
         print(f"onnx-udfc: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("onnx-udfc: interrupted", file=sys.stderr)
         return 130
@@ -255,6 +255,11 @@ def _compress(args) -> int:
         if args.verbose:
             print(report.layer_table())
         print(report.summary())
+    guard = report.guard or {}
+    if guard.get("holds") is False:  # written, but never silently: stderr survives -q and pipes
+        print(f"onnx-udfc: warning: the compressed model is likely broken: {guard['verdict']}. "
+              "Compress less (--prune, --bits), or let --max-error E back off the plan.",
+              file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ succeeded. A failure anywhere leaves no new file behind."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -12,13 +13,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnx_udfc import pipeline
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
+from onnx_udfc.report.fidelity import default_limit, verdict
 from onnx_udfc.report.report import Progress, Report
 
 
@@ -121,22 +125,16 @@ def check_data(model: onnx.ModelProto, config: CompressConfig) -> None:
 
 def compress_to_files(source: str | os.PathLike, config: CompressConfig,
                       quiet: bool = False) -> Report:
-    """The command line's ``compress``: every check first, the pipeline, then save, verify,
-    time and write every output together. Returns the report (already written when asked)."""
+    """The command line's ``compress``: every check first, the pipeline, then save, verify
+    (the fidelity guard, backing off the plan under ``--max-error``), time and write every
+    output together. Returns the report (already written when asked)."""
     paths = check_destinations(source, config)
     check_environment(config)
     progress = Progress(pipeline.stage_names(config, with_outputs=True), quiet)
     try:
         with PendingOutputs() as pending:
-            model = io.load_model(source)
-            check_data(model, config)
-            model, report = pipeline.run(config, model, progress, check=False, copy=False)
-            _save(model, source, config, report, pending.path_for(paths["model"]), progress)
-            del model
-            written = pending.files[0][0]
-            if config.check.verify:
-                _timed(report, "verify", progress, lambda: _verify(source, written, config,
-                                                                   report))
+            written = pending.path_for(paths["model"])
+            report = _compress_guarded(source, config, written, progress)
             if config.check.latency:
                 _timed(report, "latency", progress, lambda: _latency(source, written, config,
                                                                      report))
@@ -151,6 +149,104 @@ def compress_to_files(source: str | os.PathLike, config: CompressConfig,
     finally:
         progress.close()
     return report
+
+
+def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written: Path,
+                      progress: Progress) -> Report:
+    """Run the pipeline and save; with verification, measure fidelity and, under
+    ``--max-error``, try gentler plans until one holds."""
+    plans = backoff_plans(config) if config.check.max_error is not None else [config]
+    feed, inputs = None, "data" if config.check.data else "synthetic"
+    attempts: list[dict] = []
+    for plan in plans:
+        model = io.load_model(source)
+        if feed is None and not config.check.data:
+            feed = guard_feed(model, config)
+        if not attempts:
+            check_data(model, config)
+        model, report = pipeline.run(plan, model, progress, check=False, copy=False)
+        _save(model, source, plan, report, written, progress)
+        del model
+        if not config.check.verify:
+            report.guard = {"verified": False}
+            return report
+        _timed(report, "verify", progress,
+               lambda r=report, p=plan, f=feed: _verify(source, written, p, r, f))
+        limit = config.check.max_error if config.check.max_error is not None else \
+            default_limit(inputs)
+        holds, sentence = verdict(report.fidelity or [], limit,
+                                  None if config.check.max_error is not None else inputs)
+        attempts.append({"prune": plan.prune.ratio, "budget_flops": plan.prune.budget_flops,
+                         "bits": plan.quant.bits, "holds": holds, "verdict": sentence})
+        report.guard = {"inputs": inputs, "limit": limit, "holds": holds, "verdict": sentence,
+                        "max_error": config.check.max_error, "attempts": attempts}
+        if holds or config.check.max_error is None:
+            return report
+    raise GuardError(f"no plan keeps the outputs within --max-error {config.check.max_error} "
+                     f"(the gentlest tried: {attempts[-1]['verdict']}); nothing written")
+
+
+class GuardError(UdfcError):
+    """The fidelity guard found no plan that holds: exit status 1, like a failed check."""
+
+    exit_code = 1
+
+
+def backoff_plans(config: CompressConfig) -> list[CompressConfig]:
+    """The asked plan, then less pruning (3/4, 1/2, 1/4, none), then 8-bit weights."""
+    plans: list[CompressConfig] = []
+    seen: set[tuple] = set()
+    budget = config.prune.budget_flops
+    for share in (1.0, 0.75, 0.5, 0.25, 0.0):
+        ratio = round(config.prune.ratio * share, 6)
+        flops = None if budget is None else round(1.0 - (1.0 - budget) * share, 6)
+        if flops is not None and flops >= 1.0:
+            flops, ratio = None, 0.0
+        plans.append(_variant(config, ratio, flops, config.quant.bits))
+    if config.quant.bits is not None and config.quant.bits < 8:
+        plans.append(_variant(config, 0.0, None, 8))
+    unique = []
+    for plan in plans:
+        key = (plan.prune.ratio, plan.prune.budget_flops, plan.quant.bits)
+        if key not in seen:
+            seen.add(key)
+            unique.append(plan)
+    return unique
+
+
+def _variant(config: CompressConfig, ratio: float, budget: float | None,
+             bits: int | None) -> CompressConfig:
+    variant = copy.deepcopy(config)
+    variant.prune.ratio, variant.prune.budget_flops, variant.quant.bits = ratio, budget, bits
+    return variant
+
+
+def guard_feed(model: onnx.ModelProto, config: CompressConfig,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """Data-free inputs for the guard: pink-noise images (natural images' spectrum) of the
+    model's input shape, ``--input-shape`` where given, a free batch of 32 and
+    :data:`DEFAULT_SIDE` for any other dynamic dimension."""
+    from onnx_udfc.moments.sampled import pink_noise
+
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in graph_inputs(model):
+        tt = inp.type.tensor_type
+        dims = config.graph.input_shapes.get(inp.name) or [
+            d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        dims = [d or (GUARD_BATCH if i == 0 else DEFAULT_SIDE) for i, d in enumerate(dims)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if not np.issubdtype(dtype, np.floating):
+            feed[inp.name] = np.zeros(dims, dtype)
+            continue
+        image = len(dims) >= 3 and min(dims[2:]) >= 4
+        x = pink_noise(tuple(dims), rng) if image else rng.standard_normal(dims)
+        feed[inp.name] = x.astype(dtype)
+    return feed
+
+
+GUARD_BATCH = 32
+DEFAULT_SIDE = 64
 
 
 def _timed(report: Report, name: str, progress: Progress, work) -> None:
@@ -171,10 +267,11 @@ def _save(model: onnx.ModelProto, source: str | os.PathLike, config: CompressCon
 
 
 def _verify(source: str | os.PathLike, written: Path, config: CompressConfig,
-            report: Report) -> None:
+            report: Report, feed: dict[str, np.ndarray] | None = None) -> None:
     from onnx_udfc.report.verify import verify
 
-    result = verify(source, written, data=config.check.data, provider=config.check.provider)
+    result = verify(source, written, data=config.check.data, provider=config.check.provider,
+                    feed=feed)
     report.fidelity = [f.to_dict() for f in result.fidelity]
     report.accuracy_before, report.accuracy_after = result.accuracy_before, \
         result.accuracy_after

@@ -25,7 +25,11 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
                      energy (squared l2) that pruning removes.
     unsupported: [{node, reason}]                 nodes left untouched, and why
     folded_batchnorm: [producer names]            when --fold-bn was used
-    fidelity, accuracy_before/after               when verification ran
+    fidelity, accuracy_before/after               when verification ran; each output has
+                                                  channel_error (worst channel's RMS error
+                                                  over its spread) and worst_channel
+    guard: {inputs data|synthetic, limit, holds, verdict, max_error, attempts: [{prune,
+            budget_flops, bits, holds, verdict}]}   the fidelity guard (report/fidelity.py)
     moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
                                                   where the activation moments came from
                                                   (udfc+, --criterion recon, --budget-flops)
@@ -58,6 +62,7 @@ class Report:
     unsupported: list[dict[str, str]]
     folded_batchnorm: list[str] = field(default_factory=list)
     fidelity: list[dict[str, Any]] | None = None
+    guard: dict[str, Any] | None = None  # the fidelity verdict (onnx_udfc.report.fidelity)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -157,8 +162,18 @@ class Report:
         for f in self.fidelity or []:
             top1 = "" if f["top1_agreement"] is None else \
                 f", top-1 agreement {100 * f['top1_agreement']:.1f}%"
-            lines.append(f"fidelity[{f['output']}]: max abs {f['max_abs']:.3g}, mean abs "
-                         f"{f['mean_abs']:.3g}, cosine {f['cosine']:.5f}{top1}")
+            lines.append(f"fidelity[{f['output']}]: worst channel error "
+                         f"{f.get('channel_error', 0.0):.3g} of its spread, max abs "
+                         f"{f['max_abs']:.3g}, cosine {f['cosine']:.5f}{top1}")
+        if self.guard and "holds" in self.guard:
+            g = self.guard
+            tries = len(g["attempts"])
+            backed = f" after {tries} plans (kept: prune {g['attempts'][-1]['prune']}, bits " \
+                f"{g['attempts'][-1]['bits']})" if tries > 1 else ""
+            state = "ok" if g["holds"] else "LIKELY BROKEN"
+            lines.append(f"guard   {state} on {g['inputs']} inputs{backed}: {g['verdict']}")
+        elif self.guard is not None:
+            lines.append("guard   not run (--no-verify): the output was not compared")
         if self.accuracy_before is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> "
                          f"{100 * self.accuracy_after:.2f}%")

@@ -12,6 +12,7 @@ import onnx
 
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import make_inputs, run, session
+from onnx_udfc.report.fidelity import drift
 
 
 @dataclass
@@ -21,6 +22,9 @@ class Fidelity:
     mean_abs: float
     cosine: float
     top1_agreement: float | None
+    channel_error: float = 0.0  # worst channel's RMS error over its spread (report.fidelity)
+    channel_error_mean: float = 0.0
+    worst_channel: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -28,7 +32,8 @@ class Fidelity:
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray],
             names: list[str]) -> list[Fidelity]:
-    """Per output: max/mean absolute error, cosine similarity, top-1 agreement (classifiers)."""
+    """Per output: max/mean absolute error, cosine similarity, top-1 agreement (classifiers)
+    and the per-channel error of :mod:`onnx_udfc.report.fidelity`."""
     result = []
     for name, a, b in zip(names, reference, candidate, strict=True):
         a64, b64 = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
@@ -38,8 +43,10 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray],
         top1 = None
         if a.ndim == 2 and a.shape[1] > 1:
             top1 = float((a.argmax(1) == b.argmax(1)).mean())
+        worst = drift(a, b)
         result.append(Fidelity(name, float(diff.max(initial=0.0)), float(diff.mean())
-                               if diff.size else 0.0, cosine, top1))
+                               if diff.size else 0.0, cosine, top1, worst.error,
+                               worst.mean_error, worst.worst_channel))
     return result
 
 
@@ -75,11 +82,15 @@ class VerifyResult:
 
 def verify(original: onnx.ModelProto | str, compressed: onnx.ModelProto | str, *,
            data: str | os.PathLike | None = None, batch: int = 8, provider: str = "cpu",
-           limit: int | None = None) -> VerifyResult:
-    """Compare two models on the same inputs; accuracy too when the data has labels."""
-    ref_model = original if isinstance(original, onnx.ModelProto) else \
-        onnx.load(str(original), load_external_data=False)
-    feed, labels = make_inputs(ref_model, batch=batch, data=data, limit=limit)
+           limit: int | None = None, feed: dict[str, np.ndarray] | None = None
+           ) -> VerifyResult:
+    """Compare two models on the same inputs; accuracy too when the data has labels.
+    ``feed`` gives the inputs directly (the fidelity guard's synthetic images)."""
+    labels = None
+    if feed is None:
+        ref_model = original if isinstance(original, onnx.ModelProto) else \
+            onnx.load(str(original), load_external_data=False)
+        feed, labels = make_inputs(ref_model, batch=batch, data=data, limit=limit)
     sa, sb = session(original, provider), session(compressed, provider)
     names = [o.name for o in sa.get_outputs()]
     if names != [o.name for o in sb.get_outputs()]:

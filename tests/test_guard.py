@@ -1,0 +1,89 @@
+"""The fidelity guard: per-channel errors, the default verdict, and --max-error back-off."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnx_udfc.config import CompressConfig
+from onnx_udfc.outputs import backoff_plans
+from onnx_udfc.report.fidelity import channel_axis, channel_errors, verdict
+from onnx_udfc.report.verify import compare
+from tests.helpers import cli
+
+
+def test_channel_axis_follows_the_layout():
+    assert channel_axis((8, 10)) == 1 and channel_axis((2, 16, 5, 5)) == 1
+    assert channel_axis((1, 84, 8400)) == 1 and channel_axis((1, 8400, 85)) == 2
+    assert channel_axis((7,)) is None
+
+
+def test_small_score_rows_are_not_hidden_by_large_coordinates():
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 640, size=(1, 4, 500))
+    scores = rng.uniform(0, 1, size=(1, 3, 500))
+    before = np.concatenate([boxes, scores], axis=1)
+    after = before.copy()
+    after[:, 4:] = rng.uniform(0, 1, size=(1, 3, 500))  # every score destroyed
+    fid = compare([before], [after], ["out"])[0]
+    assert fid.cosine > 0.99  # what a whole-output metric sees
+    errors = channel_errors(before, after)
+    assert errors[:4].max() == 0 and errors[4:].min() > 1.0
+    assert fid.worst_channel >= 4 and fid.channel_error > 1.0
+    holds, sentence = verdict([fid.to_dict()], 0.7, "data")
+    assert not holds and "channel" in sentence
+
+
+def test_constant_channel_cannot_blow_up_on_rounding():
+    before = np.stack([np.linspace(0, 1, 100), np.full(100, 5.0)])[None]
+    after = before + np.array([0.0, 1e-6])[None, :, None]
+    assert channel_errors(before, after).max() < 1e-3
+
+
+def test_backoff_plans_relax_pruning_then_bits():
+    config = CompressConfig.resolve(prune=0.4, bits=4, target="fake", method="udfc")
+    steps = [(p.prune.ratio, p.quant.bits) for p in backoff_plans(config)]
+    assert steps == [(0.4, 4), (0.3, 4), (0.2, 4), (0.1, 4), (0.0, 4), (0.0, 8)]
+
+
+def test_a_broken_default_run_is_flagged_in_plain_words(capfd, tmp_path, digits_model,
+                                                        digits_data):
+    out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
+    code, stdout, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune",
+                            "0.5", "--method", "prune", "--data", str(digits_data),
+                            "--report", str(rep))
+    assert code == 0 and out.exists()
+    assert "likely broken" in err and "LIKELY BROKEN" in stdout
+    guard = json.loads(rep.read_text())["guard"]
+    assert guard["inputs"] == "data" and guard["holds"] is False
+
+
+def test_max_error_backs_off_until_it_holds(capfd, tmp_path, digits_model, digits_data):
+    out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
+    code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.5",
+                       "--method", "prune", "--data", str(digits_data), "--max-error", "0.7",
+                       "--report", str(rep))
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    attempts = report["guard"]["attempts"]
+    assert len(attempts) > 1 and attempts[-1]["holds"] and not attempts[0]["holds"]
+    assert report["config"]["prune"]["ratio"] == attempts[-1]["prune"] < 0.5
+    assert report["accuracy_after"] >= report["accuracy_before"] - 0.05
+
+
+def test_max_error_that_nothing_meets_stops_without_a_file(capfd, tmp_path, digits_model):
+    out = tmp_path / "d.onnx"
+    code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--prune", "0.3",
+                       "--max-error", "1e-9")
+    assert code == 1 and "nothing written" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not any(p.name.startswith(".udfc-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, needle", [(["--max-error", "0"], "--max-error"),
+                                          (["--max-error", "0.5", "--no-verify"], "no-verify")])
+def test_bad_guard_options_are_refused(capfd, tmp_path, digits_model, args, needle):
+    code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(tmp_path / "d.onnx"),
+                       *args)
+    assert code == 2 and needle in err

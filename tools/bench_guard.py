@@ -1,0 +1,105 @@
+"""How well the fidelity guard's per-channel error predicts the top-1 drop.
+
+For each model and plan: top-1 on the shared CIFAR-10 images, the worst-channel error
+(:mod:`onnx_udfc.report.fidelity`) on those real images and on the guard's data-free
+pink-noise inputs, and the top-1 agreement on the latter. The guard's limits
+(``BROKEN_ERROR``, ``BROKEN_AGREEMENT``) were set from this table.
+
+    python tools/bench_guard.py --md docs/results/guard.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_udfc  # noqa: E402
+
+from onnx_udfc import api  # noqa: E402
+from onnx_udfc.config import CompressConfig  # noqa: E402
+from onnx_udfc.core.ort import run, session  # noqa: E402
+from onnx_udfc.outputs import guard_feed  # noqa: E402
+from onnx_udfc.report.fidelity import BROKEN_AGREEMENT, BROKEN_ERROR, drift  # noqa: E402
+
+MODELS = ["resnet56_cifar10_nm_bn.onnx", "resnet20_cifar10_folded.onnx"]
+PLANS = [dict(prune=0.0), dict(bits=3, method="udfc+", target="int4"),
+         dict(prune=0.3, method="udfc+"), dict(prune=0.3, bits=4, method="udfc+", target="int4"),
+         dict(prune=0.5, method="udfc+"), dict(prune=0.7, method="udfc+"),
+         dict(prune=0.3, method="prune"), dict(prune=0.5, method="prune"),
+         dict(prune=0.2, method="udfc", bits=4, preset="paper")]
+
+
+def measure(shared: Path) -> list[dict]:
+    manifest = bench_udfc.load_manifest(shared)
+    rows = []
+    for name in MODELS:
+        path = str(shared / "models" / name)
+        x, labels, _ = bench_udfc.load_data(shared, bench_udfc.manifest_entry(manifest, name))
+        original = api.load(path)
+        inp = bench_udfc.input_name(original)
+        noise = guard_feed(original, CompressConfig.resolve())[inp]
+        ref = session(original)
+        ref_real, ref_noise = run(ref, {inp: x})[0], run(ref, {inp: noise})[0]
+        base = 100 * float((ref_real.argmax(1) == labels).mean())
+        for plan in PLANS:
+            options = dict(plan)
+            options.setdefault("target", "fake")
+            preset = options.pop("preset", None)
+            model, _ = api.compress(path, preset=preset, **options)
+            sess = session(model)
+            real, synthetic = run(sess, {inp: x})[0], run(sess, {inp: noise})[0]
+            rows.append({
+                "model": name, "plan": plan, "top1_before": base,
+                "top1_after": 100 * float((real.argmax(1) == labels).mean()),
+                "error_real": drift(ref_real, real).error,
+                "error_synthetic": drift(ref_noise, synthetic).error,
+                "agreement_synthetic": float((synthetic.argmax(1) == ref_noise.argmax(1))
+                                             .mean())})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Fidelity guard: per-channel error against top-1", "",
+             "Command: `python tools/bench_guard.py --md docs/results/guard.md`. Top-1 on the "
+             "1017 shared CIFAR-10 images; errors are the worst output channel's RMS error over "
+             "its spread (`onnx_udfc/report/fidelity.py`), on those real images and on the "
+             "guard's 32 data-free pink-noise images. Limits in force: error "
+             f"{BROKEN_ERROR['data']} (real) / {BROKEN_ERROR['synthetic']} (synthetic), "
+             f"agreement {BROKEN_AGREEMENT['data']} / {BROKEN_AGREEMENT['synthetic']}.", "",
+             "| model | plan | top-1 | error (real) | error (synthetic) | agreement (synthetic) "
+             "| flagged (real / synthetic) |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        real = r["error_real"] > BROKEN_ERROR["data"]
+        syn = r["error_synthetic"] > BROKEN_ERROR["synthetic"] or \
+            r["agreement_synthetic"] < BROKEN_AGREEMENT["synthetic"]
+        plan = ", ".join(f"{k} {v}" for k, v in r["plan"].items())
+        lines.append(f"| {r['model'].split('_cifar')[0]} {r['model'].split('_')[-1][:-5]} | "
+                     f"{plan} | {r['top1_before']:.2f} -> {r['top1_after']:.2f} | "
+                     f"{r['error_real']:.3f} | {r['error_synthetic']:.3f} | "
+                     f"{r['agreement_synthetic']:.2f} | {'yes' if real else 'no'} / "
+                     f"{'yes' if syn else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--md", type=Path, help="write the table as markdown")
+    args = parser.parse_args()
+    rows = measure(args.shared)
+    text = markdown(rows)
+    if args.md:
+        args.md.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
