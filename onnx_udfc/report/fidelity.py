@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 # The default verdict: past either limit the model is called likely broken. Measured on the
-# shared CIFAR ResNets (docs/guard.md): on their real images every plan that lost more than
-# 10 points of top-1 drifted by > 0.8, every plan within 7 points by < 0.62. Synthetic
-# (pink-noise) inputs are off the training distribution, so errors there run 3-5x higher and
-# separate less well: the limit flags plain pruning and the 4-bit paper grid, not all damage.
-BROKEN_ERROR = {"data": 0.7, "synthetic": 2.5}
+# shared CIFAR ResNets (tools/bench_guard.py, docs/results/guard.md): on their real images
+# every plan that lost more than 10 points of top-1 drifted by > 0.8, every plan within 7
+# points by < 0.62. Synthetic (pink-noise) inputs are off the training distribution: errors
+# there run 2-10x higher and do not separate across models (a fine ResNet-56 plan reads 2.6,
+# a broken BN-folded ResNet-20 plan 1.8), so the data-free limit only catches gross damage.
+BROKEN_ERROR = {"data": 0.7, "synthetic": 3.0}
 # Classifiers: the share of decisions kept. On synthetic inputs plans within 7 points kept
-# >= 0.81 of them on the CIFAR ResNets and 0.69 on the digits CNN; the worst broken ones < 0.2.
+# >= 0.78 of them on the CIFAR ResNets and 0.69 on the digits CNN; the worst broken < 0.1.
 BROKEN_AGREEMENT = {"data": 0.8, "synthetic": 0.5}
 SPREAD_FLOOR = 1e-3  # of the channel's own RMS: a constant channel's spread
 
