@@ -87,3 +87,24 @@ def test_bad_guard_options_are_refused(capfd, tmp_path, digits_model, args, need
     code, _, err = cli(capfd, "compress", str(digits_model), "-o", str(tmp_path / "d.onnx"),
                        *args)
     assert code == 2 and needle in err
+
+
+def test_unknown_rank_leaves_the_node_alone_with_a_reason():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_udfc.channels.analysis import analyse
+    from onnx_udfc.core.io import infer_shapes
+
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Concat", ["c", "c"], ["y"], axis=-3, name="cat")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    shapes = {k: v for k, v in infer_shapes(model).items() if k not in ("c", "y")}  # ranks lost
+    ctx = analyse(model, shapes)
+    assert ("cat", "the rank of its input is unknown (fix it with --input-shape)") in \
+        ctx.unsupported

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnx_udfc.core.io import Shape, tensor_array
-from onnx_udfc.ops.base import SOURCE_FILTER, SOURCE_ZERO  # noqa: F401  (re-exported)
+from onnx_udfc.ops.base import SOURCE_FILTER, SOURCE_ZERO, UnknownRank  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -328,8 +328,11 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis
         if not ins:
             continue  # pure constant or shape arithmetic: no channels involved
         rule = op_spec(node.op_type).rule if node.domain in ("", "ai.onnx") else None
-        reason = f"unsupported op {node.op_type}" if rule is None or outer \
-            else rule.analyse(node, ctx)
+        try:
+            reason = f"unsupported op {node.op_type}" if rule is None or outer \
+                else rule.analyse(node, ctx)
+        except UnknownRank as exc:  # the node is left alone, like any other it cannot follow
+            reason = str(exc)
         if reason:
             unsupported(node, ctx, reason)
             for name in outer:  # read implicitly, so unsupported() does not see them

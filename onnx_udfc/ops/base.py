@@ -109,8 +109,14 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def norm_axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
+class UnknownRank(ValueError):
+    """A rule needs the rank of a tensor that shape inference could not give."""
+
+
+def norm_axis(axis: int, rank: int | None) -> int:
+    if rank is None and axis < 0:
+        raise UnknownRank("the rank of its input is unknown (fix it with --input-shape)")
+    return axis + rank if axis < 0 else axis  # type: ignore[operator]
 
 
 def input_or_attr(node: onnx.NodeProto, ctx_or_rw, index: int, name: str):

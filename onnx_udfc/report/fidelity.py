@@ -7,8 +7,8 @@ destroyed. Here every output *channel* (a class, a box coordinate, a feature map
 against its own spread in the original: ``rms(after - before) / spread``, where the spread is
 the channel's standard deviation over samples and positions (at least 0.1 % of its own RMS,
 so that a constant channel cannot blow up on a rounding error; never a share of the whole
-output's spread, which would hide small score rows behind large coordinates again). The worst channel
-decides. Classifier logits also get top-1 agreement.
+output's spread, which would hide small score rows behind large coordinates again). The worst
+channel decides. Classifier logits also get top-1 agreement.
 """
 
 from __future__ import annotations
