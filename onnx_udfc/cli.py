@@ -211,17 +211,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _inspect(args) -> int:
     from onnx_udfc import api
     from onnx_udfc.core.io import parse_input_shapes
+    from onnx_udfc.ops.checks import quantized_layers
     from onnx_udfc.ops.cost import count_params, layer_stats, total_macs
 
     model = api.load(args.model)
     api.normalize(model)
     analysis = api.analyse(model, parse_input_shapes(args.input_shape))
     layers = layer_stats(model, analysis.shapes)
+    quantized = quantized_layers(model)
     groups = [{
         "id": g.id, "channels": g.size, "prunable": g.prunable, "coupled": g.coupled,
         "producers": g.producers, "fixed_reasons": g.reasons()} for g in analysis.groups]
     info = {"params": count_params(model), "macs": total_macs(layers),
-            "flops": 2 * total_macs(layers), "groups": groups,
+            "flops": 2 * total_macs(layers), "quantized": quantized, "groups": groups,
             "unsupported": [{"node": n, "reason": r} for n, r in analysis.channels.unsupported],
             "layers": [layer.to_dict() for layer in layers]}
     if args.json:
@@ -229,6 +231,9 @@ def _inspect(args) -> int:
     if not args.quiet:
         print(f"{args.model}: {info['params']:,} params, {info['flops']:,} FLOPs per sample, "
               f"{len(groups)} channel groups")
+        if quantized:
+            print(f"already quantized: {len(quantized)} layer(s) compute on integer weights; "
+                  "compress needs the float model")
         print(f"{'id':>4} {'chan':>6} {'prun':>6} {'coupled':>7}  producers / why fixed")
         for g in groups:
             who = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")
@@ -294,13 +299,14 @@ def _evaluate(args) -> int:
 
 
 def _verify(args) -> int:
-    from onnx_udfc.core.io import load_model
+    from onnx_udfc.core.io import check_input_shapes, load_model, parse_input_shapes
     from onnx_udfc.report.verify import verify
 
+    shapes = parse_input_shapes(args.input_shape)
     for path in (args.original, args.compressed):
-        load_model(path, check_finite=False)
+        check_input_shapes(load_model(path, check_finite=False), shapes)
     result = verify(args.original, args.compressed, data=args.data, batch=args.batch,
-                    provider=args.provider, limit=args.limit)
+                    provider=args.provider, limit=args.limit, input_shapes=shapes)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
     if not args.quiet:

@@ -27,6 +27,7 @@ from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.source import MomentSource
+from onnx_udfc.ops.checks import check_weight_layers, refuse_quantized
 from onnx_udfc.ops.cost import LayerStats, count_params, layer_stats
 from onnx_udfc.quant.bn_scales import fold_bn_into_scales
 from onnx_udfc.quant.grids import QuantizedWeight
@@ -51,7 +52,10 @@ class Analysis:
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
             ) -> Analysis:
+    """Shapes, then the channel analysis; a weight layer contradicting its op is refused
+    first (one line naming the node)."""
     shapes = io.infer_shapes(model, input_shapes or None)
+    check_weight_layers(model, shapes)
     channels = analyse_channels(model, shapes)
     return Analysis(channels, channels.groups(), shapes)
 
@@ -103,6 +107,7 @@ class Stage:
 
 def _load(state: RunState) -> None:
     state.model = io.load_model(state.model)
+    refuse_quantized(state.model)
     state.size_before = io.approx_size(state.model)
 
 
@@ -211,8 +216,8 @@ def _check(state: RunState) -> None:
 
 
 STAGES: list[Stage] = [
-    Stage("load", "read the model (external data too) and check it is a valid ONNX graph",
-          _load),
+    Stage("load", "read the model (external data too), check it is a valid ONNX graph and "
+          "refuse one that is already quantized", _load),
     Stage("normalise", "constants to initializers, Identity aliases bypassed, shape arithmetic "
           "folded; BatchNorm folded with --fold-bn", _normalise),
     Stage("analyse", "channel slots and groups: which channels must go together, and why the "

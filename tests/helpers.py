@@ -4,7 +4,10 @@ inspecting them, and the command line in-process.
 A :class:`Builder` collects nodes and seeded float32 weights, remembers which arrays hold each
 layer's output channels (so a test can zero whole channels for exactness checks) and builds a
 ``ModelProto``. A few fixed models whose tests pin exact weights or names are written node by
-node (``bn_chain``, ``conv_pair``, ``conv_node``/``bn_node``)."""
+node (``bn_chain``, ``conv_pair``, ``conv_node``/``bn_node``, ``weight_layer_model`` for
+malformed layers); ``ort_quantized`` quantizes a model with onnxruntime.quantization.
+
+Longer than 400 lines on purpose: it is the one module the test files share."""
 
 from __future__ import annotations
 
@@ -418,3 +421,63 @@ def conv_bn_relu_model(opset: int) -> onnx.ModelProto:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16, 16])],
                           inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def weight_layer_model(op: str, weight: np.ndarray, bias: np.ndarray | None = None,
+                       x_shape: Sequence[int] = (1, 8, 8, 8), **attrs) -> onnx.ModelProto:
+    """``x`` -> ``op`` node ``layer`` with exactly the given weight and bias -> Relu -> ``y``.
+    Not checked: a malformed layer may still pass the checker (a short bias, a group that
+    does not divide the channels, a weight whose rank shape inference cannot see)."""
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
+        inputs.append("b")
+    nodes = [helper.make_node(op, inputs, ["a"], name="layer", **attrs),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    rank = 2 if op == "Gemm" else len(x_shape)
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank)])],
+        inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def classifier() -> onnx.ModelProto:
+    """A float Conv(3->8) -> Relu -> GlobalAveragePool -> Flatten -> MatMul(8->6) -> Relu ->
+    Gemm(6->4) on a static 1x3x8x8 image: one layer of each kind a quantizer rewrites."""
+    b = Builder(seed=5)
+    h = b.relu(b.conv(image(b, 3, 8, batch=1), 3, 8, name="conv"))
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h], "gap")], "flat")
+    h = b.relu(b.matmul(h, 8, 6, name="matmul"))
+    b.output(b.gemm(h, 6, 4, name="fc", trans_b=1))
+    return b.build()
+
+
+def ort_quantized(model: onnx.ModelProto, folder: Path, kind: str) -> onnx.ModelProto:
+    """``model`` quantized by onnxruntime.quantization: ``dynamic`` (ConvInteger and
+    MatMulInteger behind DynamicQuantizeLinear), ``qdq`` (DequantizeLinear weights) or
+    ``qoperator`` (QLinearConv, QLinearMatMul, QGemm), calibrated on random inputs."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class RandomInputs(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([random_feeds(model, 1, seed) for seed in range(4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    source, target = folder / "float.onnx", folder / f"{kind}.onnx"
+    onnx.save(model, str(source))
+    if kind == "dynamic":
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    else:
+        fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
+        quantize_static(str(source), str(target), RandomInputs(), quant_format=fmt)
+    return onnx.load(str(target))

@@ -264,6 +264,31 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def check_input_shapes(model: onnx.ModelProto,
+                       input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """``--input-shape`` values: each names a graph input, has its rank and keeps every
+    static dim (batch included); it may only fix the dynamic ones."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, dims in input_shapes.items():
+        given = "x".join(str(d) for d in dims)
+        if name not in inputs:
+            raise UdfcError(f"--input-shape {name}:{given}: '{name}' is not an input of the "
+                            f"model (its inputs: {', '.join(repr(n) for n in inputs)})")
+        tensor = inputs[name].type.tensor_type
+        if not tensor.HasField("shape"):
+            continue  # no declared shape: the user gives the whole of it
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        model_shape = "x".join("?" if d is None else str(d) for d in declared)
+        if len(declared) != len(dims):
+            raise UdfcError(f"--input-shape {name}:{given}: rank {len(dims)} does not match "
+                            f"the model's rank {len(declared)} ({model_shape})")
+        for axis, (fixed, wanted) in enumerate(zip(declared, dims, strict=True)):
+            if fixed is not None and fixed != wanted:
+                raise UdfcError(f"--input-shape {name}:{given}: dim {axis} is {wanted} but the "
+                                f"model fixes it to {fixed} ({model_shape}); only dynamic dims "
+                                "can be set")
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The real inputs (old IRs list initializers among the inputs too)."""
     inits = {t.name for t in model.graph.initializer}
@@ -308,10 +333,8 @@ def infer_shapes(model: onnx.ModelProto,
     """
     g = model.graph
     overrides = dict(input_shapes or {})
+    check_input_shapes(model, overrides)
     real_inputs = graph_inputs(model)
-    unknown = set(overrides) - {i.name for i in real_inputs}
-    if unknown:
-        raise UdfcError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}")
     sk = onnx.ModelProto()
     # IR < 4 ignores initializers that are not declared inputs, and the skeleton's are not.
     sk.ir_version = max(model.ir_version, 4)
@@ -329,12 +352,9 @@ def infer_shapes(model: onnx.ModelProto,
         if inp.name in overrides:
             dims = overrides[inp.name]
             shape = vi.type.tensor_type.shape
-            if len(shape.dim) != len(dims):
-                raise UdfcError(f"--input-shape {inp.name}: rank {len(dims)} does not match "
-                                f"the model's rank {len(shape.dim)}")
-            for d, v in zip(shape.dim, dims, strict=True):
-                d.Clear()
-                d.dim_value = int(v)
+            del shape.dim[:]
+            for v in dims:
+                shape.dim.add().dim_value = int(v)
     for init in g.initializer:
         numel = int(np.prod(init.dims)) if len(init.dims) else 1
         if numel <= SMALL_CONSTANT or init.data_type in (onnx.TensorProto.INT64,

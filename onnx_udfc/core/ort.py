@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnx_udfc.core.errors import UdfcError
-from onnx_udfc.core.io import graph_inputs
+from onnx_udfc.core.io import check_input_shapes, graph_inputs
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
               "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -70,10 +71,12 @@ def refusals() -> tuple[type[Exception], ...]:
 
 
 def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
-                data: str | os.PathLike | None = None,
-                limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+                data: str | os.PathLike | None = None, limit: int | None = None,
+                input_shapes: Mapping[str, Sequence[int]] | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Inputs from a ``.npz`` (arrays named like the inputs, or a single array; optional
-    ``labels``) or random normal ones of the model's static shape (dynamic dims -> ``batch``)."""
+    ``labels``) or random normal ones of the model's static shape, or of ``input_shapes``
+    (checked against it), with any other dynamic dim -> ``batch``."""
     inputs = graph_inputs(model)
     if data is not None:
         path = Path(data)
@@ -99,11 +102,14 @@ def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
         if labels is not None and limit:
             labels = labels[:limit]
         return feed, labels
+    shapes = dict(input_shapes or {})
+    check_input_shapes(model, shapes)
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in inputs:
         tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dims = list(shapes[inp.name]) if inp.name in shapes else \
+            [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(dims).astype(dtype)

@@ -15,9 +15,12 @@ simply not followed there:
     channels come from, ``rewrite`` cuts the node's constants. Reuse the family's rule when
     the op moves channels like its siblings (``PassThrough`` for an elementwise activation).
     A layer with a constant weight subclasses :class:`~onnx_udfc.ops.base.WeightLayer`, which
-    also gives its weight layout (compensation, statistics) and its cost; a sibling with the
-    same layout on other axes subclasses the family's base (Conv and ConvTranspose differ only
-    in ``out_axis``).
+    also gives its weight layout (compensation, statistics), its cost and the ``check`` that
+    refuses a weight contradicting the op; a sibling with the same layout on other axes
+    subclasses the family's base (Conv and ConvTranspose differ only in ``out_axis``). An op
+    computing a weight layer on integer codes (QLinearConv, ...) gets an
+    :class:`~onnx_udfc.ops.base.IntegerLayer`: the model is refused as already quantized and
+    costed as the float layer.
 ``traits``
     :class:`~onnx_udfc.ops.registry.Trait` flags for compensation and udfc+: ``TRANSPARENT``
     (a correction may cross it), ``UNARY``, ``HOMOGENEOUS`` (or ``homogeneous_if`` when it

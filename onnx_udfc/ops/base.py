@@ -82,6 +82,19 @@ class WeightLayer(Rule):
             rw.set_const(node, index, np.take(bias, keep_out, axis=-1))
 
 
+class IntegerLayer(Rule):
+    """An op that computes a weight layer's product on integer codes (QLinearConv,
+    ConvInteger, MatMulInteger, ...): the model is already quantized there. Its cost is the
+    float ``layer``'s, on the integer weight at ``weight_input``."""
+
+    def __init__(self, layer: WeightLayer, weight_input: int,
+                 bias_input: int | None = None) -> None:
+        self.layer, self.weight_input, self.bias_input = layer, weight_input, bias_input
+
+    def analyse(self, node: onnx.NodeProto, ctx: ChannelAnalysis) -> str | None:
+        return f"{node.op_type} computes on integer weights (already quantized)"
+
+
 def unsupported(node: onnx.NodeProto, ctx: ChannelAnalysis, reason: str) -> None:
     """Fix every channel the node reads and make its outputs opaque."""
     where = f"{reason} at '{node.name or node.output[0]}'"

@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.core.builder import Builder
-from onnx_udfc.ops.base import WeightLayer, attr, attrs, set_attr
+from onnx_udfc.ops.base import IntegerLayer, WeightLayer, attr, attrs, set_attr
 from onnx_udfc.ops.cost import numel, spatial_size
 from onnx_udfc.ops.registry import define
 from onnx_udfc.ops.tensor_moments import (
@@ -36,6 +36,23 @@ def fix_computed_bias(node, ctx, index: int, out: np.ndarray) -> None:
     if shape is not None and len(shape) and shape[-1] == 1:
         return  # broadcast along the channels
     ctx.fix(out, f"{node.op_type} bias '{name}' is computed at run time")
+
+
+def _weight_dims(node: onnx.NodeProto, inits: dict) -> list[int] | None:
+    """The constant weight's dims (input 1), or None for a computed weight."""
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return None if w is None else [int(d) for d in w.dims]
+
+
+def _bias_dims(node: onnx.NodeProto, inits: dict) -> tuple[str, list[int]] | None:
+    """The constant bias (input 2) and its dims, or None."""
+    b = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return None if b is None else (b.name, [int(d) for d in b.dims])
+
+
+def _static(shape, axis: int) -> int | None:
+    """A static dim of ``shape`` (None when unknown or symbolic)."""
+    return shape[axis] if shape is not None and isinstance(shape[axis], int) else None
 
 
 class _ConvFamily(WeightLayer):
@@ -106,6 +123,34 @@ class _ConvFamily(WeightLayer):
             w = np.concatenate(parts, axis=0)
         return w
 
+    def check(self, node, inits, shapes):
+        dims = _weight_dims(node, inits)
+        if dims is None:
+            return None
+        op, x = node.op_type, node.input[0]
+        shape, groups = shapes.get(x), int(attr(node, "group", 1))
+        if len(dims) < 3:
+            return f"{op} weight {dims} has rank {len(dims)}; it needs [filters, channels, " \
+                   "kernel...]"
+        if shape is not None and len(shape) != len(dims):
+            return f"{op} weight {dims} has rank {len(dims)} but its input '{x}' has rank " \
+                   f"{len(shape)}"
+        kernel = attr(node, "kernel_shape")
+        if kernel is not None and list(kernel) != dims[2:]:
+            return f"{op} kernel_shape {list(kernel)} does not match its weight {dims}"
+        if groups < 1 or dims[0] % groups:
+            return f"{op} group {groups} does not divide the weight's {dims[0]} " \
+                   + ("filters" if self.out_axis == 0 else "input channels")
+        cin, cout = self.channels(node, dims)
+        if _static(shape, 1) not in (None, cin):
+            return f"{op} weight {dims} (group {groups}) reads {cin} input channels, its " \
+                   f"input '{x}' has {shape[1]}"
+        bias = _bias_dims(node, inits)
+        if bias is not None and bias[1] != [cout]:
+            return f"{op} bias '{bias[0]}' has shape {bias[1]}; it needs [{cout}], one per " \
+                   "output channel"
+        return None
+
     def layout(self, node, inits):
         # Grouped, axis 1 holds one group's channels: as the filter axis it misses the others.
         if self.out_axis == 1 and int(attr(node, "group", 1)) != 1:
@@ -145,6 +190,26 @@ class Gemm(WeightLayer):
         """(output axis, input axis) of B."""
         return (0, 1) if int(attr(node, "transB", 0)) else (1, 0)
 
+    def check(self, node, inits, shapes):
+        dims = _weight_dims(node, inits)
+        if dims is None:
+            return None
+        x = node.input[0]
+        if len(dims) != 2:
+            return f"Gemm weight {dims} has rank {len(dims)}; it needs rank 2"
+        shape = shapes.get(x)
+        if shape is not None and len(shape) != 2:
+            return f"Gemm input '{x}' has rank {len(shape)}; it needs rank 2"
+        k, n = self.channels(node, dims)
+        given = _static(shape, 0 if int(attr(node, "transA", 0)) else 1)
+        if given not in (None, k):
+            return f"Gemm weight {dims} takes {k} input features, its input '{x}' has {given}"
+        bias = _bias_dims(node, inits)
+        if bias is not None and (len(bias[1]) > 2 or bias[1] and bias[1][-1] not in (1, n)):
+            return f"Gemm bias '{bias[0]}' has shape {bias[1]}; it does not broadcast to the " \
+                   f"{n} outputs"
+        return None
+
     def layout(self, node, inits):
         return None if int(attr(node, "transA", 0)) else self._axes(node)
 
@@ -182,6 +247,18 @@ class Gemm(WeightLayer):
 
 class MatMul(WeightLayer):
     """MatMul by a constant 2-D weight on the right: the Linear of 3-D inputs."""
+
+    def check(self, node, inits, shapes):
+        # Only the 2-D weight of a Linear: other constant ranks are batched products.
+        dims = _weight_dims(node, inits)
+        shape = shapes.get(node.input[0])
+        if dims is None or len(dims) != 2 or shape is None or len(shape) < 2:
+            return None
+        given = _static(shape, -1)
+        if given not in (None, dims[0]):
+            return f"MatMul weight {dims} takes {dims[0]} input features, its input " \
+                   f"'{node.input[0]}' has {given}"
+        return None
 
     def layout(self, node, inits):
         return (1, 0) if len(inits[node.input[1]].dims) == 2 else None
@@ -307,3 +384,9 @@ define("Conv", rule=Conv(), propagate=_conv_moments, backward=_conv_grad)
 define("ConvTranspose", rule=ConvTranspose())
 define("Gemm", rule=Gemm(), propagate=_gemm_moments, backward=_linear_grad)
 define("MatMul", rule=MatMul(), propagate=_matmul_moments, backward=_linear_grad)
+# Integer forms of the layers (already-quantized models): weight and bias inputs per op.
+define("QLinearConv", rule=IntegerLayer(Conv(), 3, 8))
+define("ConvInteger", rule=IntegerLayer(Conv(), 1))
+define("QLinearMatMul", rule=IntegerLayer(MatMul(), 3))
+define("MatMulInteger", rule=IntegerLayer(MatMul(), 1))
+define("QGemm", rule=IntegerLayer(Gemm(), 3, 6))  # com.microsoft

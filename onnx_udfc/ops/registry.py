@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnx_udfc.ops.base import Rule, WeightLayer
+from onnx_udfc.ops.base import IntegerLayer, Rule, WeightLayer
 
 if TYPE_CHECKING:
     from onnx_udfc.core.builder import Builder
@@ -70,6 +70,11 @@ class OpSpec:
     def layer(self) -> WeightLayer | None:
         """The weight layout, for a layer with a constant weight."""
         return self.rule if isinstance(self.rule, WeightLayer) else None
+
+    @property
+    def integer(self) -> IntegerLayer | None:
+        """The float layer an integer op computes, for an op of an already-quantized model."""
+        return self.rule if isinstance(self.rule, IntegerLayer) else None
 
     def homogeneous(self, node: onnx.NodeProto, const: ConstLookup) -> bool:
         """Whether ``f(s z) = s f(z)`` (s > 0) holds for this node."""

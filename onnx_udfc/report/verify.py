@@ -82,15 +82,18 @@ class VerifyResult:
 
 def verify(original: onnx.ModelProto | str, compressed: onnx.ModelProto | str, *,
            data: str | os.PathLike | None = None, batch: int = 8, provider: str = "cpu",
-           limit: int | None = None, feed: dict[str, np.ndarray] | None = None
-           ) -> VerifyResult:
+           limit: int | None = None,
+           input_shapes: dict[str, list[int]] | None = None,
+           feed: dict[str, np.ndarray] | None = None) -> VerifyResult:
     """Compare two models on the same inputs; accuracy too when the data has labels.
-    ``feed`` gives the inputs directly (the fidelity guard's synthetic images)."""
+    ``input_shapes`` fix the dynamic dims of generated inputs (``--input-shape``); ``feed``
+    gives the inputs directly (the fidelity guard's synthetic images)."""
     labels = None
     if feed is None:
         ref_model = original if isinstance(original, onnx.ModelProto) else \
             onnx.load(str(original), load_external_data=False)
-        feed, labels = make_inputs(ref_model, batch=batch, data=data, limit=limit)
+        feed, labels = make_inputs(ref_model, batch=batch, data=data, limit=limit,
+                                   input_shapes=input_shapes)
     sa, sb = session(original, provider), session(compressed, provider)
     names = [o.name for o in sa.get_outputs()]
     if names != [o.name for o in sb.get_outputs()]:
