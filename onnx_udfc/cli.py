@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from onnx_udfc.config import (
     CompressConfig,
 )
 from onnx_udfc.core.errors import UdfcError
+
+PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell reports for a reader that went away
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_shape(v)
     v.add_argument("--data", metavar="FILE.npz",
                    help="preprocessed inputs named like the model inputs, optional 'labels'")
-    v.add_argument("--batch", type=int, default=8,
+    v.add_argument("--batch", type=_positive, default=8,
                    help="batch size for generated inputs of dynamic models")
-    v.add_argument("--limit", type=int, help="use at most this many samples from --data")
+    v.add_argument("--limit", type=_positive, help="use at most this many samples from --data")
     v.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     v.add_argument("--json", metavar="FILE", help="write the comparison as JSON")
+    checks = v.add_argument_group(
+        "pass or fail (exit status 1, one line per failing output)",
+        "a value passes when |compressed - original| <= atol + rtol * |original|")
+    checks.add_argument("--atol", type=_number, metavar="A", help="absolute tolerance")
+    checks.add_argument("--rtol", type=_number, metavar="R", help="relative tolerance")
+    checks.add_argument("--min-agreement", type=_number, metavar="F",
+                        help="least top-1 agreement of classifier outputs, a fraction in [0, 1]")
 
     e = sub.add_parser("evaluate", parents=[common], help="top-1 accuracy of one or more models")
     e.add_argument("models", nargs="+", metavar="MODEL")
@@ -69,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="preprocessed inputs named like the model input, and 'labels'")
     source.add_argument("--dataset", choices=["digits"],
                         help="scikit-learn's digits test split (for the embedded model)")
-    e.add_argument("--limit", type=int, help="use at most this many samples")
+    e.add_argument("--limit", type=_positive, help="use at most this many samples")
     e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     e.add_argument("--json", metavar="FILE", help="write the accuracies as JSON")
     return p
@@ -154,6 +164,13 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _bits(text: str) -> int:
     try:
         value = int(text)
@@ -199,13 +216,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"inspect": _inspect, "compress": _compress, "verify": _verify,
                     "evaluate": _evaluate}
-        return commands[args.command](args)
+        status = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit
+        return status
     except UdfcError as exc:
         print(f"onnx-udfc: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("onnx-udfc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _pipe_closed()
+
+
+def _pipe_closed() -> int:
+    """The reader of stdout went away (``inspect ... | head``): stop quietly with the status a
+    shell gives a process ended by SIGPIPE. What is still buffered would fail again when the
+    interpreter flushes stdout at exit ("Exception ignored ..."), so stdout goes to devnull."""
+    try:
+        stdout = sys.stdout.fileno()
+    except (OSError, ValueError):  # captured in-process: nothing is flushed to a pipe at exit
+        return PIPE_CLOSED
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout)
+    os.close(devnull)
+    return PIPE_CLOSED
 
 
 def _inspect(args) -> int:
@@ -288,8 +323,11 @@ def _evaluate(args) -> int:
             feed, labels = make_inputs(model, data=args.data, limit=args.limit)
             if labels is None:
                 raise UdfcError(f"{args.data}: no 'labels' array to score against")
-        logits = run(session(path, args.provider), feed)[0]
-        results[path] = {"top1": accuracy(logits, np.asarray(labels)), "samples": len(labels)}
+        sess = session(path, args.provider)
+        logits = run(sess, feed)[0]
+        top1 = accuracy(logits, np.asarray(labels),
+                        f"{path}: output '{sess.get_outputs()[0].name}'")
+        results[path] = {"top1": top1, "samples": len(labels)}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.quiet:
@@ -306,11 +344,13 @@ def _verify(args) -> int:
     for path in (args.original, args.compressed):
         check_input_shapes(load_model(path, check_finite=False), shapes)
     result = verify(args.original, args.compressed, data=args.data, batch=args.batch,
-                    provider=args.provider, limit=args.limit, input_shapes=shapes)
+                    provider=args.provider, limit=args.limit, input_shapes=shapes,
+                    atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
     if not args.quiet:
-        print(f"{result.samples} samples on {result.provider}")
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.input_shapes.items())
+        print(f"{result.samples} samples ({shapes}) on {result.provider}")
         for f in result.fidelity:
             top1 = "" if f.top1_agreement is None else \
                 f"  top-1 agreement {100 * f.top1_agreement:.2f}%"
@@ -319,4 +359,6 @@ def _verify(args) -> int:
         if result.accuracy_before is not None:
             print(f"accuracy {100 * result.accuracy_before:.2f}% -> "
                   f"{100 * result.accuracy_after:.2f}%")
-    return 0
+    for failure in result.failures:
+        print(f"onnx-udfc: mismatch: {failure}", file=sys.stderr)
+    return 0 if result.passed else 1

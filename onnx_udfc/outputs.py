@@ -271,7 +271,7 @@ def _verify(source: str | os.PathLike, written: Path, config: CompressConfig,
     from onnx_udfc.report.verify import verify
 
     result = verify(source, written, data=config.check.data, provider=config.check.provider,
-                    feed=feed)
+                    input_shapes=config.graph.input_shapes or None, feed=feed)
     report.fidelity = [f.to_dict() for f in result.fidelity]
     report.accuracy_before, report.accuracy_after = result.accuracy_before, \
         result.accuracy_after

@@ -481,3 +481,40 @@ def ort_quantized(model: onnx.ModelProto, folder: Path, kind: str) -> onnx.Model
         fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
         quantize_static(str(source), str(target), RandomInputs(), quant_format=fmt)
     return onnx.load(str(target))
+
+
+def float16_conv_bn(batch: int | str = BATCH) -> onnx.ModelProto:
+    """A float16 model, weights and input alike: Conv(3->8, 3x3) -> BatchNorm -> Relu ->
+    Conv(8->4, 3x3) on ``x [batch, 3, 8, 8]``."""
+    rng = np.random.default_rng(3)
+
+    def half(value, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.float16), name)
+
+    inits = [half(rng.standard_normal((8, 3, 3, 3)) / np.sqrt(27), "w1"),
+             half(0.1 * rng.standard_normal(8), "b1"), half(rng.uniform(0.5, 1.5, 8), "g"),
+             half(0.1 * rng.standard_normal(8), "beta"), half(0.1 * rng.standard_normal(8), "m"),
+             half(rng.uniform(0.5, 1.5, 8), "v"),
+             half(rng.standard_normal((4, 8, 3, 3)) / np.sqrt(72), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "beta", "m", "v"], ["n1"],
+                              name="bn1"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1] * 4, name="conv2")]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [batch, 4, 8, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def long_named_chain(layers: int = 30, name_length: int = 5000) -> onnx.ModelProto:
+    """``layers`` 1x1 Convs in a row whose names are ``name_length`` characters long: a model
+    whose ``inspect`` listing is far larger than a pipe's buffer."""
+    b = Builder()
+    x = image(b, c=4)
+    for i in range(layers):
+        x = b.conv(x, 4, 4, k=1, name=f"conv{i}_" + "n" * name_length)
+    b.output(x)
+    return b.build()

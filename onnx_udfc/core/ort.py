@@ -75,9 +75,13 @@ def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
                 input_shapes: Mapping[str, Sequence[int]] | None = None
                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Inputs from a ``.npz`` (arrays named like the inputs, or a single array; optional
-    ``labels``) or random normal ones of the model's static shape, or of ``input_shapes``
-    (checked against it), with any other dynamic dim -> ``batch``."""
+    ``labels``) or random normal ones of the model's static shape (dynamic dims -> ``batch``).
+    ``input_shapes`` (``--input-shape``) fixes dynamic input shapes; ``limit``: at most this
+    many samples of the data."""
+    if limit is not None and limit < 1:
+        raise UdfcError(f"--limit must be at least 1, got {limit}")
     inputs = graph_inputs(model)
+    dims = input_dims(model, input_shapes)
     if data is not None:
         path = Path(data)
         if not path.is_file():
@@ -96,51 +100,76 @@ def make_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0,
                 feed[inp.name] = next(iter(arrays.values()))
             else:
                 raise UdfcError(f"{path}: no array named '{inp.name}' for the model's input")
-        check_feed(model, feed, str(path))
+        check_feed(model, feed, str(path), input_shapes)
         for name, arr in feed.items():
             feed[name] = arr[:limit].astype(np.float32) if limit else arr.astype(np.float32)
         if labels is not None and limit:
             labels = labels[:limit]
         return feed, labels
-    shapes = dict(input_shapes or {})
-    check_input_shapes(model, shapes)
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in inputs:
-        tt = inp.type.tensor_type
-        dims = list(shapes[inp.name]) if inp.name in shapes else \
-            [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = [batch if d is None else d for d in dims[inp.name]]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(dims).astype(dtype)
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feed[inp.name] = rng.integers(0, 2, size=dims).astype(dtype)
+            feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return feed, None
 
 
-def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], origin: str) -> None:
-    """Each array matches its input: a float dtype, the rank, and every static dim but the
-    batch (a model may hard-code batch 1 while the data holds many samples)."""
-    for inp in graph_inputs(model):
-        if inp.name not in feed:
-            raise UdfcError(f"{origin}: no array named '{inp.name}' for the model's input")
+def input_dims(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+               ) -> dict[str, list[int | None]]:
+    """Per model input its dims (None where dynamic), ``input_shapes`` filled in after
+    :func:`~onnx_udfc.core.io.check_input_shapes` accepted them."""
+    check_input_shapes(model, input_shapes or {})
+    dims = {inp.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in inp.type.tensor_type.shape.dim] for inp in graph_inputs(model)}
+    for name, shape in (input_shapes or {}).items():
+        dims[name] = [int(d) for d in shape]
+    return dims
+
+
+def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], origin: str,
+               input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Each array matches its input: a float dtype, the rank, every static dim but the batch
+    (a model may hard-code batch 1 while the data holds many samples), finite values."""
+    dims = input_dims(model, input_shapes)
+    for name in dims:
+        if name not in feed:
+            raise UdfcError(f"{origin}: no array named '{name}' for the model's input")
     for name, arr in feed.items():
-        inp = next((i for i in graph_inputs(model) if i.name == name), None)
-        if inp is None:
+        if name not in dims:
             raise UdfcError(f"{origin}: array '{name}' is not an input of the model")
-        dims = [d.dim_value if d.HasField("dim_value") else None
-                for d in inp.type.tensor_type.shape.dim]
         arr = np.asarray(arr)
-        expected = "x".join("?" if d is None else str(d) for d in dims)
-        if arr.ndim != len(dims) or not np.issubdtype(arr.dtype, np.floating) or any(
-                d is not None and d != n for d, n in zip(dims[1:], arr.shape[1:], strict=False)):
+        expected = "x".join("?" if d is None else str(d) for d in dims[name])
+        if arr.ndim != len(dims[name]) or not np.issubdtype(arr.dtype, np.floating) or any(
+                d is not None and d != n
+                for d, n in zip(dims[name][1:], arr.shape[1:], strict=False)):
             raise UdfcError(f"{origin}: array for '{name}' has shape {arr.shape} and dtype "
                             f"{arr.dtype}; expected a preprocessed float array of shape "
                             f"{expected}")
+        if not np.isfinite(arr).all():
+            raise UdfcError(f"{origin}: array for '{name}' holds NaN or Inf values")
+
+
+def typed_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` with every float array in the float type its input of ``sess`` takes: data and
+    synthetic samples are float32, a float16 model takes float16. Every run of a model on
+    data or samples goes through here (:func:`run`, the moments, ``--sequential``)."""
+    wanted = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+    typed = {}
+    for name, arr in feed.items():
+        dtype = wanted.get(name)
+        cast = dtype is not None and np.issubdtype(dtype, np.floating) and \
+            np.issubdtype(arr.dtype, np.floating)
+        typed[name] = arr.astype(dtype, copy=False) if cast else arr
+    return typed
 
 
 def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
     """Run in chunks of ``batch`` along the first axis (when the model's batch is dynamic)."""
+    feed = typed_feed(sess, feed)
     n = len(next(iter(feed.values())))
     dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
     if not dynamic or n <= batch:

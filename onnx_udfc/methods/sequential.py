@@ -33,7 +33,7 @@ from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import tensor_array
-from onnx_udfc.core.ort import session
+from onnx_udfc.core.ort import session, typed_feed
 from onnx_udfc.methods.plus import absorb_constants
 
 
@@ -49,7 +49,7 @@ def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
              for name in [f"{o}__bnstat_{part}"] if name in produced]
     if not names:
         return {}
-    values = dict(zip(names, session(with_outputs(probe, names)).run(names, feed), strict=True))
+    values = _run_named(with_outputs(probe, names), names, feed)
     return {o: (values[f"{o}__bnstat_mu"].reshape(-1), values[f"{o}__bnstat_var"].reshape(-1))
             for o in bns if f"{o}__bnstat_mu" in values}
 
@@ -88,7 +88,15 @@ def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: li
     probe.CopyFrom(model)
     free_batch(probe)
     names = list(dict.fromkeys(tensors))
-    return dict(zip(names, session(with_outputs(probe, names)).run(names, feed), strict=True))
+    return _run_named(with_outputs(probe, names), names, feed)
+
+
+def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+    """The tensors ``names`` of ``model`` on ``feed``, in one batch (the BN batch statistics
+    are those of the whole feed)."""
+    sess = session(model)
+    return dict(zip(names, sess.run(names, typed_feed(sess, feed)), strict=True))
 
 
 def channels_last(a: np.ndarray) -> np.ndarray:

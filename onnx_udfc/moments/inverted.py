@@ -257,8 +257,10 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
     starting from ``start`` (by default the pink noise of :mod:`onnx_udfc.moments.sampled`: on the
     NM ResNet-56 it reaches after 300 steps a loss white noise does not reach in 600)."""
     from onnx_udfc.core.ort import session
+    from onnx_udfc.core.precision import float32_copy
     from onnx_udfc.moments.sampled import synthetic_inputs
 
+    model = float32_copy(model)  # the gradient graph is float32; the samples are cast on use
     first = next((i for i in graph_inputs(model)
                   if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT), None)
     if first is None:

@@ -11,7 +11,7 @@ import onnx
 
 from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import graph_inputs
-from onnx_udfc.core.ort import make_inputs, session
+from onnx_udfc.core.ort import make_inputs, session, typed_feed
 from onnx_udfc.moments.propagated import TensorMoments
 
 BATCH = 128
@@ -37,6 +37,7 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     sess = session(with_outputs(probe, [t for t in wanted if t not in inputs]))
+    feed = typed_feed(sess, feed)
     names = [o.name for o in sess.get_outputs()]
     keep = [t for t in wanted if t in names]
     n = len(next(iter(feed.values())))
@@ -49,7 +50,8 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
             a = res.get(t)
             if a is None or a.ndim < 2:
                 continue
-            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+            # float16 models: sums and products in float32 at least
+            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float32, copy=False)
             x = x[::max(1, len(x) // ROWS)]
             acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
             acc[0] += x.shape[0]

@@ -94,7 +94,7 @@ def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> on
     batch mean and variance of the BN writing ``y`` are ``y__bnstat_mu`` and ``y__bnstat_var``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name for t in out.graph.initializer}
+    inits = {t.name: t for t in out.graph.initializer}
     opset = opset_version(out)
     nodes: list[onnx.NodeProto] = []
     for node in out.graph.node:
@@ -102,7 +102,9 @@ def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> on
             nodes.append(node)
             continue
         known = (shapes or {}).get(node.input[0])
-        patch_nodes, constants = _batch_normalization(node, len(known) if known else 4, opset)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)
+        patch_nodes, constants = _batch_normalization(node, len(known) if known else 4, opset,
+                                                      dtype)
         nodes += patch_nodes
         out.graph.initializer.extend(constants)
     del out.graph.node[:]
@@ -110,16 +112,17 @@ def training_batchnorm(model: onnx.ModelProto, shapes: dict | None = None) -> on
     return out
 
 
-def _batch_normalization(node: onnx.NodeProto, rank: int, opset: int
+def _batch_normalization(node: onnx.NodeProto, rank: int, opset: int, dtype: np.dtype
                          ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes and constants replacing the BN ``node`` (input of rank ``rank``, channel axis
-    1): its input normalised by its own mean and variance over all the other axes."""
+    1, float type ``dtype``): its input normalised by its own mean and variance over all the
+    other axes."""
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     x, gamma, beta = node.input[0], node.input[1], node.input[2]
     p = f"{node.output[0]}__bnstat"
     axes = [0, *range(2, rank)]
     patch = Patch(opset)
-    eps_name = patch.constant(f"{p}_eps", np.asarray(eps, np.float32))
+    eps_name = patch.constant(f"{p}_eps", np.asarray(eps, dtype))
     bshape = patch.constant(f"{p}_bshape", np.asarray([1, -1] + [1] * (rank - 2), np.int64))
     patch.reduce_to("ReduceMean", x, axes, f"{p}_mu", f"{p}_axes")
     patch.node("Sub", [x, f"{p}_mu"], [f"{p}_xc"])
