@@ -16,6 +16,9 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
               "tensor(bool)": np.bool_}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Only fatal messages: ORT logs a refused run as an error on the C-level stderr before raising
+# it, and every refusal is already raised, caught and reported (fallback causes, UdfcError).
+FATAL_ONLY = 4
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
@@ -31,6 +34,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
     """
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(FATAL_ONLY)
     if provider not in PROVIDERS:
         raise UdfcError(f"unknown provider '{provider}' (choose cpu or cuda)")
     wanted = PROVIDERS[provider]
@@ -38,7 +42,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
         raise UdfcError(f"provider '{provider}' is not available in this onnxruntime "
                         "(install onnxruntime-gpu and a CUDA driver)")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = FATAL_ONLY
     options.intra_op_num_threads = threads
     if exact_int4:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
