@@ -224,21 +224,26 @@ def _variant(config: CompressConfig, ratio: float, budget: float | None,
 def guard_feed(model: onnx.ModelProto, config: CompressConfig,
                seed: int = 0) -> dict[str, np.ndarray]:
     """Data-free inputs for the guard: pink-noise images (natural images' spectrum) of the
-    model's input shape, ``--input-shape`` where given, a free batch of 32 and
-    :data:`DEFAULT_SIDE` for any other dynamic dimension."""
+    model's input shape, ``--input-shape`` where given, :data:`GUARD_BATCH` samples (run in
+    the model's own batch when it fixes one) and :data:`DEFAULT_SIDE` for any other dynamic
+    dimension."""
+    from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
     from onnx_udfc.moments.sampled import pink_noise
 
     rng = np.random.default_rng(seed)
+    fixed = fixed_inputs(model)
     feed = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
         dims = config.graph.input_shapes.get(inp.name) or [
             d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
-        dims = [d or (GUARD_BATCH if i == 0 else DEFAULT_SIDE) for i, d in enumerate(dims)]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if not np.issubdtype(dtype, np.floating):
-            feed[inp.name] = np.zeros(dims, dtype)
+        if inp.name in fixed:
+            feed[inp.name] = fixed_value([d or 1 for d in dims], tt.elem_type, rng)
             continue
+        dims = [d or DEFAULT_SIDE for d in dims]
+        if dims and GUARD_BATCH % dims[0] == 0:
+            dims[0] = GUARD_BATCH  # a fixed batch runs in chunks of its own size
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         image = len(dims) >= 3 and min(dims[2:]) >= 4
         x = pink_noise(tuple(dims), rng) if image else rng.standard_normal(dims)
         feed[inp.name] = x.astype(dtype)

@@ -82,6 +82,8 @@ class RunState:
     energy: dict[str, float] = field(default_factory=dict)
     compensation: dict[str, dict] = field(default_factory=dict)
     quantization: dict[str, dict] = field(default_factory=dict)
+    float_layers: list[dict[str, str]] = field(default_factory=list)
+    duplicated: list[dict[str, Any]] = field(default_factory=list)
     kept: dict[str, QuantizedWeight] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     layers_after: list[LayerStats] | None = None
@@ -178,7 +180,7 @@ def _compensate(state: RunState) -> None:
 
 def _rewrite(state: RunState) -> None:
     assert state.plan is not None
-    apply_removal(state.channels, state.plan.removed)
+    state.duplicated = apply_removal(state.channels, state.plan.removed).duplicated()
     state.replace_model(compact(state.model))
 
 
@@ -188,7 +190,7 @@ def _quantize(state: RunState) -> None:
     state.quantization = quantize_model(state.model, cfg, state.config.graph.input_shapes or None,
                                         state.bn_stats,
                                         list(state.config.prune.exclude) + list(q.exclude),
-                                        state.kept, state.source)
+                                        state.kept, state.source, state.float_layers)
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 
@@ -294,6 +296,8 @@ def _report(state: RunState) -> Report:
         timings=state.timings, compensation=state.compensation,
         quantization=state.quantization)
     report.storage = storage
+    report.float_layers = state.float_layers
+    report.duplicated_initializers = state.duplicated
     report.inversion = state.inversion.summary() if state.inversion is not None else None
     used = state.method_config is not None and state.method_config.method == "udfc+"
     report.moments = state.source.to_dict() if state.source is not None and (

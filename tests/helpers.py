@@ -5,9 +5,12 @@ A :class:`Builder` collects nodes and seeded float32 weights, remembers which ar
 layer's output channels (so a test can zero whole channels for exactness checks) and builds a
 ``ModelProto``. A few fixed models whose tests pin exact weights or names are written node by
 node (``bn_chain``, ``conv_pair``, ``conv_node``/``bn_node``, ``weight_layer_model`` for
-malformed layers); ``ort_quantized`` quantizes a model with onnxruntime.quantization.
+malformed layers); models for corner cases (``float_corner_layers``, ``shared_weight_convs``,
+``weight_input_gemm``) are built with it; ``ort_quantized`` quantizes a model with
+onnxruntime.quantization.
 
-Longer than 400 lines on purpose: it is the one module the test files share."""
+Longer than 400 lines on purpose: it is the one module test files share code through
+(tests/test_test_hygiene.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ class Builder:
         self._count += 1
         return f"{prefix}_{self._count}"
 
-    def input(self, name: str, shape: Sequence[int | str]) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+    def input(self, name: str, shape: Sequence[int | str],
+              elem_type: int = TensorProto.FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
     def output(self, *names: str, shape: Sequence[int | str] | None = None) -> None:
@@ -154,6 +158,21 @@ class Builder:
         self.track(name, (w, 1))
         return self.op("MatMul", [x, w], name)
 
+    def branches(self, cond: str, then_nodes: Sequence[onnx.NodeProto], then_out: str,
+                 else_nodes: Sequence[onnx.NodeProto], else_out: str, name: str = "if",
+                 then_weights: dict[str, np.ndarray] | None = None) -> str:
+        """An If on ``cond`` whose branches read outer tensors; ``then_weights`` become
+        initializers of the then-branch."""
+        inits = [numpy_helper.from_array(a, n) for n, a in (then_weights or {}).items()]
+
+        def branch(label: str, nodes: Sequence[onnx.NodeProto], out: str,
+                   weights: list[onnx.TensorProto]) -> onnx.GraphProto:
+            return helper.make_graph(list(nodes), f"{name}_{label}", [],
+                                     [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                                    None)], weights)
+        return self.op("If", [cond], name, then_branch=branch("then", then_nodes, then_out, inits),
+                       else_branch=branch("else", else_nodes, else_out, []))
+
     def zero(self, layer: str, channels: Sequence[int]) -> None:
         """Make the given output channels of a layer exactly zero (filters, bias, BN shift)."""
         idx = list(channels)
@@ -191,6 +210,64 @@ class Builder:
 def image(b: Builder, c: int = 3, hw: int = 8, batch: int | str = BATCH) -> str:
     """The graph input ``x``: a batch of ``c``-channel ``hw`` x ``hw`` images."""
     return b.input("x", [batch, c, hw, hw])
+
+
+def bn_relu_convs(b: Builder, x: str, widths: Sequence[int]) -> str:
+    """Conv (3x3) -> BN -> Relu per width, named ``c1``, ``bn1``, ...; returns the output."""
+    cin = int(b.inputs[0].type.tensor_type.shape.dim[1].dim_value)
+    for i, cout in enumerate(widths, 1):
+        x = b.relu(b.bn(b.conv(x, cin, cout, name=f"c{i}"), cout, name=f"bn{i}"))
+        cin = cout
+    return x
+
+
+def float_corner_layers() -> onnx.ModelProto:
+    """Weight layers that cannot be quantized: ``x`` -> c1, c2 (Conv + BN + Relu) -> an If on
+    the bool input ``flag`` whose then-branch holds the Conv ``branch_conv`` -> Conv ``c3`` ->
+    Reshape -> MatMul ``mm`` with its constant weight as the first operand -> ``y``; beside it
+    ``v [8, N]`` -> Gemm ``fc_t`` with transA=1 -> ``z``."""
+    b = Builder()
+    h = bn_relu_convs(b, image(b), [8, 8])
+    flag = b.input("flag", [], TensorProto.BOOL)
+    w = b.weight("branch_conv.weight", [8, 8, 1, 1])
+    branch_w = b.arrays.pop(w)
+    y = b.branches(flag, [helper.make_node("Conv", [h, w], ["t_out"], name="branch_conv")],
+                   "t_out", [helper.make_node("Identity", [h], ["e_out"], name="branch_id")],
+                   "e_out", name="if1", then_weights={w: branch_w})
+    y = b.conv(y, 8, 4, name="c3")
+    flat = b.op("Reshape", [y, b.ints([0, 4, 64])], "rs")
+    b.output(b.op("MatMul", [b.weight("mm.weight", [6, 4], fan_in=4), flat], "mm"))
+    v = b.input("v", [8, BATCH])
+    b.output(b.op("Gemm", [v, b.weight("fc_t.weight", [8, 5], fan_in=8)], "fc_t", transA=1))
+    return b.build()
+
+
+def shared_weight_convs(add: bool) -> onnx.ModelProto:
+    """``x [N, 3, 8, 8]`` -> Conv ``c1`` (3->4) -> Relu -> ``a`` read by the Convs ``left`` and
+    ``right`` through one initializer ``shared.weight`` [8, 4, 3, 3]; their outputs are added
+    (``add``: one channel group, both keep the same channels) or concatenated (two groups)
+    -> Conv ``head`` -> ``y``."""
+    b = Builder()
+    a = b.relu(b.conv(image(b), 3, 4, name="c1"))
+    w = b.weight("shared.weight", [8, 4, 3, 3])
+    left = b.op("Conv", [a, w], "left", kernel_shape=[3, 3], pads=[1] * 4)
+    right = b.op("Conv", [a, w], "right", kernel_shape=[3, 3], pads=[1] * 4)
+    if add:
+        joined, width = b.op("Add", [left, right], "sum"), 8
+    else:
+        joined, width = b.op("Concat", [left, right], "cat", axis=1), 16
+    b.output(b.conv(b.relu(joined), width, 2, k=1, name="head"))
+    return b.build()
+
+
+def weight_input_gemm() -> onnx.ModelProto:
+    """c1, c2 (Conv + BN + Relu) -> GlobalAveragePool -> Flatten -> Gemm ``fc`` whose B is
+    the graph input ``fc.weight [8, 4]`` (a weight fed at run time) -> ``y``."""
+    b = Builder()
+    h = bn_relu_convs(b, image(b), [8, 8])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [h], "gap")], "flat")
+    b.output(b.op("Gemm", [flat, b.input("fc.weight", [8, 4])], "fc"))
+    return b.build()
 
 
 # -- models written node by node --------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,6 +14,16 @@ from onnx import numpy_helper
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
 from onnx_udfc.ops.registry import op_spec
+
+
+@dataclass
+class SharedCopy:
+    """A copy of a shared initializer made for readers that keep other channels than the
+    initializer's remaining readers."""
+
+    name: str
+    array: np.ndarray
+    readers: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)
 
 
 class Rewriter:
@@ -35,6 +47,8 @@ class Rewriter:
         self._keep: dict[str, np.ndarray | None] = {}
         self._inserts: list[tuple[str, onnx.NodeProto]] = []
         self.changed: set[str] = set()
+        self.copies: dict[str, list[SharedCopy]] = {}  # shared initializer -> its copies
+        self._dropped: set[str] = set()  # copies merged back into their initializer
 
     def keep(self, name: str) -> np.ndarray | None:
         if name not in self._keep:
@@ -71,23 +85,65 @@ class Rewriter:
         return name
 
     def set_const(self, node: onnx.NodeProto, index: int, array: np.ndarray) -> None:
-        """Give input ``index`` of ``node`` a new value; shared initializers are copied first."""
+        """Give input ``index`` of ``node`` a new value. A shared initializer stays shared by
+        the readers that give it the same value; the others get a copy (see
+        :meth:`duplicated`)."""
         name = node.input[index] if index < len(node.input) else ""
+        copies = None
         if name in self.inits:
             array = np.asarray(array, dtype=tensor_array(self.inits[name]).dtype)
-            if self.uses[name] == 1:
+            copies = self.copies.setdefault(name, [])
+            same = next((c for c in copies if _identical(c.array, array)), None)
+            if self.uses[name] == 1:  # the last reader: the initializer itself changes
                 set_tensor_array(self.inits[name], array)
                 self.changed.add(name)  # a value_info may still declare its old shape
+                if same is not None:
+                    self._merge_back(name, same)
                 return
             self.uses[name] -= 1
+            if same is not None:
+                self._point(node, index, same)
+                return
         new = self.fresh_name(f"{name or node.name or node.op_type}_pruned")
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), new)
         self.graph.initializer.append(tensor)
         self.inits[new] = self.graph.initializer[-1]
-        self.uses[new] = 1
         while len(node.input) <= index:
             node.input.append("")
-        node.input[index] = new
+        if copies is None:
+            self.uses[new] = 1
+            node.input[index] = new
+        else:
+            copies.append(SharedCopy(new, array))
+            self._point(node, index, copies[-1])
+
+    def _point(self, node: onnx.NodeProto, index: int, copy: SharedCopy) -> None:
+        node.input[index] = copy.name
+        copy.readers.append((node, index))
+        self.uses[copy.name] += 1
+
+    def _merge_back(self, name: str, copy: SharedCopy) -> None:
+        """The copy's readers read ``name`` again: it now holds the same value."""
+        for node, index in copy.readers:
+            node.input[index] = name
+        self.uses[name] += len(copy.readers)
+        self.uses[copy.name] = 0
+        self.copies[name].remove(copy)
+        self._dropped.add(copy.name)
+
+    def duplicated(self) -> list[dict[str, Any]]:
+        """Every copy of a shared initializer the rewrite left: its readers keep other
+        channels than the readers of the initializer (report's ``duplicated_initializers``)."""
+        out = []
+        for name, copies in self.copies.items():
+            if not copies:
+                continue
+            still = sorted(n.name or n.output[0] for n in self.graph.node if name in n.input)
+            out += [{"initializer": name, "copy": c.name,
+                     "nodes": [n.name or n.output[0] for n, _ in c.readers],
+                     "shared_with": still, "elements": int(c.array.size),
+                     "reason": "its readers keep different channels"} for c in copies]
+        return out
 
     def make_gather(self, indices: np.ndarray, axis: int) -> Callable[[str, str], onnx.NodeProto]:
         idx_name = self.fresh_name("channel_indices")
@@ -119,12 +175,19 @@ class Rewriter:
             # Node protos are small (weights live in initializers), so rebuilding is cheap.
             del self.graph.node[:]
             self.graph.node.extend(nodes)
+        merged = [i for i, t in enumerate(self.graph.initializer) if t.name in self._dropped]
+        for i in reversed(merged):
+            del self.graph.initializer[i]
         # keep() is asked here too: apply_removal stops asking at a node's first changed tensor.
         stale = [i for i, vi in enumerate(self.graph.value_info)
                  if vi.name in self.changed or self.keep(vi.name) is not None]
         for i in reversed(stale):
             del self.graph.value_info[i]
         sync_initializer_inputs(self.model)
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
 
 
 def apply_removal(analysis: ChannelAnalysis, removed: np.ndarray) -> Rewriter:

@@ -17,6 +17,9 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
               "tensor(bool)": np.bool_}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Only fatal messages: ORT logs a refused run as an error on the C-level stderr before raising
+# it, and every refusal is already raised, caught and reported (fallback causes, UdfcError).
+FATAL_ONLY = 4
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
@@ -32,6 +35,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
     """
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(FATAL_ONLY)
     if provider not in PROVIDERS:
         raise UdfcError(f"unknown provider '{provider}' (choose cpu or cuda)")
     wanted = PROVIDERS[provider]
@@ -39,7 +43,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
         raise UdfcError(f"provider '{provider}' is not available in this onnxruntime "
                         "(install onnxruntime-gpu and a CUDA driver)")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = FATAL_ONLY
     options.intra_op_num_threads = threads
     if exact_int4:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -168,11 +172,20 @@ def typed_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
-    """Run in chunks of ``batch`` along the first axis (when the model's batch is dynamic)."""
+    """Run in chunks of ``batch`` along the first axis when the model's batch is dynamic, and
+    in chunks of the model's own batch when every input fixes the same one (exports that
+    hard-code batch 1) and the feed holds a multiple of it."""
     feed = typed_feed(sess, feed)
     n = len(next(iter(feed.values())))
-    dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
-    if not dynamic or n <= batch:
+    firsts = {i.shape[0] if i.shape and isinstance(i.shape[0], int) else None
+              for i in sess.get_inputs()}
+    if firsts == {None}:
+        if n <= batch:
+            return sess.run(None, feed)
+    elif len(firsts) == 1 and (size := firsts.pop()) and n > size and n % size == 0 \
+            and all(len(v) == n for v in feed.values()):
+        batch = size
+    else:
         return sess.run(None, feed)
     parts = [sess.run(None, {k: v[s:s + batch] for k, v in feed.items()})
              for s in range(0, n, batch)]

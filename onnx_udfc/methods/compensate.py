@@ -16,11 +16,12 @@ from onnx_udfc.channels.absorbers import absorbers, weight_uses
 from onnx_udfc.channels.analysis import ChannelAnalysis, analyse
 from onnx_udfc.channels.stats import layer_stats, weight_layer
 from onnx_udfc.config import MethodOptions, QuantOptions
-from onnx_udfc.core.io import infer_shapes, set_tensor_array, tensor_array
+from onnx_udfc.core.io import graph_inputs, infer_shapes, set_tensor_array, tensor_array
 from onnx_udfc.core.normalize import BatchNormStats
 from onnx_udfc.methods import get_method
 from onnx_udfc.methods import plus as udfc_plus
 from onnx_udfc.methods.base import PruneJob, QuantJob, RunContext
+from onnx_udfc.methods.coverage import quantizable, subgraph_weight_layers
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.grids import QuantizedWeight, quantize_blocks_params, quantize_params
 
@@ -120,25 +121,32 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    folded: dict[str, BatchNormStats] | None = None,
                    exclude: list[str] | None = None,
                    results: dict[str, QuantizedWeight] | None = None,
-                   source: MomentSource | None = None) -> dict[str, dict]:
+                   source: MomentSource | None = None,
+                   float_layers: list[dict[str, str]] | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn.
 
     ``results``, when given, receives each layer's :class:`QuantizedWeight` (integer codes,
-    scales, zero points) so integer storage can write exactly what the fake model holds.
-    udfc+ reads its moments from ``source`` (the run's; one from ``cfg`` when None)."""
+    scales, zero points) so integer storage can write exactly what the fake model holds;
+    ``float_layers`` every weight layer kept in float as ``{node, reason}`` (see
+    :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
+    from ``cfg`` when None)."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
                      source)
     method.prepare_quantization(run)
     patterns = [re.compile(p) for p in exclude or []]
+    inputs = {i.name for i in graph_inputs(model)}
+    kept_float: list[dict[str, str]] = []
     out: dict[str, dict] = {}
     for node in list(model.graph.node):
-        layer = weight_layer(node, ctx.inits)
-        if layer is None or any(p.search(node.name or "") for p in patterns):
-            continue
         name = node.name or node.output[0]
+        layer, reason = quantizable(node, ctx.inits, inputs, patterns)
+        if reason is not None:
+            kept_float.append({"node": name, "reason": reason})
+        if layer is None:
+            continue
         job = QuantJob(node, layer, layer.filters(ctx.inits))
         w = tensor_array(ctx.inits[layer.weight])
         # Scales in the weight's own dtype: what integer storage writes, so the fake model
@@ -166,6 +174,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
         out[name] = job.entry
         method.after_rounding(run, job)
         _write_filters(ctx, layer, job.rounded)
+    if float_layers is not None:
+        float_layers.extend(kept_float + subgraph_weight_layers(model))
     return out
 
 

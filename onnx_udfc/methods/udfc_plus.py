@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from onnx_udfc.channels.activations import pruning_moments
+from onnx_udfc.core.ort import refusals
 from onnx_udfc.methods import plus
 from onnx_udfc.methods.base import Method, PruneJob, QuantJob, RunContext, register
+from onnx_udfc.moments.source import refusal_cause
 from onnx_udfc.quant.gptq_layer import gptq_layer
 from onnx_udfc.quant.grids import QuantResult
 
@@ -32,9 +34,7 @@ class UdfcPlus(Method):
     def reconstruct(self, run: RunContext, job: PruneJob, entry: dict[str, Any]) -> bool:
         if run.config.plus.sequential:
             return False
-        entry.update(plus.plus_pruning(run.ctx, job.producer, job.absorbers, job.classes,
-                                       job.kept, job.pruned, run.moments or {},
-                                       run.config.plus))
+        entry.update(_one_shot(run, job))
         return True
 
     def finish_pruning(self, run: RunContext, removed: np.ndarray,
@@ -42,14 +42,22 @@ class UdfcPlus(Method):
         from onnx_udfc.methods.sequential import sequential_pruning
 
         cfg = run.config.plus
-        feed = run.source.sample_feed(run.ctx.model, cfg.seq_limit)
         measured = run.source.kind == "measured"
         todo = [(j.producer, j.absorbers, j.classes, j.kept, j.pruned) for j in deferred]
-        # with real inputs every channel is refitted; on synthetic ones only the pruned
-        # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
-        return sequential_pruning(run.ctx, removed, todo, feed, not measured, cfg.seq_lam,
-                                  cfg.seq_const_scale, full=measured,
-                                  output_fit=cfg.seq_output)
+        try:
+            feed = run.source.sample_feed(run.ctx.model, cfg.seq_limit)
+            # with real inputs every channel is refitted; on synthetic ones only the pruned
+            # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
+            return sequential_pruning(run.ctx, removed, todo, feed, not measured, cfg.seq_lam,
+                                      cfg.seq_const_scale, full=measured,
+                                      output_fit=cfg.seq_output)
+        except refusals() as exc:
+            # A refused feed fails on the first run, on the original network, before any fit
+            # is written: the one-shot fit on propagated moments takes every layer instead.
+            run.source.fall_back("compensate", refusal_cause(exc), failed="sequential")
+        run.moments = pruning_moments(run.ctx, run.source, "compensate")
+        return {job.producer.node.name or job.producer.tensor: _one_shot(run, job)
+                for job in deferred}
 
     def prepare_quantization(self, run: RunContext) -> None:
         cfg = run.config
@@ -70,6 +78,12 @@ class UdfcPlus(Method):
     def after_rounding(self, run: RunContext, job: QuantJob) -> None:
         job.entry["bias_corrected"] = plus.bias_correction(
             run.ctx, job.layer, job.filters, job.rounded, run.moments or {}, run.config.plus)
+
+
+def _one_shot(run: RunContext, job: PruneJob) -> dict[str, Any]:
+    """The least-squares fit of one layer on the run's moments: its report entry."""
+    return plus.plus_pruning(run.ctx, job.producer, job.absorbers, job.classes, job.kept,
+                             job.pruned, run.moments or {}, run.config.plus)
 
 
 register(UdfcPlus())

@@ -12,16 +12,20 @@ import onnx
 from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import make_inputs, session, typed_feed
+from onnx_udfc.moments.feeds import fixed_inputs
 from onnx_udfc.moments.propagated import TensorMoments
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 BATCH = 128
 ROWS = 1 << 14  # positions per batch that enter a covariance (an even stride through them)
 
 
 def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """A feed dict from an array (the single input), a dict, or a ``.npz`` path."""
-    if isinstance(source, dict):
-        return {k: np.asarray(v, dtype=np.float32) for k, v in source.items()}
+    if isinstance(source, dict):  # a non-float input (an If's condition) keeps its type
+        declared = {i.name: i.type.tensor_type.elem_type for i in graph_inputs(model)}
+        return {k: np.asarray(v) if declared.get(k, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+                else np.asarray(v, dtype=np.float32) for k, v in source.items()}
     if isinstance(source, np.ndarray):
         return {graph_inputs(model)[0].name: source.astype(np.float32)}
     if isinstance(source, str | os.PathLike):
@@ -32,6 +36,7 @@ def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarra
 def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str, TensorMoments]:
     """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1."""
     feed = load_calibration(source, model)
+    fixed = fixed_inputs(model)  # fed whole to every batch: they hold no samples
     wanted = list(dict.fromkeys(t for t in tensors if t))
     inputs = {i.name for i in model.graph.input}
     probe = onnx.ModelProto()
@@ -40,10 +45,10 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
     feed = typed_feed(sess, feed)
     names = [o.name for o in sess.get_outputs()]
     keep = [t for t in wanted if t in names]
-    n = len(next(iter(feed.values())))
+    n = next((len(v) for k, v in feed.items() if k not in fixed), 1)
     sums: dict[str, list] = {}
     for start in range(0, n, BATCH):
-        part = {k: v[start:start + BATCH] for k, v in feed.items()}
+        part = {k: v if k in fixed else v[start:start + BATCH] for k, v in feed.items()}
         res = dict(zip(names, sess.run(names, part), strict=True))
         res.update({k: v for k, v in part.items() if k in wanted})
         for t in wanted:

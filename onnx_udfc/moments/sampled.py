@@ -23,6 +23,7 @@ import onnx
 
 from onnx_udfc.core.graph_edit import Patch
 from onnx_udfc.core.io import graph_inputs, opset_version
+from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
 from onnx_udfc.moments.propagated import TensorMoments
 
 SAMPLES = 128  # images (fewer for large inputs, see sample_count)
@@ -63,13 +64,19 @@ def sample_count(dims: list[int]) -> int:
 def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
                      input_mean: tuple[float, ...] | None = None,
                      input_std: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
-    """A feed of synthetic inputs for every float input of static shape (batch dimension
-    free); image-like inputs (rank >= 3, spatial size >= 4) get pink noise."""
+    """A feed of synthetic inputs for every input of static shape (batch dimension free);
+    image-like inputs (rank >= 3, spatial size >= 4) get pink noise, :func:`fixed_inputs` their
+    :func:`fixed_value`. An input with a free dimension past the batch gets nothing."""
     rng = np.random.default_rng(seed)
+    fixed = fixed_inputs(model)
     feed = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        if inp.name in fixed:
+            if all(d > 0 for d in dims):
+                feed[inp.name] = fixed_value(dims, tt.elem_type, rng)
+            continue
         if not dims or any(d <= 0 for d in dims[1:]):
             continue
         n = sample_count(dims)
@@ -141,8 +148,11 @@ def _batch_normalization(node: onnx.NodeProto, rank: int, opset: int, dtype: np.
 def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (edited in place) with the first dimension of every input and output free, so
     a model exported with a fixed batch of 1 can take a batch of samples; a graph that bakes
-    the batch size into a constant then fails in ONNX Runtime (callers fall back)."""
-    for vi in list(graph_inputs(model)) + list(model.graph.output):
+    the batch size into a constant then fails in ONNX Runtime (callers fall back). The
+    :func:`fixed_inputs` keep their shape."""
+    fixed = fixed_inputs(model)
+    samples = [i for i in graph_inputs(model) if i.name not in fixed]
+    for vi in samples + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if len(dims):
             dims[0].ClearField("dim_value")

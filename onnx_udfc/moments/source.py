@@ -25,6 +25,7 @@ import onnx
 from onnx_udfc.config import MOMENT_SOURCES
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import refusals
+from onnx_udfc.moments.feeds import fixed_inputs, undrawn_input_cause
 from onnx_udfc.moments.measured import load_calibration, measure
 from onnx_udfc.moments.propagated import TensorMoments, propagate
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
@@ -91,13 +92,16 @@ class MomentSource:
 
     def sample_feed(self, model: onnx.ModelProto, limit: int) -> dict[str, np.ndarray]:
         """Inputs to run the network on: the first ``limit`` calibration inputs, else the
-        inversion batch, else synthetic samples."""
+        inversion batch, else synthetic samples. :class:`UdfcError` when an input cannot be
+        drawn."""
         if self.calibration is not None:
-            return {k: v[:limit] for k, v in load_calibration(self.calibration, model).items()}
-        if self.samples is not None:
-            return self.samples
-        return synthetic_inputs(model, self.seed, input_mean=self.input_mean,
-                                input_std=self.input_std)
+            fixed = fixed_inputs(model)
+            return {k: v if k in fixed else v[:limit]
+                    for k, v in load_calibration(self.calibration, model).items()}
+        feed, cause = self._drawn_feed(model)
+        if cause is not None:
+            raise UdfcError(cause)
+        return feed
 
     def to_dict(self) -> dict[str, Any]:
         """For the report: what was asked, what is used, and why it changed."""
@@ -107,21 +111,33 @@ class MomentSource:
     def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
                 stage: str) -> dict[str, TensorMoments] | None:
         """Sampled moments, or None after falling back (recorded) when the run is refused."""
-        feed = self.samples if self.samples is not None else synthetic_inputs(
-            model, self.seed, self.input_mean, self.input_std)
-        if not feed:
-            self._fall_back(stage, "no input has a static shape to draw samples for")
+        feed, cause = self._drawn_feed(model)
+        if cause is not None:
+            self.fall_back(stage, cause)
             return None
         try:
             return sampled_moments(model, tensors, shapes, feed=feed)
         except refusals() as exc:
-            self._fall_back(stage, f"{type(exc).__name__}: {_first_line(exc)}")
+            self.fall_back(stage, refusal_cause(exc))
             return None
 
-    def _fall_back(self, stage: str, cause: str) -> None:
-        self.fallbacks.append({"from": self.kind, "to": "propagated", "cause": cause,
+    def _drawn_feed(self, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], str | None]:
+        """The inversion batch or synthetic samples, and why they cannot run ``model``."""
+        feed = self.samples if self.samples is not None else synthetic_inputs(
+            model, self.seed, self.input_mean, self.input_std)
+        return feed, undrawn_input_cause(model, feed)
+
+    def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:
+        """Switch to the propagation for the rest of the run, recording why ``failed`` (by
+        default the current kind; ``sequential`` for the sequential fit's run)."""
+        self.fallbacks.append({"from": failed or self.kind, "to": "propagated", "cause": cause,
                                "stage": stage})
         self.kind = "propagated"
+
+
+def refusal_cause(exc: BaseException) -> str:
+    """A caught :func:`~onnx_udfc.core.ort.refusals` error as a fallback cause."""
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -279,6 +279,8 @@ class MatMul(WeightLayer):
 
     def analyse(self, node, ctx):
         b = ctx.const(node.input[1])
+        if b is None and ctx.const(node.input[0]) is not None:
+            return "MatMul with the constant weight as first operand"
         if b is None or ctx.channels(node.input[1]) is not None:
             return "MatMul between two computed tensors"
         if b.ndim != 2:

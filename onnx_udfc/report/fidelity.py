@@ -28,6 +28,7 @@ BROKEN_ERROR = {"data": 0.7, "synthetic": 3.0}
 # >= 0.78 of them on the CIFAR ResNets and 0.69 on the digits CNN; the worst broken < 0.1.
 BROKEN_AGREEMENT = {"data": 0.8, "synthetic": 0.5}
 SPREAD_FLOOR = 1e-3  # of the channel's own RMS: a constant channel's spread
+MIN_VALUES = 8  # values per channel (samples x positions) to estimate its spread from
 
 
 def channel_axis(shape: tuple[int, ...]) -> int | None:
@@ -54,8 +55,11 @@ def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     if a.shape[1] == 0:
         return np.zeros(a.shape[0])
     rms_a = np.sqrt(np.mean(a ** 2, axis=1))
-    spread = np.maximum(np.maximum(a.std(axis=1), SPREAD_FLOOR * rms_a),
-                        1e-6 * float(a.std()) + 1e-12)
+    if a.shape[1] < MIN_VALUES:  # too few values for a channel's own spread: the output's
+        spread = np.full(a.shape[0], float(a.std()) + 1e-12)
+    else:
+        spread = np.maximum(np.maximum(a.std(axis=1), SPREAD_FLOOR * rms_a),
+                            1e-6 * float(a.std()) + 1e-12)
     rms = np.sqrt(np.mean((b - a) ** 2, axis=1))
     return rms / spread
 

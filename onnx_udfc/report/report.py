@@ -24,6 +24,9 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
                      (0 exact, 1 nothing recovered); otherwise the share of the layer's filter
                      energy (squared l2) that pruning removes.
     unsupported: [{node, reason}]                 nodes left untouched, and why
+    float_layers: [{node, reason}]                with --bits: weight layers kept in float
+    duplicated_initializers: [{initializer, copy, nodes, shared_with, elements, reason}]
+                                                  shared initializers the rewrite had to copy
     folded_batchnorm: [producer names]            when --fold-bn was used
     fidelity, accuracy_before/after               when verification ran; each output has
                                                   channel_error (worst channel's RMS error
@@ -70,6 +73,8 @@ class Report:
     latency: dict[str, Any] | None = None
     inversion: dict[str, Any] | None = None  # --moments inverted: how the fit went
     moments: dict[str, Any] | None = None  # udfc+, recon, budget: the moment source used
+    float_layers: list[dict[str, str]] = field(default_factory=list)
+    duplicated_initializers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def flops_before(self) -> int:
@@ -156,6 +161,10 @@ class Report:
                 f", {corrected} bias-corrected" if corrected else "")
             lines.append(f"weights {len(quants)} layers at {quants[0]['bits']} bits "
                          f"({quants[0]['quantizer']}, {quants[0]['granularity']}), {repair}")
+        if self.float_layers:
+            lines.append(_float_note(self.float_layers))
+        if self.duplicated_initializers:
+            lines.append(_duplicated_note(self.duplicated_initializers))
         if self.unsupported:
             lines.append(f"left untouched: {len(self.unsupported)} node(s), e.g. "
                          f"{self.unsupported[0]['node']} ({self.unsupported[0]['reason']})")
@@ -192,6 +201,23 @@ def _storage_note(storage: dict[str, Any] | None) -> str:
         f" -> {storage['opset_after']}" if storage["opset_after"] != storage["opset_before"]
         else "")
     return f", qdq: {kinds} weights, {opsets}"
+
+
+def _float_note(layers: list[dict[str, str]]) -> str:
+    """`float   2 weight layers kept in float: fc (reason), mm (reason)`."""
+    n = len(layers)
+    return f"float   {n} weight layer{'s' if n > 1 else ''} kept in float: " + ", ".join(
+        f"{x['node']} ({x['reason']})" for x in layers)
+
+
+def _duplicated_note(copies: list[dict[str, Any]]) -> str:
+    """`shared  1 shared initializer copied (readers keep different channels, +216 elements):
+    w for left`."""
+    n = len(copies)
+    added = sum(c["elements"] for c in copies)
+    return (f"shared  {n} shared initializer{'s' if n > 1 else ''} copied (readers keep "
+            f"different channels, +{added:,} elements): "
+            + ", ".join(f"{c['initializer']} for {', '.join(c['nodes'])}" for c in copies))
 
 
 def _moments_note(moments: dict[str, Any]) -> str:
