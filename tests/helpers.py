@@ -15,6 +15,7 @@ Longer than 400 lines on purpose: it is the one module test files share code thr
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -472,10 +473,12 @@ def assert_refused(capture: pytest.CaptureFixture[str], out: Path, needle: str,
 
 
 def tool_module(name: str) -> ModuleType:
-    """``tools/NAME.py`` imported by path (``tools`` is not a package)."""
+    """``tools/NAME.py`` imported by path (``tools`` is not a package); registered in
+    ``sys.modules`` first, as dataclasses need."""
     path = ROOT / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
