@@ -236,6 +236,10 @@ class CompressConfig:
             config.set(dotted, value)
             explicit.append(dotted)
         config.explicit = sorted(explicit)
+        if config.method.name != "udfc+":  # the preset's udfc+ settings do not apply
+            for key in ("method.sequential", "method.moments"):
+                if key not in explicit:
+                    config.set(key, getattr(MethodOptions(), key.split(".")[1]))
         if "quant.bits" not in config.explicit and target == "fake":
             config.quant.bits = None
         return config

@@ -28,10 +28,21 @@ def test_precedence_defaults_preset_target_explicit():
     c = CompressConfig.resolve("paper")
     assert (c.method.name, c.target, c.quant.quantizer, c.quant.bits) == \
         ("udfc", "fake", "paper", None)
+    c = CompressConfig.resolve("best", "int4", bits=6, seed=3)
+    assert (c.method.name, c.method.sequential, c.quant.bits, c.method.seed) == \
+        ("udfc+", True, 6, 3)
+    assert c.explicit == ["method.seed", "quant.bits"]
     c = CompressConfig.resolve("best", "int4", bits=6, method="udfc")
-    assert (c.method.name, c.method.sequential, c.quant.bits) == ("udfc", True, 6)
-    assert c.explicit == ["method.name", "quant.bits"]
     assert c.to_dict()["explicit"] == ["method.name", "quant.bits"]
+    assert (c.method.name, c.method.sequential) == ("udfc", False)
+
+
+def test_a_method_named_with_a_udfc_plus_preset_drops_its_udfc_plus_settings():
+    c = CompressConfig.resolve("max", method="udfc")
+    assert (c.method.name, c.method.sequential, c.method.moments) == ("udfc", False, "auto")
+    c.validate()
+    with pytest.raises(UdfcError, match="--sequential"):
+        CompressConfig.resolve("max", method="udfc", sequential=True).validate()
 
 
 def test_every_preset_and_target_validates():

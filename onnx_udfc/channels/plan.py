@@ -57,9 +57,12 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
     group_ratios = group_ratios or {}
     check_prune(config, group_ratios)
     if scores is None:
-        if config.criterion == "recon":
+        if config.criterion == "recon" and not (config.ratio > 0 or any(group_ratios.values())):
+            scores = analysis.class_scores("l1")  # nothing is pruned: any order will do
+        elif config.criterion == "recon":
             raise UdfcError("criterion recon needs scores (onnx_udfc.channels.select)")
-        scores = analysis.class_scores(config.criterion)
+        else:
+            scores = analysis.class_scores(config.criterion)
     excluded: set[int] = set()
     for pattern in config.exclude:
         excluded |= analysis.node_classes(pattern)
