@@ -598,3 +598,26 @@ def long_named_chain(layers: int = 30, name_length: int = 5000) -> onnx.ModelPro
         x = b.conv(x, 4, 4, k=1, name=f"conv{i}_" + "n" * name_length)
     b.output(x)
     return b.build()
+
+
+def depthwise_block(shared_weight: bool = False) -> onnx.ModelProto:
+    """The MobileNet block: ``x [N, 3, 12, 12]`` -> Conv ``p`` (3->8) -> BN -> Relu ->
+    depthwise Conv ``dw`` (8 channels, 3x3) -> BN -> Relu -> Conv ``c`` (8->6, 1x1) -> ``y``.
+    ``p``'s filters mix 4 shared ones and ``dw``'s kernels are scaled copies of one, so the
+    depthwise outputs are redundant, as in a trained network. ``shared_weight``: a second
+    branch (Conv ``p2`` -> Relu -> depthwise ``dw2`` -> ``y2``) reads ``dw``'s weight too."""
+    b = Builder(seed=3)
+    x = image(b, hw=12)
+    h = b.relu(b.bn(b.conv(x, 3, 8, name="p"), 8))
+    h = b.relu(b.bn(b.conv(h, 8, 8, group=8, name="dw"), 8))
+    basis = b.arrays["p.weight"][:4].reshape(4, -1)
+    mixed = b.rng.uniform(0, 1, (8, 4)) @ basis / 2
+    b.arrays["p.weight"] = mixed.reshape(8, 3, 3, 3).astype(np.float32)
+    scales = b.rng.uniform(0.5, 1.5, (8, 1, 1, 1))
+    b.arrays["dw.weight"] = (b.arrays["dw.weight"][:1] * scales).astype(np.float32)
+    b.output(b.conv(h, 8, 6, k=1, name="c"))
+    if shared_weight:
+        h2 = b.relu(b.conv(x, 3, 8, name="p2"))
+        b.output(b.op("Conv", [h2, "dw.weight"], "dw2", kernel_shape=[3, 3], pads=[1] * 4,
+                      group=8))
+    return b.build("depthwise_block")

@@ -7,16 +7,17 @@ Pad, Transpose, ...). A reconstruction ``X_j ~ sum_i s_i X_i`` of a pruned chann
 Eq. 9). Where L's channels also reach something that mixes them differently (a residual Add, a
 per-channel affine op, a graph output, a depthwise Conv for cross-channel sums) no absorber can
 take the correction: the layer is reported "not compensated" with the reason and is pruned or
-quantized plainly.
+quantized plainly; udfc+ alone looks past a depthwise Conv (``through_channel_separate``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
+from onnx_udfc.channels.activations import channel_separate, same_classes
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, follower_bias, weight_layer
 from onnx_udfc.core.io import set_tensor_array, tensor_array
@@ -39,11 +40,13 @@ class Absorber:
 
     ``nonlinear`` names the ops between the layer and this absorber that are not positively
     homogeneous (GELU, SiLU = ``x * sigmoid(x)``, HardSwish, a Clip with an upper bound, ...):
-    through them the correction is an approximation (see :func:`absorbers`)."""
+    through them the correction is an approximation (see :func:`absorbers`). ``via_depthwise``:
+    the depthwise Convs the channels crossed to get here (``through_channel_separate``)."""
 
     layer: LayerWeights
     tensor: str
     nonlinear: tuple[str, ...] = ()
+    via_depthwise: tuple[onnx.NodeProto, ...] = ()
 
 
 def _uniform_constant(ctx: ChannelAnalysis, name: str, axis: int | None, rank: int | None
@@ -61,12 +64,14 @@ def _uniform_constant(ctx: ChannelAnalysis, name: str, axis: int | None, rank: i
     return value if ax < 0 or value.shape[ax] == 1 else None
 
 
-def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
-              cross_channel: bool) -> tuple[list[Absorber], str | None]:
+def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
+              through_channel_separate: bool = False) -> tuple[list[Absorber], str | None]:
     """The layers that read ``node``'s output channels, or the reason none can absorb.
 
     ``cross_channel``: the correction mixes channels (pruning), which a depthwise Conv cannot
-    take; a per-channel scale (quantization) it can.
+    take; a per-channel scale (quantization) it can. ``through_channel_separate`` (udfc+): a
+    depthwise Conv that keeps each channel on its own (:func:`.activations.channel_separate`)
+    is crossed to its absorbers, which record it in ``via_depthwise`` (the same for all).
 
     Between the layer and its absorbers the channels may pass a following BatchNormalization or
     bias ``Add`` (part of the layer), channel-separate ops (pooling, layout, Concat/Split/...),
@@ -165,6 +170,12 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
                     groups = int(attr(c, "group", 1))
                     depthwise = groups == _channels(c, ctx) and \
                         int(ctx.inits[c.input[1]].dims[0]) == groups
+                    if through_channel_separate and cross_channel and depthwise:
+                        after, reason = _through_depthwise(c, t, node.output[0], ctx)
+                        if reason is not None:
+                            return [], reason
+                        found.extend(after)
+                        continue
                     if t in bounded:
                         saturated.append(bounded[t])
                     if groups == 1 or (not cross_channel and depthwise):
@@ -201,7 +212,7 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
         if not progress and pending and not cross_channel:
             c = pending[0]  # squeeze-excite: x * gate, linear in x for a per-channel scale
             gate = [n for n in c.input if n and n not in root]
-            if c.op_type == "Mul" and len(gate) == 1 and _aligned(ctx, c, gate[0]):
+            if c.op_type == "Mul" and len(gate) == 1 and same_classes(ctx, gate[0], c.output[0]):
                 x = next(n for n in c.input if n in root)
                 pending.remove(c)
                 reach(c.output[0], path[x], c.output[0], bounded.get(x, ""))
@@ -212,6 +223,8 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
         return [], f"its channels feed {_label(pending[0])}"
     if not found:
         return [], "no layer reads its channels"
+    if len({tuple(n.output[0] for n in a.via_depthwise) for a in found}) > 1:
+        return [], "its channels reach layers both through and around a depthwise Conv"
     curved = sorted({op for a in found for op in a.nonlinear})
     if curved and not cross_channel and bn is not None:
         into_bn = _batchnorm_absorbers(bn, node, ctx)
@@ -225,6 +238,19 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis,
         return [], (f"the {what} would pass through an activation that is not positively "
                     f"homogeneous ({', '.join(curved)})")
     return found, None
+
+
+def _through_depthwise(conv: onnx.NodeProto, t: str, origin: str, ctx: ChannelAnalysis
+                       ) -> tuple[list[Absorber], str | None]:
+    """The absorbers of a depthwise ``conv``'s channels (``origin``'s, read from ``t``),
+    ``conv`` recorded as crossed; or why the reconstruction cannot move past it."""
+    reason = channel_separate(conv, t, origin, ctx)
+    if reason is not None:
+        return [], reason
+    found, reason = absorbers(conv, ctx, True, through_channel_separate=True)
+    if reason is not None:
+        return [], f"{reason} (after depthwise {_label(conv)})"
+    return [replace(a, via_depthwise=(conv, *a.via_depthwise)) for a in found], None
 
 
 def _batchnorm_absorbers(bn: onnx.NodeProto, node: onnx.NodeProto, ctx: ChannelAnalysis
@@ -261,17 +287,6 @@ def _scale_bn(ctx: ChannelAnalysis, bn: onnx.NodeProto, positions: np.ndarray,
 
 def _label(c: onnx.NodeProto) -> str:
     return f"{c.op_type} '{c.name or c.output[0]}'"
-
-
-def _aligned(ctx: ChannelAnalysis, c: onnx.NodeProto, gate: str) -> bool:
-    """Whether ``gate`` holds the same channel classes as the Mul's output (a per-channel
-    gate whose channels the analysis tied to the gated tensor's)."""
-    a, b = ctx.tensors.get(gate), ctx.tensors.get(c.output[0])
-    if a is None or b is None or a.slots is None or b.slots is None or \
-            len(a.slots) != len(b.slots):
-        return False
-    roots = ctx.roots()
-    return bool(np.array_equal(roots[a.slots], roots[b.slots]))
 
 
 def _channels(node: onnx.NodeProto, ctx: ChannelAnalysis) -> int:

@@ -1,7 +1,11 @@
-"""Where a producer's channels are read for their moments: after its BN/activation chain."""
+"""Where a producer's channels are read for their moments: after its BN/activation chain, or,
+when udfc+ reconstructs them past a depthwise Conv, after that conv's own chain."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import onnx
 
 from onnx_udfc.channels.analysis import ChannelAnalysis
@@ -10,15 +14,42 @@ from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.ops.registry import Trait, op_spec
 
 
-def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis) -> str:
-    """The last tensor of the BN/activation chain after ``node`` (same channels)."""
-    t = node.output[0]
+def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis,
+                      through: Sequence[onnx.NodeProto] = ()) -> str:
+    """The last tensor of the BN/activation chain after ``node`` (same channels); with
+    ``through`` (the depthwise Convs its channels cross, ``Absorber.via_depthwise``), the
+    chain after the last of them: the last channel-separate tensor before the absorbers."""
+    t = (through[-1] if through else node).output[0]
     while True:
         readers = ctx.consumers.get(t, [])
         if len(readers) != 1 or Trait.LAYER_TAIL not in op_spec(readers[0].op_type).traits \
                 or readers[0].input[0] != t:
             return t
         t = readers[0].output[0]
+
+
+def same_classes(ctx: ChannelAnalysis, a: str, b: str) -> bool:
+    """Whether tensors ``a`` and ``b`` hold the same channel classes in the same order."""
+    x, y = ctx.tensors.get(a), ctx.tensors.get(b)
+    if x is None or y is None or x.slots is None or y.slots is None or \
+            len(x.slots) != len(y.slots):
+        return False
+    roots = ctx.roots()
+    return bool(np.array_equal(roots[x.slots], roots[y.slots]))
+
+
+def channel_separate(conv: onnx.NodeProto, tensor: str, origin: str,
+                     ctx: ChannelAnalysis) -> str | None:
+    """None when the depthwise ``conv`` reading ``tensor`` (``origin``'s channels, all and
+    only them, in order) keeps every channel on its own: its output channel j is input channel
+    j's (one class, so pruning removes both) and its weight is its own. Else why a
+    reconstruction cannot be moved past it."""
+    label = f"{conv.op_type} '{conv.name or conv.output[0]}'"
+    if sum(list(n.input).count(conv.input[1]) for n in ctx.graph.node) > 1:
+        return f"its channels pass through depthwise {label}, whose weight is shared"
+    if not same_classes(ctx, origin, tensor) or not same_classes(ctx, tensor, conv.output[0]):
+        return f"its channels pass through grouped/depthwise {label}"
+    return None
 
 
 def pruning_moments(ctx: ChannelAnalysis, source: MomentSource,

@@ -65,6 +65,8 @@ class Method:
 
     name: ClassVar[str] = ""
     uses_moments: ClassVar[bool] = False  # udfc+: needs a MomentSource for the run
+    # udfc+: rebuild channels past a depthwise Conv (channels.absorbers, via_depthwise)
+    through_channel_separate: ClassVar[bool] = False
 
     def prepare_pruning(self, run: RunContext) -> None:
         """Before the first pruned layer (e.g. read the moments once)."""

@@ -83,11 +83,15 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
         name = p.node.name or p.tensor
         entry: dict[str, Any] = {"method": cfg.method, "compensated": False}
         out[name] = entry
-        job, reason = _prune_job(run, p, cls, gone, sources, uses) \
+        job, reason = _prune_job(run, p, cls, gone, sources, uses,
+                                 method.through_channel_separate) \
             if method.name != "prune" else (None, None)
         if job is None:
             entry["reason"] = reason or f"method {method.name}: no compensation"
-        elif not method.reconstruct(run, job, entry):
+            continue
+        if via := job.absorbers[0].via_depthwise:
+            entry["through"] = [n.name or n.output[0] for n in via]
+        if not method.reconstruct(run, job, entry):
             deferred.append(job)
     if deferred:
         for name, e in method.finish_pruning(run, removed, deferred).items():
@@ -96,16 +100,19 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
 
 
 def _prune_job(run: RunContext, p: Any, cls: np.ndarray, gone: np.ndarray,
-               sources: np.ndarray, uses: dict[str, int]) -> tuple[PruneJob | None, str | None]:
+               sources: np.ndarray, uses: dict[str, int], through_channel_separate: bool
+               ) -> tuple[PruneJob | None, str | None]:
     """The checks every method shares: a weight layout the solver knows, channels that are
-    the layer's own, and next layers that can take the correction alone."""
+    the layer's own, and next layers that can take the correction alone (past depthwise Convs
+    with ``through_channel_separate``)."""
     ctx = run.ctx
     layer = weight_layer(p.node, ctx.inits)
     if layer is None:
         return None, f"{p.node.op_type} layout not supported by the solver"
     if (sources[cls] > 1).any():
         return None, "channels tied to other layers (coupled group)"
-    found, reason = absorbers(p.node, ctx, cross_channel=True)
+    found, reason = absorbers(p.node, ctx, cross_channel=True,
+                              through_channel_separate=through_channel_separate)
     if reason is None and any(uses.get(a.layer.weight, 0) > 1 for a in found):
         reason = "the next layer's weight is shared with another node"
     if reason is not None:

@@ -25,7 +25,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_udfc.channels.absorbers import Absorber, apply_reconstruction, channel_positions
+from onnx_udfc.channels.absorbers import (
+    Absorber,
+    absorbers,
+    apply_reconstruction,
+    channel_positions,
+)
 from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
@@ -183,7 +188,7 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
                  cfg: PlusConfig | None = None) -> dict[str, Any]:
     """Reconstruct producer ``p``'s pruned channels (original indices) from its kept ones."""
     cfg = cfg or DEFAULT
-    t = activation_tensor(p.node, ctx)
+    t = activation_tensor(p.node, ctx, found[0].via_depthwise if found else ())
     m = moments.get(t)
     n = len(p.slots)
     if m is None or m.mean.size != n:
@@ -200,6 +205,17 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
     if skipped:
         entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
     return entry
+
+
+def separate_tensors(ctx: ChannelAnalysis) -> list[str]:
+    """The tensors udfc+ reconstructs at past a depthwise Conv (one per producer whose
+    channels reach their absorbers through one, see :func:`absorbers`)."""
+    out = []
+    for p in ctx.producers:
+        found, reason = absorbers(p.node, ctx, cross_channel=True, through_channel_separate=True)
+        if reason is None and found[0].via_depthwise:
+            out.append(activation_tensor(p.node, ctx, found[0].via_depthwise))
+    return out
 
 
 def _patch_products(dims: list[int], layer: LayerWeights, f: np.ndarray, fq: np.ndarray,

@@ -157,7 +157,7 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
     original = onnx.ModelProto()
     original.CopyFrom(ctx.model)
     stats = batch_statistics(original, feed, ctx.shapes) if synthetic else {}
-    tensors = [activation_tensor(p.node, ctx) for p, *_ in todo]
+    tensors = [activation_tensor(p.node, ctx, found[0].via_depthwise) for p, found, *_ in todo]
     targets_of = []
     for (_p, found, cls, *_), t in zip(todo, tensors, strict=True):
         direct = output_fit and ctx.shapes.get(t, [0, -1])[1] == len(cls)

@@ -21,6 +21,7 @@ from onnx_udfc.quant.grids import QuantResult
 class UdfcPlus(Method):
     name = "udfc+"
     uses_moments = True
+    through_channel_separate = True
 
     def prepare_pruning(self, run: RunContext) -> None:
         cfg = run.config
@@ -28,8 +29,15 @@ class UdfcPlus(Method):
             run.source = plus.moment_source(run.ctx.model, cfg.plus, cfg.calibration)
         if cfg.plus.sequential:
             run.moments = {}
-        elif run.moments is None:
+            return
+        if run.moments is None:
             run.moments = pruning_moments(run.ctx, run.source, "compensate")
+        # past a depthwise Conv the channels are rebuilt after it: read there too, before
+        # any layer changes (the plan's moments hold the producers' own tensors only)
+        missing = [t for t in plus.separate_tensors(run.ctx) if t not in run.moments]
+        if missing:
+            run.moments = {**run.moments, **run.source.moments(
+                run.ctx.model, run.ctx.shapes, missing, stage="compensate")}
 
     def reconstruct(self, run: RunContext, job: PruneJob, entry: dict[str, Any]) -> bool:
         if run.config.plus.sequential:
