@@ -11,36 +11,8 @@ fuzz = tool_module("fuzz")
 SEED = 15
 SAMPLE = 40
 
-# Open bugs the campaign finds (the lead maps them to issue 15); the sample leaves out the
-# cases that reach them, and each entry goes when its bug is fixed.
-#   python tools/fuzz.py --cases 1000 --seed 0   lists them under "traceback by cause".
-FIXED_SHAPE = {"reshape_batch1", "reshape_static_batch", "baked_spatial"}
-# --sequential and model inversion run a batch the model's static (or folded) batch refuses,
-# feed nothing for dynamic height/width and float32 to a float16 model
-SEQUENTIAL_FAILS_ON = FIXED_SHAPE | {"batch_static1", "batch_static2", "dynamic_spatial",
-                                     "float16"}
-
-
-def _sequential(argv: list[str]) -> bool:
-    return "--sequential" in argv or any(p in argv for p in ("best", "max"))
-
-
-OPEN_BUGS = {
-    # verify runs dynamic dims at batch 8 and 8x8 images (--input-shape or not), which a
-    # graph with a hard-coded Reshape refuses
-    "verify at other shapes": lambda patterns, argv: bool(
-        {"reshape_batch1", "baked_spatial"} & set(patterns)) and "--no-verify" not in argv,
-    "sequential and inversion run other shapes and types": lambda patterns, argv: bool(
-        SEQUENTIAL_FAILS_ON & set(patterns)) and _sequential(argv),
-}
-
-
-def _open_bug(case, options) -> bool:
-    return any(hit(case.patterns, options.argv) for hit in OPEN_BUGS.values())
-
-
 def test_fixed_seed_sample_has_no_traceback_invalid_output_or_identity_change():
-    results = fuzz.campaign(SAMPLE, SEED, skip=_open_bug)
+    results = fuzz.campaign(SAMPLE, SEED)
     failures = [f"case {r.index}: {r.kind}: {r.cause}\n  argv {r.argv}\n  patterns {r.patterns}"
                 f"\n  replay: python tools/fuzz.py --seed {SEED} --first {r.index} --cases 1"
                 for r in results if r.kind in fuzz.FAILURES]

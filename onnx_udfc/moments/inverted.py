@@ -256,7 +256,7 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
     """Fit a batch of inputs to the BatchNorm statistics of ``model`` (module docstring),
     starting from ``start`` (by default the pink noise of :mod:`onnx_udfc.moments.sampled`: on the
     NM ResNet-56 it reaches after 300 steps a loss white noise does not reach in 600)."""
-    from onnx_udfc.core.ort import session
+    from onnx_udfc.core.ort import refusals, session
     from onnx_udfc.core.precision import float32_copy
     from onnx_udfc.moments.sampled import synthetic_inputs
 
@@ -281,7 +281,12 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
     beta1, beta2 = 0.9, 0.999
     first_loss = last = float("nan")
     for i in range(1, steps + 1):
-        loss, g = sess.run(["udfc_inversion_loss", "udfc_inversion_grad"], {name: x})
+        try:
+            loss, g = sess.run(["udfc_inversion_loss", "udfc_inversion_grad"], {name: x})
+        except refusals() as exc:
+            raise UdfcError(f"model inversion runs a batch of {len(x)} images, which ONNX "
+                            f"Runtime refuses ({str(exc).splitlines()[0][:160]}); the graph "
+                            "likely fixes its batch size: use --moments sampled") from None
         last = float(loss)
         if i == 1:
             first_loss = last
