@@ -25,6 +25,9 @@ from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
 from onnx_udfc.report.fidelity import default_limit, verdict
 from onnx_udfc.report.report import Progress, Report
 
+GUARD_BATCH = 32  # data-free comparison images
+DEFAULT_SIDE = 64  # any other dynamic input dimension of the guard's images
+
 
 @dataclass
 class PendingOutputs:
@@ -160,7 +163,7 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
     attempts: list[dict] = []
     for plan in plans:
         model = io.load_model(source)
-        if feed is None and not config.check.data:
+        if feed is None and config.check.verify and not config.check.data:
             feed = guard_feed(model, config)
         if not attempts:
             check_data(model, config)
@@ -249,9 +252,6 @@ def guard_feed(model: onnx.ModelProto, config: CompressConfig,
         feed[inp.name] = x.astype(dtype)
     return feed
 
-
-GUARD_BATCH = 32
-DEFAULT_SIDE = 64
 
 
 def _timed(report: Report, name: str, progress: Progress, work) -> None:

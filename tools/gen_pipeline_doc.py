@@ -51,19 +51,19 @@ def render() -> str:
         "`api.compress` runs `STAGES` in order on one `RunState`; each stage that applies is "
         "timed under its name in the report's `timings` and counted by the progress bar. "
         "Nothing is written to disk in these stages.", "",
-        "| # | stage | applies | what it does |", "|---:|---|---|---|"]
-    lines += [f"| {i} | `{s.name}` | {condition(s)} | {s.doc} |"
-              for i, s in enumerate(STAGES, 1)]
+        *table(STAGES)]
     lines += [
         "", "## Output stages (command line)", "",
         "`onnx-udfc compress` runs the stages above without `check` (the saved file is checked "
         "instead), then these, through `onnx_udfc.outputs`: every file goes to a temporary "
         "folder beside its destination and is moved into place only when every stage "
-        "succeeded.", "",
-        "| # | stage | applies | what it does |", "|---:|---|---|---|"]
-    lines += [f"| {i} | `{s.name}` | {condition(s)} | {s.doc} |"
-              for i, s in enumerate(OUTPUT_STAGES, 1)]
+        "succeeded.", "", *table(OUTPUT_STAGES)]
     return "\n".join(lines) + "\n"
+
+
+def table(stages) -> list[str]:
+    return ["| # | stage | applies | what it does |", "|---:|---|---|---|"] + [
+        f"| {i} | `{s.name}` | {condition(s)} | {s.doc} |" for i, s in enumerate(stages, 1)]
 
 
 def main(argv: list[str] | None = None) -> int:

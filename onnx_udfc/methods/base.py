@@ -64,7 +64,6 @@ class Method:
     """Base: no compensation. Subclasses override the hooks their maths needs."""
 
     name: ClassVar[str] = ""
-    uses_moments: ClassVar[bool] = False  # udfc+: needs a MomentSource for the run
     # udfc+: rebuild channels past a depthwise Conv (channels.absorbers, via_depthwise)
     through_channel_separate: ClassVar[bool] = False
 

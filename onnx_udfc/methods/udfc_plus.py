@@ -20,7 +20,6 @@ from onnx_udfc.quant.grids import QuantResult
 
 class UdfcPlus(Method):
     name = "udfc+"
-    uses_moments = True
     through_channel_separate = True
 
     def prepare_pruning(self, run: RunContext) -> None:
