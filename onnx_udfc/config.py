@@ -114,6 +114,10 @@ class QuantOptions:
                                     "(overrides --granularity; opset 21)", metavar="B")
     exclude: list[str] = option([], "keep layers whose name matches in float (repeatable)",
                                 flag="--quant-exclude", metavar="REGEX", repeat=True)
+    budget_size: float | None = option(
+        None, "instead of one bit width: per layer 8 or 4 bits or float, by each layer's "
+        "measured effect on the outputs, so that the file is <= S x the original (int8/int4 "
+        "targets)", metavar="S")
 
 
 @dataclass
@@ -294,6 +298,8 @@ class CompressConfig:
                 raise UdfcError(f"{name} must be a finite number >= 0, got {value!r}")
         if q.bits is not None:
             _check_bits(q.bits)
+        if q.budget_size is not None:
+            _check_size_budget(self)
         _check_choice("quantizer", q.quantizer, QUANTIZERS)
         _check_choice("granularity", q.granularity, GRANULARITIES)
         if q.block_size is not None:
@@ -362,6 +368,19 @@ def _check_bits(bits: Any) -> None:
         raise UdfcError(f"bits must be an integer in {lo}..{hi}, got {bits!r}")
 
 
+def _check_size_budget(config: CompressConfig) -> None:
+    q = config.quant
+    if not _is_number(q.budget_size) or not 0.0 < q.budget_size <= 1.0:
+        raise UdfcError(f"--budget-size must be in (0, 1], got {q.budget_size!r}")
+    if config.storage.format != "qdq":
+        raise UdfcError("--budget-size counts integer storage: use --target int8 or int4 "
+                        "(or --format qdq)")
+    if "quant.bits" in config.explicit:
+        raise UdfcError("--budget-size chooses the bits of every layer: drop --bits")
+    if config.storage.container == "int4":
+        raise UdfcError("--budget-size mixes 8- and 4-bit layers: drop --container int4")
+
+
 def _check_regex(pattern: str) -> None:
     try:
         re.compile(pattern)
@@ -369,9 +388,12 @@ def _check_regex(pattern: str) -> None:
         raise UdfcError(f"bad --exclude regex '{pattern}': {exc}") from None
 
 
-def needed_opset(storage: StorageOptions, quant: QuantOptions) -> tuple[int, str]:
-    """The lowest opset whose DequantizeLinear can hold this storage, and why."""
-    if container_type(storage, quant.bits or 8, "symmetric") == "int4":
+def needed_opset(storage: StorageOptions, quant: QuantOptions,
+                 bits: int | None = None) -> tuple[int, str]:
+    """The lowest opset whose DequantizeLinear can hold this storage, and why (``bits``: the
+    narrowest layer's width when a size budget mixes them)."""
+    narrowest = bits if bits is not None else 4 if quant.budget_size is not None else quant.bits
+    if container_type(storage, narrowest or 8, "symmetric") == "int4":
         return 21, "int4 DequantizeLinear"
     if quant.block_size:
         return 21, "block-wise DequantizeLinear"

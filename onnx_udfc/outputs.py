@@ -20,13 +20,14 @@ from onnx_udfc import pipeline
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
+from onnx_udfc.methods.mixed import BudgetUnreachable
 from onnx_udfc.report.fidelity import default_limit, verdict
 from onnx_udfc.report.report import Progress, Report
 
 GUARD_BATCH = 32  # data-free comparison images
-DEFAULT_SIDE = 64  # any other dynamic input dimension of the guard's images
 
 
 @dataclass
@@ -163,30 +164,42 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
     attempts: list[dict] = []
     for plan in plans:
         model = io.load_model(source)
+        shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))
         if feed is None and config.check.verify and not config.check.data:
-            feed = guard_feed(model, config)
+            feed = guard_feed(model, shapes)
         if not attempts:
             check_data(model, config)
-        model, report = pipeline.run(plan, model, progress, check=False, copy=False)
+        try:
+            model, report = pipeline.run(plan, model, progress, check=False, copy=False)
+        except BudgetUnreachable as exc:  # less pruning can leave a size budget out of reach
+            if not attempts:
+                raise
+            attempts.append(_attempt(plan, False, str(exc)))
+            continue
         _save(model, source, plan, report, written, progress)
         del model
         if not config.check.verify:
             report.guard = {"verified": False}
             return report
         _timed(report, "verify", progress,
-               lambda r=report, p=plan, f=feed: _verify(source, written, p, r, f))
+               lambda r=report, p=plan, f=feed, s=shapes: _verify(source, written, p, r, s, f))
         limit = config.check.max_error if config.check.max_error is not None else \
             default_limit(inputs)
         holds, sentence = verdict(report.fidelity or [], limit,
                                   None if config.check.max_error is not None else inputs)
-        attempts.append({"prune": plan.prune.ratio, "budget_flops": plan.prune.budget_flops,
-                         "bits": plan.quant.bits, "holds": holds, "verdict": sentence})
+        attempts.append(_attempt(plan, holds, sentence))
         report.guard = {"inputs": inputs, "limit": limit, "holds": holds, "verdict": sentence,
                         "max_error": config.check.max_error, "attempts": attempts}
         if holds or config.check.max_error is None:
             return report
     raise GuardError(f"no plan keeps the outputs within --max-error {config.check.max_error} "
                      f"(the gentlest tried: {attempts[-1]['verdict']}); nothing written")
+
+
+def _attempt(plan: CompressConfig, holds: bool, sentence: str) -> dict:
+    return {"prune": plan.prune.ratio, "budget_flops": plan.prune.budget_flops,
+            "bits": plan.quant.bits, "budget_size": plan.quant.budget_size, "holds": holds,
+            "verdict": sentence}
 
 
 class GuardError(UdfcError):
@@ -196,7 +209,8 @@ class GuardError(UdfcError):
 
 
 def backoff_plans(config: CompressConfig) -> list[CompressConfig]:
-    """The asked plan, then less pruning (3/4, 1/2, 1/4, none), then 8-bit weights."""
+    """The asked plan, then less pruning (3/4, 1/2, 1/4, none), then 8-bit weights (also in
+    place of a size budget's 4-bit layers)."""
     plans: list[CompressConfig] = []
     seen: set[tuple] = set()
     budget = config.prune.budget_flops
@@ -205,12 +219,14 @@ def backoff_plans(config: CompressConfig) -> list[CompressConfig]:
         flops = None if budget is None else round(1.0 - (1.0 - budget) * share, 6)
         if flops is not None and flops >= 1.0:
             flops, ratio = None, 0.0
-        plans.append(_variant(config, ratio, flops, config.quant.bits))
-    if config.quant.bits is not None and config.quant.bits < 8:
-        plans.append(_variant(config, 0.0, None, 8))
+        plans.append(_variant(config, ratio, flops, config.quant.bits, config.quant.budget_size))
+    if config.quant.bits is not None and (config.quant.bits < 8
+                                          or config.quant.budget_size is not None):
+        plans.append(_variant(config, 0.0, None, 8, None))
     unique = []
     for plan in plans:
-        key = (plan.prune.ratio, plan.prune.budget_flops, plan.quant.bits)
+        key = (plan.prune.ratio, plan.prune.budget_flops, plan.quant.bits,
+               plan.quant.budget_size)
         if key not in seen:
             seen.add(key)
             unique.append(plan)
@@ -218,18 +234,19 @@ def backoff_plans(config: CompressConfig) -> list[CompressConfig]:
 
 
 def _variant(config: CompressConfig, ratio: float, budget: float | None,
-             bits: int | None) -> CompressConfig:
+             bits: int | None, size_budget: float | None) -> CompressConfig:
     variant = copy.deepcopy(config)
     variant.prune.ratio, variant.prune.budget_flops, variant.quant.bits = ratio, budget, bits
+    variant.quant.budget_size = size_budget
     return variant
 
 
-def guard_feed(model: onnx.ModelProto, config: CompressConfig,
+def guard_feed(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
                seed: int = 0) -> dict[str, np.ndarray]:
     """Data-free inputs for the guard: pink-noise images (natural images' spectrum) of the
-    model's input shape, ``--input-shape`` where given, :data:`GUARD_BATCH` samples (run in
-    the model's own batch when it fixes one) and :data:`DEFAULT_SIDE` for any other dynamic
-    dimension."""
+    model's input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for
+    dynamic sizes, :data:`GUARD_BATCH` samples (run in the model's own batch when it fixes
+    one)."""
     from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
     from onnx_udfc.moments.sampled import pink_noise
 
@@ -238,13 +255,12 @@ def guard_feed(model: onnx.ModelProto, config: CompressConfig,
     feed = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
-        dims = config.graph.input_shapes.get(inp.name) or [
-            d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        dims = list(input_shapes.get(inp.name) or [
+            d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim])
         if inp.name in fixed:
             feed[inp.name] = fixed_value([d or 1 for d in dims], tt.elem_type, rng)
             continue
-        dims = [d or DEFAULT_SIDE for d in dims]
-        if dims and GUARD_BATCH % dims[0] == 0:
+        if dims and (dims[0] == 0 or GUARD_BATCH % dims[0] == 0):
             dims[0] = GUARD_BATCH  # a fixed batch runs in chunks of its own size
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         image = len(dims) >= 3 and min(dims[2:]) >= 4
@@ -272,11 +288,12 @@ def _save(model: onnx.ModelProto, source: str | os.PathLike, config: CompressCon
 
 
 def _verify(source: str | os.PathLike, written: Path, config: CompressConfig,
-            report: Report, feed: dict[str, np.ndarray] | None = None) -> None:
+            report: Report, input_shapes: dict[str, list[int]],
+            feed: dict[str, np.ndarray] | None = None) -> None:
     from onnx_udfc.report.verify import verify
 
     result = verify(source, written, data=config.check.data, provider=config.check.provider,
-                    input_shapes=config.graph.input_shapes or None, feed=feed)
+                    input_shapes=input_shapes or None, feed=feed)
     report.fidelity = [f.to_dict() for f in result.fidelity]
     report.accuracy_before, report.accuracy_after = result.accuracy_before, \
         result.accuracy_after
@@ -286,7 +303,8 @@ def _latency(source: str | os.PathLike, written: Path, config: CompressConfig,
              report: Report) -> None:
     from onnx_udfc.report.latency import compare_latency
 
+    shapes = {k: v["shape"] for k, v in report.input_shapes.items()}
     report.latency = compare_latency(source, written, provider=config.check.provider,
-                                     qdq=config.storage.format == "qdq")
+                                     qdq=config.storage.format == "qdq", input_shapes=shapes)
     report.latency["flops_ratio"] = report.flops_after / report.flops_before \
         if report.flops_before else None

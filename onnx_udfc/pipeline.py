@@ -24,6 +24,7 @@ from onnx_udfc.channels.rewrite import apply_removal
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
 from onnx_udfc.core.blas import single_blas_thread
+from onnx_udfc.core.input_shapes import WorkingShape, shape_lists, working_input_shapes
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.source import MomentSource
@@ -88,6 +89,13 @@ class RunState:
     storage: dict[str, Any] = field(default_factory=dict)
     layers_after: list[LayerStats] | None = None
     params_after: int = 0
+    input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
+    mixed: Any = None  # methods.mixed.MixedPlan under --budget-size
+
+    @property
+    def working_shapes(self) -> dict[str, list[int]]:
+        """Concrete shapes of the inputs with dynamic sizes (``--input-shape`` or chosen)."""
+        return shape_lists(self.input_shapes)
 
     @property
     def channels(self) -> ChannelAnalysis:
@@ -111,6 +119,7 @@ def _load(state: RunState) -> None:
     state.model = io.load_model(state.model)
     refuse_quantized(state.model)
     state.size_before = io.approx_size(state.model)
+    state.input_shapes = working_input_shapes(state.model, state.config.graph.input_shapes)
 
 
 def _normalise(state: RunState) -> None:
@@ -120,7 +129,7 @@ def _normalise(state: RunState) -> None:
 
 
 def _analyse(state: RunState) -> None:
-    state.analysis = analyse(state.model, state.config.graph.input_shapes)
+    state.analysis = analyse(state.model, state.working_shapes)
     state.layers_before = layer_stats(state.model, state.analysis.shapes)
     state.params_before = count_params(state.model)
     state.method_config = method_config(state.config)
@@ -136,7 +145,7 @@ def _moments(state: RunState) -> None:
         if detail is not None and (i % 5 == 0 or i == steps):
             detail(f"invert {i}/{steps}")
     state.inversion = cached_inverted_inputs(state.channels.model, seed=state.config.method.seed,
-                                             progress=tick)
+                                             progress=tick, input_shapes=state.working_shapes)
     assert state.method_config is not None
     state.method_config.samples = state.inversion.feed
 
@@ -150,7 +159,8 @@ def _plan(state: RunState) -> None:
     # methods' groups on data-free moments.
     recon = p.criterion == "recon" and (p.ratio > 0 or p.budget_flops is not None)
     state.source = moment_source(channels.model, cfg.plus,
-                                 cfg.calibration if cfg.method == "udfc+" or recon else None)
+                                 cfg.calibration if cfg.method == "udfc+" or recon else None,
+                                 state.working_shapes)
     if recon or p.budget_flops is not None:
         with single_blas_thread():
             state.moments = pruning_moments(channels, state.source, "plan")
@@ -186,11 +196,20 @@ def _rewrite(state: RunState) -> None:
 
 def _quantize(state: RunState) -> None:
     cfg, q = state.method_config, state.config.quant
-    assert cfg is not None
-    state.quantization = quantize_model(state.model, cfg, state.config.graph.input_shapes or None,
-                                        state.bn_stats,
-                                        list(state.config.prune.exclude) + list(q.exclude),
-                                        state.kept, state.source, state.float_layers)
+    assert cfg is not None and state.source is not None
+    exclude = list(state.config.prune.exclude) + list(q.exclude)
+    bits_for = None
+    if q.budget_size is not None:
+        from onnx_udfc.methods.mixed import allocate_bits
+
+        detail = getattr(state.progress, "detail", None)
+        state.mixed = allocate_bits(
+            state.model, q, q.budget_size, state.size_before, state.source, exclude,
+            progress=None if detail is None else lambda i, n: detail(f"sensitivity {i}/{n}"))
+        bits_for = state.mixed.bits
+    state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
+                                        state.bn_stats, exclude, state.kept, state.source,
+                                        state.float_layers, bits_for)
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 
@@ -231,7 +250,8 @@ STAGES: list[Stage] = [
           "it (the method's maths)", _compensate),
     Stage("rewrite", "remove the planned channels physically from every node that holds them",
           _rewrite),
-    Stage("quantize", "round every weight layer to --bits, with the method's compensation",
+    Stage("quantize", "round every weight layer to --bits (or to the bits --budget-size "
+          "allocates by measured sensitivity), with the method's compensation",
           _quantize, lambda c: c.quant.bits is not None),
     Stage("store", "write quantized weights as integers read by DequantizeLinear",
           _store, lambda c: c.storage.format == "qdq"),
@@ -298,6 +318,8 @@ def _report(state: RunState) -> Report:
     report.storage = storage
     report.float_layers = state.float_layers
     report.duplicated_initializers = state.duplicated
+    report.input_shapes = {name: s.to_dict() for name, s in state.input_shapes.items()}
+    report.mixed_precision = state.mixed.to_dict() if state.mixed is not None else None
     report.inversion = state.inversion.summary() if state.inversion is not None else None
     used = state.method_config is not None and state.method_config.method == "udfc+"
     report.moments = state.source.to_dict() if state.source is not None and (

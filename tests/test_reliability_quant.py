@@ -14,7 +14,9 @@ import onnx
 import pytest
 
 from onnx_udfc import api
+from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.moments.sampled import synthetic_inputs
+from onnx_udfc.moments.source import MomentSource
 from tests.helpers import (
     ROOT,
     Builder,
@@ -126,11 +128,23 @@ def test_udfc_plus_samples_with_a_weight_input():
     assert all(c["compensated"] for c in compensations(report).values())
 
 
-def test_udfc_plus_falls_back_with_a_recorded_cause_when_an_input_cannot_be_drawn():
+def test_a_refused_sample_run_is_recorded_as_a_fallback():
+    # 'v' [8, N] carries the batch on its second axis: drawn per sample it cannot run.
     _, report = api.compress(float_corner_layers(), prune=0.3, input_shapes=V_SHAPE)
     [fallback] = report.moments["fallbacks"]
+    assert fallback["stage"] == "compensate" and "Dimension mismatch" in fallback["cause"]
+    assert "fallback in compensate: sampled failed" in report.summary()
+
+
+def test_udfc_plus_falls_back_with_a_recorded_cause_when_an_input_cannot_be_drawn():
+    model = float_corner_layers()
+    source = MomentSource(model)  # no working shape for 'v'
+    assert source.kind == "sampled"
+    shapes = infer_shapes(model, V_SHAPE)
+    assert source.moments(model, shapes, ["v"], stage="compensate")
+    [fallback] = source.fallbacks
     assert fallback["cause"] == "input 'v' has no static shape apart from the batch"
-    assert "fallback in compensate: sampled failed: input 'v'" in report.summary()
+    assert source.kind == "propagated" and fallback["stage"] == "compensate"
 
 
 def _baked_batch() -> onnx.ModelProto:

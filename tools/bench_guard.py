@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_udfc  # noqa: E402
 
 from onnx_udfc import api  # noqa: E402
-from onnx_udfc.config import CompressConfig  # noqa: E402
+from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes  # noqa: E402
 from onnx_udfc.core.ort import run, session  # noqa: E402
 from onnx_udfc.outputs import guard_feed  # noqa: E402
 from onnx_udfc.report.fidelity import BROKEN_AGREEMENT, BROKEN_ERROR, drift  # noqa: E402
@@ -43,7 +43,7 @@ def measure(shared: Path) -> list[dict]:
         x, labels, _ = bench_udfc.load_data(shared, bench_udfc.manifest_entry(manifest, name))
         original = api.load(path)
         inp = bench_udfc.input_name(original)
-        noise = guard_feed(original, CompressConfig.resolve())[inp]
+        noise = guard_feed(original, shape_lists(working_input_shapes(original)))[inp]
         ref = session(original)
         ref_real, ref_noise = run(ref, {inp: x})[0], run(ref, {inp: noise})[0]
         base = 100 * float((ref_real.argmax(1) == labels).mean())

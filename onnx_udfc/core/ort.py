@@ -171,16 +171,19 @@ def typed_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return typed
 
 
-def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
+def run(sess, feed: dict[str, np.ndarray], batch: int = 64,
+        constants: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Run in chunks of ``batch`` along the first axis when the model's batch is dynamic, and
     in chunks of the model's own batch when every input fixes the same one (exports that
     hard-code batch 1) and the feed holds a multiple of it. A graph that declares a dynamic
     batch but bakes batch 1 into a Reshape refuses the batch: then one sample at a time.
-    A feed ONNX Runtime still refuses is a :class:`UdfcError` naming the cause."""
+    ``constants`` (weights fed as inputs) go whole into every chunk. A feed ONNX Runtime still
+    refuses is a :class:`UdfcError` naming the cause."""
     feed = typed_feed(sess, feed)
+    whole = typed_feed(sess, constants or {})
     n = len(next(iter(feed.values())))
     firsts = {i.shape[0] if i.shape and isinstance(i.shape[0], int) else None
-              for i in sess.get_inputs()}
+              for i in sess.get_inputs() if i.name not in whole}
     if firsts == {None}:
         batch = min(batch, n)
     elif len(firsts) == 1 and (size := firsts.pop()) and n > size and n % size == 0 \
@@ -189,23 +192,25 @@ def run(sess, feed: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
     else:
         batch = n
     try:
-        return _chunked(sess, feed, n, batch)
+        return _chunked(sess, feed, n, batch, whole)
     except refusals() as exc:
         if batch == 1 or firsts != {None}:
             raise UdfcError(f"ONNX Runtime cannot run the model on inputs of shape "
                             f"{_shapes(feed)}: {str(exc).splitlines()[0][:300]}") from None
     try:
-        return _chunked(sess, feed, n, 1)
+        return _chunked(sess, feed, n, 1, whole)
     except refusals() as exc:
         raise UdfcError(f"ONNX Runtime cannot run the model on inputs of shape "
                         f"{_shapes(feed)}, even one sample at a time: "
                         f"{str(exc).splitlines()[0][:300]}") from None
 
 
-def _chunked(sess, feed: dict[str, np.ndarray], n: int, batch: int) -> list[np.ndarray]:
+def _chunked(sess, feed: dict[str, np.ndarray], n: int, batch: int,
+             whole: dict[str, np.ndarray]) -> list[np.ndarray]:
     if batch >= n:
-        return sess.run(None, feed)
-    parts = [sess.run(None, {k: v[s:s + batch] if len(v) == n else v for k, v in feed.items()})
+        return sess.run(None, {**whole, **feed})
+    parts = [sess.run(None, {**whole, **{k: v[s:s + batch] if len(v) == n else v
+                                         for k, v in feed.items()}})
              for s in range(0, n, batch)]
     return [np.concatenate(p) for p in zip(*parts, strict=True)]
 

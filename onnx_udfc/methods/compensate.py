@@ -21,7 +21,11 @@ from onnx_udfc.core.normalize import BatchNormStats
 from onnx_udfc.methods import get_method
 from onnx_udfc.methods import plus as udfc_plus
 from onnx_udfc.methods.base import PruneJob, QuantJob, RunContext
-from onnx_udfc.methods.coverage import quantizable, subgraph_weight_layers
+from onnx_udfc.methods.coverage import (
+    quantizable,
+    recurrent_weights,
+    subgraph_weight_layers,
+)
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.grids import QuantizedWeight, quantize_blocks_params, quantize_params
 
@@ -129,15 +133,18 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    exclude: list[str] | None = None,
                    results: dict[str, QuantizedWeight] | None = None,
                    source: MomentSource | None = None,
-                   float_layers: list[dict[str, str]] | None = None) -> dict[str, dict]:
+                   float_layers: list[dict[str, str]] | None = None,
+                   bits_for: dict[str, int | None] | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
-    scales go into the layers that read it before those are quantized in turn.
+    scales go into the layers that read it before those are quantized in turn. Recurrent
+    weights (LSTM/GRU/RNN ``W`` and ``R``) are rounded to nearest afterwards.
 
     ``results``, when given, receives each layer's :class:`QuantizedWeight` (integer codes,
     scales, zero points) so integer storage can write exactly what the fake model holds;
     ``float_layers`` every weight layer kept in float as ``{node, reason}`` (see
     :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
-    from ``cfg`` when None)."""
+    from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.quant.mixed`)
+    overrides the bits per layer name; None there keeps the layer in float."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
@@ -145,45 +152,79 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     method.prepare_quantization(run)
     patterns = [re.compile(p) for p in exclude or []]
     inputs = {i.name for i in graph_inputs(model)}
+    plan = bits_for or {}
     kept_float: list[dict[str, str]] = []
     out: dict[str, dict] = {}
+    recurrent = []
     for node in list(model.graph.node):
         name = node.name or node.output[0]
+        recurrent += recurrent_weights(node, ctx.inits, inputs, patterns)
         layer, reason = quantizable(node, ctx.inits, inputs, patterns)
+        if layer is not None and plan.get(name, grid.bits) is None:
+            layer, reason = None, BUDGET_FLOAT
         if reason is not None:
             kept_float.append({"node": name, "reason": reason})
         if layer is None:
             continue
         job = QuantJob(node, layer, layer.filters(ctx.inits))
-        w = tensor_array(ctx.inits[layer.weight])
-        # Scales in the weight's own dtype: what integer storage writes, so the fake model
-        # and its integer (qdq) twin hold bit-identical weights.
-        if grid.block_size:
-            moved = np.moveaxis(w, layer.out_axis, 0).shape
-            q = quantize_blocks_params(job.filters.reshape(moved), grid.bits, grid.quantizer,
-                                       grid.block_size, w.dtype)
-        else:
-            q = quantize_params(job.filters, grid.bits, grid.quantizer, grid.granularity, w.dtype)
+        q = _grid_values(ctx, layer, job.filters, grid, plan.get(name, grid.bits))
         q = method.round(run, job, q)
-        if results is not None:
-            results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
-        f = job.filters
-        job.rounded = np.asarray(q.dequantized, dtype=np.float64).reshape(f.shape)
-        norm = float(np.linalg.norm(f))
-        gptq = job.entry.pop("gptq", None)
-        job.entry.update({"bits": grid.bits, "quantizer": grid.quantizer,
-                          "granularity": "block" if grid.block_size else grid.granularity,
-                          "block_size": grid.block_size,
-                          "quant_error": float(np.linalg.norm(job.rounded - f) / norm)
-                          if norm else 0.0, "scale_compensated": False})
-        if gptq is not None:
-            job.entry["gptq"] = gptq
-        out[name] = job.entry
+        _keep(ctx, name, layer, job, q, grid, results, out)
         method.after_rounding(run, job)
-        _write_filters(ctx, layer, job.rounded)
+    for key, layer, reason in recurrent:
+        if layer is not None and plan.get(key, grid.bits) is None:
+            layer, reason = None, BUDGET_FLOAT
+        if layer is None:
+            kept_float.append({"node": key, "reason": str(reason)})
+            continue
+        job = QuantJob(layer.node, layer, layer.filters(ctx.inits))
+        # Block-wise scales follow a weight layer's input channels; a recurrent weight keeps
+        # per-row scales.
+        q = _grid_values(ctx, layer, job.filters, dataclasses.replace(grid, block_size=None),
+                         plan.get(key, grid.bits))
+        _keep(ctx, key, layer, job, q, grid, results, out)
+        out[key]["rounding"] = "nearest (recurrent weight)"
     if float_layers is not None:
         float_layers.extend(kept_float + subgraph_weight_layers(model))
     return out
+
+
+BUDGET_FLOAT = ("kept in float by --budget-size: the file fits without rounding it, and it "
+                "costs the most output drift per byte saved")
+
+
+def _grid_values(ctx: ChannelAnalysis, layer: Any, filters: np.ndarray, grid: QuantOptions,
+                 bits: int) -> Any:
+    """The layer's round-to-nearest grid values. Scales in the weight's own dtype: what
+    integer storage writes, so the fake model and its integer (qdq) twin hold bit-identical
+    weights."""
+    w = tensor_array(ctx.inits[layer.weight])
+    if grid.block_size:
+        moved = np.moveaxis(w, layer.out_axis, 0).shape
+        return quantize_blocks_params(filters.reshape(moved), bits, grid.quantizer,
+                                      grid.block_size, w.dtype)
+    return quantize_params(filters, bits, grid.quantizer, grid.granularity, w.dtype)
+
+
+def _keep(ctx: ChannelAnalysis, name: str, layer: Any, job: QuantJob, q: Any,
+          grid: QuantOptions, results: dict[str, QuantizedWeight] | None,
+          out: dict[str, dict]) -> None:
+    """Write the rounded weights back and record the layer's report entry."""
+    if results is not None:
+        results[name] = QuantizedWeight(layer.weight, layer.out_axis, q)
+    f = job.filters
+    job.rounded = np.asarray(q.dequantized, dtype=np.float64).reshape(f.shape)
+    norm = float(np.linalg.norm(f))
+    gptq = job.entry.pop("gptq", None)
+    job.entry.update({"bits": q.bits, "quantizer": grid.quantizer,
+                      "granularity": "block" if q.block_size else grid.granularity,
+                      "block_size": q.block_size,
+                      "quant_error": float(np.linalg.norm(job.rounded - f) / norm)
+                      if norm else 0.0, "scale_compensated": False})
+    if gptq is not None:
+        job.entry["gptq"] = gptq
+    out[name] = job.entry
+    _write_filters(ctx, layer, job.rounded)
 
 
 def _write_filters(ctx: ChannelAnalysis, layer, filters: np.ndarray) -> None:

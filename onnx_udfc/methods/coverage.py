@@ -40,6 +40,37 @@ def quantizable(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     return (layer, None) if layer is not None else (None, _layout_reason(node, inits[weight]))
 
 
+# Recurrent layers: their input (W) and recurrence (R) weights, [directions, gates x hidden,
+# fan-in], quantized per gate row by rounding alone (no moments reach inside the recurrence).
+RECURRENT_WEIGHTS = {"LSTM": ("W", "R"), "GRU": ("W", "R"), "RNN": ("W", "R")}
+
+
+def recurrent_weights(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                      inputs: set[str], patterns: list[re.Pattern[str]]
+                      ) -> list[tuple[str, LayerWeights | None, str | None]]:
+    """``(key, layer, reason)`` for each constant weight of a recurrent node: the layer to
+    round (``key`` is ``node:W`` or ``node:R``), or None and why it stays in float."""
+    roles = RECURRENT_WEIGHTS.get(node.op_type)
+    if roles is None:
+        return []
+    name = node.name or node.output[0]
+    pattern = next((p for p in patterns if p.search(node.name or "")), None)
+    out = []
+    for i, role in enumerate(roles, start=1):
+        weight = node.input[i] if len(node.input) > i else ""
+        key = f"{name}:{role}"
+        if weight in inputs:
+            out.append((key, None, "weight is a graph input"))
+        elif weight not in inits or len(inits[weight].dims) != 3:
+            continue
+        elif pattern is not None:
+            out.append((key, None, f"excluded by the pattern '{pattern.pattern}' (--exclude / "
+                                   "--quant-exclude)"))
+        else:
+            out.append((key, LayerWeights(node, weight, 1, 2), None))
+    return out
+
+
 def _layout_reason(node: onnx.NodeProto, weight: onnx.TensorProto) -> str:
     """Why :meth:`~onnx_udfc.ops.base.WeightLayer.layout` refused the node's weight."""
     if node.op_type == "Gemm" and attr(node, "transA", 0):

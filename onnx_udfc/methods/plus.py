@@ -71,13 +71,14 @@ class PlusConfig:
 DEFAULT = PlusConfig()
 
 
-def moment_source(model: onnx.ModelProto, cfg: PlusConfig,
-                  calibration: Any = None) -> MomentSource:
-    """The run's moment source with udfc+'s settings (measured on ``calibration`` if given)."""
+def moment_source(model: onnx.ModelProto, cfg: PlusConfig, calibration: Any = None,
+                  input_shapes: dict[str, list[int]] | None = None) -> MomentSource:
+    """The run's moment source with udfc+'s settings (measured on ``calibration`` if given;
+    ``input_shapes``: the run's working shapes of dynamic inputs)."""
     return MomentSource(model, cfg.moments, calibration=calibration, seed=cfg.seed,
                         samples=cfg.samples, input_mean=cfg.input_mean,
                         input_std=cfg.input_std, spatial=cfg.spatial,
-                        fit_spatial=cfg.fit_spatial)
+                        fit_spatial=cfg.fit_spatial, input_shapes=input_shapes)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -41,6 +41,7 @@ import onnx
 from onnx import helper
 
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.input_shapes import pin_inputs
 from onnx_udfc.core.io import graph_inputs, opset_version
 from onnx_udfc.moments.reverse import Builder, backward
 
@@ -73,10 +74,14 @@ class Inversion:
                 "gradient_stopped_at": sorted(set(self.stopped)), "seconds": self.seconds}
 
 
-def _static_shapes(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, dict]:
-    """A copy of ``model`` with the batch fixed and every tensor's inferred static shape."""
+def _static_shapes(model: onnx.ModelProto, batch: int,
+                   input_shapes: dict[str, list[int]] | None = None
+                   ) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with the batch fixed, dynamic input sizes set to ``input_shapes``
+    and every tensor's inferred static shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    pin_inputs(fixed, input_shapes or {})
     del fixed.graph.value_info[:]
     for vi in list(graph_inputs(fixed)) + list(fixed.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -163,13 +168,14 @@ def _class_loss(b: Builder, logits: str, shape: list[int], weight: float
 
 
 def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_SIZE,
-                    class_weight: float = CLASS_WEIGHT
+                    class_weight: float = CLASS_WEIGHT,
+                    input_shapes: dict[str, list[int]] | None = None
                     ) -> tuple[onnx.ModelProto, str, int, list[str]]:
     """``model`` with the batch fixed to ``batch`` and two more outputs: the BN-statistics
     loss (``udfc_inversion_loss``) and its gradient with respect to the first float input.
     Returns (model, input name, number of BatchNorms in the loss, op types that stopped the
     gradient)."""
-    fixed, shapes = _static_shapes(model, batch)
+    fixed, shapes = _static_shapes(model, batch, input_shapes)
     inits = {t.name: t for t in fixed.graph.initializer}
     inputs = [i for i in graph_inputs(fixed)
               if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
@@ -235,24 +241,27 @@ CACHE_SIZE = 2
 
 
 def cached_inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
-                           progress: Callable[[int, int, float], None] | None = None
-                           ) -> Inversion:
+                           progress: Callable[[int, int, float], None] | None = None,
+                           input_shapes: dict[str, list[int]] | None = None) -> Inversion:
     """:func:`inverted_inputs`, remembered for the last ``CACHE_SIZE`` models: the fit is
     deterministic, and a benchmark compresses one model many times."""
     import hashlib
 
-    key = (hashlib.sha256(model.SerializeToString()).hexdigest(), steps, seed)
+    key = (hashlib.sha256(model.SerializeToString()).hexdigest(), steps, seed,
+           repr(sorted((input_shapes or {}).items())))
     if key not in _CACHE:
         while len(_CACHE) >= CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = inverted_inputs(model, steps, seed, progress=progress)
+        _CACHE[key] = inverted_inputs(model, steps, seed, progress=progress,
+                                      input_shapes=input_shapes)
     return _CACHE[key]
 
 
 def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
                     learning_rate: float = LEARNING_RATE,
                     progress: Callable[[int, int, float], None] | None = None,
-                    start: np.ndarray | None = None) -> Inversion:
+                    start: np.ndarray | None = None,
+                    input_shapes: dict[str, list[int]] | None = None) -> Inversion:
     """Fit a batch of inputs to the BatchNorm statistics of ``model`` (module docstring),
     starting from ``start`` (by default the pink noise of :mod:`onnx_udfc.moments.sampled`: on the
     NM ResNet-56 it reaches after 300 steps a loss white noise does not reach in 600)."""
@@ -265,16 +274,17 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
                   if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT), None)
     if first is None:
         raise UdfcError("model inversion needs a float input")
-    dims = [d.dim_value if d.HasField("dim_value") else 0
-            for d in first.type.tensor_type.shape.dim]
+    shapes = input_shapes or {}
+    dims = list(shapes[first.name]) if first.name in shapes else [
+        d.dim_value if d.HasField("dim_value") else 0 for d in first.type.tensor_type.shape.dim]
     if not dims or any(d <= 0 for d in dims[1:]):
         raise UdfcError(f"model inversion needs a static input shape, '{first.name}' has "
                         f"{dims}")
     began = time.perf_counter()
     if start is None:
-        start = synthetic_inputs(model, seed)[first.name]
+        start = synthetic_inputs(model, seed, input_shapes=shapes)[first.name]
     x = np.asarray(start, np.float32)
-    inv, name, count, stopped = inversion_model(model, len(x))
+    inv, name, count, stopped = inversion_model(model, len(x), input_shapes=shapes)
     sess = session(inv)
     m = np.zeros_like(x)
     v = np.zeros_like(x)

@@ -18,6 +18,8 @@ carry the input model through the network, like the propagation does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import onnx
 
@@ -63,16 +65,21 @@ def sample_count(dims: list[int]) -> int:
 
 def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
                      input_mean: tuple[float, ...] | None = None,
-                     input_std: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
-    """A feed of synthetic inputs for every input of static shape (batch dimension free);
-    image-like inputs (rank >= 3, spatial size >= 4) get pink noise, :func:`fixed_inputs` their
-    :func:`fixed_value`. An input with a free dimension past the batch gets nothing."""
+                     input_std: tuple[float, ...] | None = None,
+                     input_shapes: Mapping[str, Sequence[int]] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """A feed of synthetic inputs for every input of static shape (batch dimension free),
+    ``input_shapes`` (the run's working shapes) fixing dynamic ones; image-like inputs (rank
+    >= 3, spatial size >= 4) get pink noise, :func:`fixed_inputs` their :func:`fixed_value`.
+    An input with a free dimension past the batch gets nothing."""
     rng = np.random.default_rng(seed)
     fixed = fixed_inputs(model)
+    shapes = input_shapes or {}
     feed = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        dims = list(shapes[inp.name]) if inp.name in shapes else [
+            d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
         if inp.name in fixed:
             if all(d > 0 for d in dims):
                 feed[inp.name] = fixed_value(dims, tt.elem_type, rng)

@@ -17,6 +17,7 @@ stays there for the rest of the run: every later stage reads the same kind.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,8 @@ class MomentSource:
                  samples: dict[str, np.ndarray] | None = None,
                  input_mean: tuple[float, ...] | None = None,
                  input_std: tuple[float, ...] | None = None,
-                 spatial: float = 0.5, fit_spatial: bool = False) -> None:
+                 spatial: float = 0.5, fit_spatial: bool = False,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         check_request(requested)
         self.requested = requested
         self.calibration = calibration
@@ -72,6 +74,7 @@ class MomentSource:
         self.samples = samples
         self.input_mean, self.input_std = input_mean, input_std
         self.spatial, self.fit_spatial = spatial, fit_spatial
+        self.input_shapes = dict(input_shapes or {})  # the run's working shapes
         self.kind = "measured" if calibration is not None else resolve(model, requested)
         self.fallbacks: list[dict[str, str]] = []
 
@@ -124,7 +127,7 @@ class MomentSource:
     def _drawn_feed(self, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], str | None]:
         """The inversion batch or synthetic samples, and why they cannot run ``model``."""
         feed = self.samples if self.samples is not None else synthetic_inputs(
-            model, self.seed, self.input_mean, self.input_std)
+            model, self.seed, self.input_mean, self.input_std, self.input_shapes)
         return feed, undrawn_input_cause(model, feed)
 
     def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:

@@ -237,7 +237,7 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
     if not by_weight:  # every layer excluded: nothing to store, no reason to convert
         return model, dict(fake_summary(model, {}), format="qdq")
     _preflight(model, by_weight)
-    need, why = needed_opset(storage, quant)
+    need, why = needed_opset(storage, quant, min(qw.result.bits for qw in by_weight.values()))
     target = storage.opset if storage.opset is not None else max(before, need)
     if target < before:
         raise UdfcError(f"target opset {target} is older than the model's opset {before}; "

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_udfc.core.drift import channel_axis, channel_errors
+
+__all__ = ["channel_axis", "channel_errors", "drift", "verdict", "default_limit"]
+
 # The default verdict: past either limit the model is called likely broken. Measured on the
 # shared CIFAR ResNets (tools/bench_guard.py, docs/results/guard.md): on their real images
 # every plan that lost more than 10 points of top-1 drifted by > 0.8, every plan within 7
@@ -27,43 +31,6 @@ BROKEN_ERROR = {"data": 0.7, "synthetic": 3.0}
 # Classifiers: the share of decisions kept. On synthetic inputs plans within 7 points kept
 # >= 0.78 of them on the CIFAR ResNets and 0.69 on the digits CNN; the worst broken < 0.1.
 BROKEN_AGREEMENT = {"data": 0.8, "synthetic": 0.5}
-SPREAD_FLOOR = 1e-3  # of the channel's own RMS: a constant channel's spread
-MIN_VALUES = 8  # values per channel (samples x positions) to estimate its spread from
-
-
-def channel_axis(shape: tuple[int, ...]) -> int | None:
-    """The axis that holds an output's channels: 1 for ``[N, C, ...]`` and ``[N, K]``; for a
-    rank-3 ``[N, A, B]`` the shorter of A and B (YOLO exports write ``[1, 84, 8400]``, others
-    ``[1, 8400, 85]``: the short axis holds boxes and class scores). None for a vector."""
-    if len(shape) < 2:
-        return None
-    if len(shape) == 3:
-        return 1 if shape[1] <= shape[2] else 2
-    return 1
-
-
-def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Per output channel: RMS of the difference over the channel's spread in ``reference``."""
-    a = np.asarray(reference, np.float64)
-    b = np.asarray(candidate, np.float64)
-    axis = channel_axis(a.shape)
-    if axis is None:
-        a, b = a.reshape(1, -1), b.reshape(1, -1)
-        axis = 0
-    a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-    b = np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
-    if a.shape[1] == 0:
-        return np.zeros(a.shape[0])
-    rms_a = np.sqrt(np.mean(a ** 2, axis=1))
-    if a.shape[1] < MIN_VALUES:  # too few values for a channel's own spread: the output's
-        spread = np.full(a.shape[0], float(a.std()) + 1e-12)
-    else:
-        spread = np.maximum(np.maximum(a.std(axis=1), SPREAD_FLOOR * rms_a),
-                            1e-6 * float(a.std()) + 1e-12)
-    rms = np.sqrt(np.mean((b - a) ** 2, axis=1))
-    return rms / spread
-
-
 @dataclass
 class Drift:
     """The worst channel of one output."""

@@ -46,12 +46,16 @@ def latency_session(model: onnx.ModelProto | str | os.PathLike, provider: str = 
                    exact_int4=False)
 
 
-def random_feed(sess, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float inputs with the session's shapes, dynamic dimensions set to ``batch``."""
+def random_feed(sess, batch: int, seed: int = 0,
+                input_shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Random float inputs with the session's shapes: dynamic sizes past the batch from
+    ``input_shapes`` (the run's working shapes), the batch ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in sess.get_inputs():
-        dims = [d if isinstance(d, int) else batch for d in inp.shape]
+        sizes = (input_shapes or {}).get(inp.name)
+        dims = [d if isinstance(d, int) else batch if axis == 0 or sizes is None else sizes[axis]
+                for axis, d in enumerate(inp.shape)]
         if dims and isinstance(inp.shape[0], int) and inp.shape[0] != batch:
             raise UdfcError(f"input '{inp.name}' has a fixed batch of {inp.shape[0]}; "
                             f"cannot time batch {batch}")
@@ -95,7 +99,8 @@ FOLD_QDQ = {"session.disable_quant_qdq": "1"}
 def compare_latency(before: onnx.ModelProto | str | os.PathLike,
                     after: onnx.ModelProto | str | os.PathLike, *, batch: int = 1,
                     runs: int = 20, provider: str = "cpu", threads: int = 0,
-                    qdq: bool = False) -> dict[str, Any]:
+                    qdq: bool = False, input_shapes: dict[str, list[int]] | None = None
+                    ) -> dict[str, Any]:
     """``{batch, provider, runs, before_ms, after_ms, ratio}`` for two models (the report's
     ``latency`` entry). ``qdq``: ``after`` stores integer weights; it is also timed with
     :data:`FOLD_QDQ` (``after_folded_ms``), the way to run it at float speed."""
@@ -103,7 +108,7 @@ def compare_latency(before: onnx.ModelProto | str | os.PathLike,
                 "after": latency_session(after, provider, threads)}
     if qdq:
         sessions["folded"] = latency_session(after, provider, threads, FOLD_QDQ)
-    feed = random_feed(sessions["before"], batch)
+    feed = random_feed(sessions["before"], batch, input_shapes=input_shapes)
     t = interleaved(sessions, feed, runs=runs)
     before_ms, after_ms = 1e3 * t["before"].median_s, 1e3 * t["after"].median_s
     out = {"batch": batch, "provider": provider, "runs": t["before"].runs,

@@ -25,6 +25,10 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
                      energy (squared l2) that pruning removes.
     unsupported: [{node, reason}]                 nodes left untouched, and why
     float_layers: [{node, reason}]                with --bits: weight layers kept in float
+    other_weights: {node:W|node:R: quantization}  quantized recurrent (LSTM/GRU/RNN) weights
+    mixed_precision: {budget_size, predicted_size, predicted_ratio, sensitivity, counts,
+                      predicted_error, layers: {name: {bits, error, error_at_4_bits, bytes}}}
+                                                  --budget-size: the per-layer allocation
     duplicated_initializers: [{initializer, copy, nodes, shared_with, elements, reason}]
                                                   shared initializers the rewrite had to copy
     folded_batchnorm: [producer names]            when --fold-bn was used
@@ -33,6 +37,9 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
                                                   over its spread) and worst_channel
     guard: {inputs data|synthetic, limit, holds, verdict, max_error, attempts: [{prune,
             budget_flops, bits, holds, verdict}]}   the fidelity guard (report/fidelity.py)
+    input_shapes: {input: {shape, from}}          the concrete shapes of dynamic inputs the run
+                                                  worked at (given by --input-shape, stated by
+                                                  the model, or the default side)
     moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
                                                   where the activation moments came from
                                                   (udfc+, --criterion recon, --budget-flops)
@@ -75,6 +82,10 @@ class Report:
     moments: dict[str, Any] | None = None  # udfc+, recon, budget: the moment source used
     float_layers: list[dict[str, str]] = field(default_factory=list)
     duplicated_initializers: list[dict[str, Any]] = field(default_factory=list)
+    input_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Quantized weights outside the layer table (LSTM/GRU/RNN W and R), by ``node:W``.
+    other_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mixed_precision: dict[str, Any] | None = None  # --budget-size: the allocation
 
     @property
     def flops_before(self) -> int:
@@ -127,6 +138,12 @@ class Report:
             f"groups  {len(self.groups)} found, {pruned} pruned, "
             f"{sum(1 for g in self.groups if g['prunable'] == 0)} fully fixed",
         ]
+        chosen = {k: v for k, v in self.input_shapes.items() if v["from"] != "given"}
+        if chosen:
+            lines.append("inputs  " + "; ".join(
+                f"{name} worked at {'x'.join(map(str, v['shape']))} ({v['from']}; the output "
+                "keeps its dynamic dims, --input-shape sets the size)"
+                for name, v in chosen.items()))
         if self.latency:
             lat = self.latency
             lines.insert(3, f"latency {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
@@ -153,14 +170,23 @@ class Report:
                          "layers compensated" + (f" (not: {why})" if why else ""))
         if self.moments and method == "udfc+":
             lines.append("moments " + _moments_note(self.moments))
-        quants = [x["quantization"] for x in self.layers if x.get("quantization")]
+        quants = [x["quantization"] for x in self.layers if x.get("quantization")] + \
+            list(self.other_weights.values())
         if quants:
             scaled = sum(1 for q in quants if q["scale_compensated"])
             corrected = sum(1 for q in quants if q.get("bias_corrected"))
             repair = f"{scaled} with scale compensation" + (
                 f", {corrected} bias-corrected" if corrected else "")
-            lines.append(f"weights {len(quants)} layers at {quants[0]['bits']} bits "
+            widths = sorted({q["bits"] for q in quants})
+            at = f" at {widths[0]} bits" if len(widths) == 1 else ": " + ", ".join(
+                f"{sum(1 for q in quants if q['bits'] == b)} at {b} bits" for b in widths)
+            lines.append(f"weights {len(quants)} layers{at} "
                          f"({quants[0]['quantizer']}, {quants[0]['granularity']}), {repair}")
+        if self.mixed_precision:
+            mp = self.mixed_precision
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(mp["counts"].items()))
+            lines.append(f"budget  size <= {mp['budget_size']:g}x: {counts} (predicted "
+                         f"{mp['predicted_ratio']:.3f}x; {mp['sensitivity']})")
         if self.float_layers:
             lines.append(_float_note(self.float_layers))
         if self.duplicated_initializers:
@@ -204,10 +230,14 @@ def _storage_note(storage: dict[str, Any] | None) -> str:
 
 
 def _float_note(layers: list[dict[str, str]]) -> str:
-    """`float   2 weight layers kept in float: fc (reason), mm (reason)`."""
+    """`float   3 weight layers kept in float: fc, mm (reason); conv (reason)`, grouped by
+    reason."""
     n = len(layers)
-    return f"float   {n} weight layer{'s' if n > 1 else ''} kept in float: " + ", ".join(
-        f"{x['node']} ({x['reason']})" for x in layers)
+    by_reason: dict[str, list[str]] = {}
+    for x in layers:
+        by_reason.setdefault(x["reason"], []).append(x["node"])
+    return f"float   {n} weight layer{'s' if n > 1 else ''} kept in float: " + "; ".join(
+        f"{', '.join(nodes)} ({reason})" for reason, nodes in by_reason.items())
 
 
 def _duplicated_note(copies: list[dict[str, Any]]) -> str:
@@ -264,12 +294,14 @@ def build_report(*, config: dict[str, Any], analysis, plan, layers_before: list[
             "compensation": comp or None,
             "quantization": quant or None,
         })
+    in_table = {b.name for b in layers_before}
     return Report(
         config=config, params_before=params_before, params_after=params_after,
         macs_before=total_macs(layers_before), macs_after=total_macs(layers_after),
         size_before=size_before, size_after=size_after, groups=groups, layers=layers,
         unsupported=[{"node": n, "reason": r} for n, r in analysis.channels.unsupported],
-        folded_batchnorm=folded_bn, timings=timings)
+        folded_batchnorm=folded_bn, timings=timings,
+        other_weights={k: v for k, v in quantization.items() if k not in in_table})
 
 
 def _reasons(fixed: dict[int, str]) -> list[str]:

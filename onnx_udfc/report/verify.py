@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from onnx_udfc.core.drift import squeeze_inner
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import make_inputs, run, session
 from onnx_udfc.report.fidelity import drift
@@ -38,6 +39,7 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray],
     result = []
     for name, a, b in zip(names, reference, candidate, strict=True):
         a64, b64 = _flat64(name, a, b)
+        a, b = squeeze_inner(a), squeeze_inner(b)
         diff = np.abs(a64 - b64)
         denom = np.linalg.norm(a64) * np.linalg.norm(b64)
         cosine = float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))

@@ -1,0 +1,62 @@
+"""Per-channel output error: how far one output drifts from a reference, channel by channel,
+each measured against its own spread (see :mod:`onnx_udfc.report.fidelity` for why). Kept low in
+the layers because the mixed-precision allocation measures layer sensitivities with it too."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPREAD_FLOOR = 1e-3  # of the channel's own RMS: a constant channel's spread
+MIN_VALUES = 8  # values per channel (samples x positions) to estimate its spread from
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis that holds an output's channels: 1 for ``[N, C, ...]`` and ``[N, K]``; for a
+    rank-3 ``[N, A, B]`` the shorter of A and B (YOLO exports write ``[1, 84, 8400]``, others
+    ``[1, 8400, 85]``: the short axis holds boxes and class scores). None for a vector."""
+    if len(shape) < 2:
+        return None
+    if len(shape) == 3:
+        return 1 if shape[1] <= shape[2] else 2
+    return 1
+
+
+def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per output channel: RMS of the difference over the channel's spread in ``reference``."""
+    a = np.asarray(reference, np.float64)
+    b = np.asarray(candidate, np.float64)
+    axis = channel_axis(a.shape)
+    if axis is None:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+        axis = 0
+    a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    b = np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
+    if a.shape[1] == 0:
+        return np.zeros(a.shape[0])
+    rms_a = np.sqrt(np.mean(a ** 2, axis=1))
+    if a.shape[1] < MIN_VALUES:  # too few values for a channel's own spread: the output's
+        spread = np.full(a.shape[0], float(a.std()) + 1e-12)
+    else:
+        spread = np.maximum(np.maximum(a.std(axis=1), SPREAD_FLOOR * rms_a),
+                            1e-6 * float(a.std()) + 1e-12)
+    rms = np.sqrt(np.mean((b - a) ** 2, axis=1))
+    return rms / spread
+
+
+def squeeze_inner(output: np.ndarray) -> np.ndarray:
+    """``output`` without its size-1 axes past the first, while it keeps two axes: a CTC
+    recogniser's ``[T, 1, K]`` logits read as ``[T, K]``, ``[N, K, 1, 1]`` as ``[N, K]``."""
+    inner = [axis for axis in range(1, output.ndim) if output.shape[axis] == 1]
+    while inner and output.ndim - len(inner) < 2:
+        inner.pop()
+    return output.squeeze(tuple(inner)) if inner else output
+
+
+def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """One number for a whole network's drift: the mean over outputs of the mean squared
+    per-channel error (each output read as :func:`squeeze_inner` reads it). Squared errors of
+    independent perturbations add, which is what a per-layer budget sums."""
+    if not reference:
+        return 0.0
+    return float(np.mean([np.mean(channel_errors(squeeze_inner(a), squeeze_inner(b)) ** 2)
+                          for a, b in zip(reference, candidate, strict=True)]))

@@ -1,0 +1,232 @@
+"""Mixed precision under a file-size budget (``--budget-size S``).
+
+Each weight layer may stay in float, or be stored at 8 or 4 bits. The allocation is driven by
+*measured* sensitivity: every layer alone is rounded to 4 bits and the whole network is run in
+ONNX Runtime on the run's samples (``--calibration`` inputs when given, else the data-free
+samples of the moment source). Its cost is the network's output drift, the mean squared
+per-channel error of :func:`onnx_udfc.core.drift.output_error` (the guard's metric, squared so
+that independent layers add). One session serves every layer: the candidate weights are graph
+inputs, fed per run.
+
+The 8-bit cost is the 4-bit one scaled by the squared ratio of the grid steps, ``(15 / 255)^2``
+for the same range (rounding noise is uniform with variance ``step^2 / 12``), so one run per
+layer suffices. A greedy walk then starts from float everywhere and takes, one at a time, the
+step (float -> 8 bits, or 8 -> 4 bits) with the least added drift per byte saved, until the
+file fits ``S x`` the original's size. Layers left in float are the ones the budget could
+afford to spare; a budget that 4 bits everywhere cannot meet is refused in one line.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_udfc.channels.stats import LayerWeights
+from onnx_udfc.config import QuantOptions
+from onnx_udfc.core.drift import output_error
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import approx_size, graph_inputs, tensor_array
+from onnx_udfc.core.ort import refusals, run, session
+from onnx_udfc.methods.coverage import quantizable, recurrent_weights
+from onnx_udfc.moments.feeds import fixed_inputs
+from onnx_udfc.moments.source import MomentSource, refusal_cause
+from onnx_udfc.quant.grids import quantize_params
+
+WIDTHS = (8, 4)  # integer widths a layer may take; None is float
+POSITIONS = 1 << 15  # input positions (samples x pixels) per sensitivity run
+MIN_SAMPLES, MAX_SAMPLES = 4, 32
+NODE_BYTES, INIT_BYTES = 128, 64  # per node and per initializer, as io.approx_size counts them
+
+
+class BudgetUnreachable(UdfcError):
+    """Even 4 bits everywhere leave the file over the size budget."""
+
+
+@dataclass
+class Candidate:
+    """One weight that the budget may store at 8 or 4 bits or leave in float."""
+
+    key: str  # the node's name (``node:W`` / ``node:R`` for recurrent weights)
+    layer: LayerWeights
+    shape: tuple[int, ...]
+    itemsize: int
+    error4: float = 0.0  # output drift with this weight alone at 4 bits
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def stored_bytes(self, bits: int | None, quant: QuantOptions) -> int:
+        """Bytes on disk: codes (two per byte at <= 4 bits), scales and zero points, and the
+        DequantizeLinear node with its extra initializers (as :func:`approx_size` counts)."""
+        if bits is None:
+            return self.numel * self.itemsize
+        codes = (self.numel + 1) // 2 if bits <= 4 else self.numel
+        if quant.block_size:
+            scales = -(-self.numel // quant.block_size)
+        else:
+            scales = self.shape[self.layer.out_axis] if quant.granularity == "channel" else 1
+        asymmetric = quant.quantizer == "asymmetric"
+        return codes + scales * (self.itemsize + asymmetric) + NODE_BYTES + \
+            INIT_BYTES * (1 + asymmetric)
+
+    def error(self, bits: int | None) -> float:
+        if bits is None:
+            return 0.0
+        return self.error4 * ((2 ** 4 - 1) / (2 ** bits - 1)) ** 2
+
+
+@dataclass
+class MixedPlan:
+    """The allocation: bits per layer (None: float) and what it was based on."""
+
+    bits: dict[str, int | None]
+    budget: float
+    size_before: int
+    predicted_size: int
+    sensitivity: str  # "measured on <source> samples" or the weight-error fallback, named
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for b in self.bits.values():
+            label = "float" if b is None else f"{b}-bit"
+            counts[label] = counts.get(label, 0) + 1
+        return {"budget_size": self.budget, "predicted_size": self.predicted_size,
+                "predicted_ratio": self.predicted_size / self.size_before,
+                "sensitivity": self.sensitivity, "counts": counts,
+                "predicted_error": sum(v["error"] for v in self.layers.values()),
+                "layers": self.layers}
+
+
+def candidates(model: onnx.ModelProto, exclude: list[str]) -> list[Candidate]:
+    """The weights the quantize loop would take, in graph order (same rules, same keys)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in graph_inputs(model)}
+    patterns = [re.compile(p) for p in exclude]
+    found: list[tuple[str, LayerWeights]] = []
+    for node in model.graph.node:
+        layer, _ = quantizable(node, inits, inputs, patterns)
+        if layer is not None:
+            found.append((node.name or node.output[0], layer))
+        found += [(key, lw) for key, lw, _ in recurrent_weights(node, inits, inputs, patterns)
+                  if lw is not None]
+    out = []
+    for key, layer in found:
+        t = inits[layer.weight]
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        out.append(Candidate(key, layer, tuple(int(d) for d in t.dims), itemsize))
+    return out
+
+
+def allocate_bits(model: onnx.ModelProto, quant: QuantOptions, budget: float,
+                  size_before: int, source: MomentSource, exclude: list[str],
+                  progress: Callable[[int, int], None] | None = None) -> MixedPlan:
+    """Bits per weight layer so that the stored file is at most ``budget x size_before``."""
+    cands = candidates(model, exclude)
+    sensitivity = measure_sensitivity(model, cands, quant, source, progress)
+    fixed = approx_size(model) - sum(c.stored_bytes(None, quant) for c in cands)
+    target = int(budget * size_before)
+    bits: dict[str, int | None] = {c.key: None for c in cands}
+    size = fixed + sum(c.stored_bytes(None, quant) for c in cands)
+    steps: list[tuple[float, int, int | None]] = []  # (drift per byte saved, index, from)
+
+    def push(i: int, current: int | None) -> None:
+        nxt = WIDTHS[0] if current is None else next((w for w in WIDTHS if w < current), None)
+        if nxt is None:
+            return
+        c = cands[i]
+        saved = c.stored_bytes(current, quant) - c.stored_bytes(nxt, quant)
+        added = c.error(nxt) - c.error(current)
+        heapq.heappush(steps, (added / max(saved, 1), i, current))
+
+    for i in range(len(cands)):
+        push(i, None)
+    while size > target and steps:
+        _, i, current = heapq.heappop(steps)
+        c = cands[i]
+        nxt = WIDTHS[0] if current is None else next(w for w in WIDTHS if w < current)
+        size -= c.stored_bytes(current, quant) - c.stored_bytes(nxt, quant)
+        bits[c.key] = nxt
+        push(i, nxt)
+    if size > target:
+        raise BudgetUnreachable(
+            f"--budget-size {budget:g} cannot be met by quantization alone: every weight at 4 "
+            f"bits gives {size / size_before:.3f}x the original; prune too (--prune R or "
+            "--budget-flops B) or raise the budget")
+    layers = {c.key: {"bits": bits[c.key], "error": c.error(bits[c.key]),
+                      "error_at_4_bits": c.error4,
+                      "bytes": c.stored_bytes(bits[c.key], quant)} for c in cands}
+    return MixedPlan(bits, budget, size_before, size, sensitivity, layers)
+
+
+def measure_sensitivity(model: onnx.ModelProto, cands: list[Candidate], quant: QuantOptions,
+                        source: MomentSource,
+                        progress: Callable[[int, int], None] | None = None) -> str:
+    """Fill each candidate's ``error4``; returns how it was measured. When the network cannot
+    be run on samples, the weight's own relative rounding error stands in (named)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {c.layer.weight: tensor_array(inits[c.layer.weight]) for c in cands}
+    try:
+        feed = _samples(model, source)
+        sess = session(_weights_as_inputs(model, set(weights)))
+        reference = run(sess, feed, constants=weights)
+    except refusals() as exc:
+        for c in cands:
+            w = weights[c.layer.weight]
+            c.error4 = float(np.sum((_rounded(c, w, quant) - w) ** 2) / max(np.sum(w ** 2),
+                                                                             1e-30))
+        return f"weight rounding error (the network could not run: {refusal_cause(exc)})"
+    for i, c in enumerate(cands):
+        w = weights[c.layer.weight]
+        out = run(sess, feed, constants={**weights, c.layer.weight: _rounded(c, w, quant)})
+        c.error4 = output_error(reference, out)
+        if progress is not None:
+            progress(i + 1, len(cands))
+    kind = "calibration" if source.calibration is not None else source.kind
+    return f"output drift measured on {len(next(iter(feed.values())))} {kind} samples"
+
+
+def _samples(model: onnx.ModelProto, source: MomentSource) -> dict[str, np.ndarray]:
+    feed = source.sample_feed(model, MAX_SAMPLES)
+    fixed = fixed_inputs(model)
+    drawn = [v for k, v in feed.items() if k not in fixed]
+    pixels = max((int(np.prod(v.shape[2:])) for v in drawn if v.ndim > 2), default=1)
+    n = int(np.clip(POSITIONS // max(pixels, 1), MIN_SAMPLES, MAX_SAMPLES))
+    return {k: v if k in fixed else v[:n] for k, v in feed.items()}
+
+
+def _rounded(c: Candidate, w: np.ndarray, quant: QuantOptions) -> np.ndarray:
+    """``w`` rounded to 4 bits on the run's grid, in its own layout and dtype."""
+    filters = np.moveaxis(w.astype(np.float64), c.layer.out_axis, 0).reshape(
+        w.shape[c.layer.out_axis], -1)
+    q = quantize_params(filters, 4, quant.quantizer, quant.granularity, w.dtype)
+    moved = np.moveaxis(w, c.layer.out_axis, 0).shape
+    return np.moveaxis(np.asarray(q.dequantized).reshape(moved), 0,
+                       c.layer.out_axis).astype(w.dtype)
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` (sharing no weight data) whose ``names`` initializers are graph
+    inputs, so one session serves every variant."""
+    g = model.graph
+    out = onnx.ModelProto()
+    out.ir_version = max(model.ir_version, 4)
+    out.opset_import.extend(model.opset_import)
+    out.graph.name = g.name
+    out.graph.node.extend(g.node)
+    out.graph.output.extend(g.output)
+    out.graph.input.extend(i for i in g.input if i.name not in names)
+    for t in g.initializer:
+        if t.name in names:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                      list(t.dims)))
+        else:
+            out.graph.initializer.append(t)
+    return out
