@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_udfc.core.affine import fold_channel_affine
 from onnx_udfc.core.graph_edit import cleanup, keep_only, toposort
 from onnx_udfc.core.graph_index import GraphIndex
 from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
@@ -310,6 +311,7 @@ def normalize(model: onnx.ModelProto) -> dict[str, int]:
     if any(n.op_type in ("Shape", "Size") for n in model.graph.node):
         more = fold_shape_arithmetic(model)
         counts["folded"] += more + (fold_constants(model) if more else 0)
+    counts["affine"] = fold_channel_affine(model)
     counts["removed"] = cleanup(model)
     sync_initializer_inputs(model)
     return counts

@@ -11,7 +11,7 @@ import onnx
 
 from onnx_udfc.core.graph_edit import with_outputs
 from onnx_udfc.core.io import graph_inputs
-from onnx_udfc.core.ort import make_inputs, session, typed_feed
+from onnx_udfc.core.ort import make_inputs, refusals, session, typed_feed
 from onnx_udfc.moments.feeds import fixed_inputs
 from onnx_udfc.moments.propagated import TensorMoments
 
@@ -34,7 +34,10 @@ def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarra
 
 
 def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str, TensorMoments]:
-    """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1."""
+    """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1.
+    Runs in batches of :data:`BATCH`, one sample at a time when the graph refuses a batch
+    (with BatchNorms in training form, as the sampled moments run them, each sample is then
+    normalised by its own statistics)."""
     feed = load_calibration(source, model)
     fixed = fixed_inputs(model)  # fed whole to every batch: they hold no samples
     wanted = list(dict.fromkeys(t for t in tensors if t))
@@ -44,12 +47,21 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
     sess = session(with_outputs(probe, [t for t in wanted if t not in inputs]))
     feed = typed_feed(sess, feed)
     names = [o.name for o in sess.get_outputs()]
-    keep = [t for t in wanted if t in names]
     n = next((len(v) for k, v in feed.items() if k not in fixed), 1)
     sums: dict[str, list] = {}
-    for start in range(0, n, BATCH):
-        part = {k: v if k in fixed else v[start:start + BATCH] for k, v in feed.items()}
-        res = dict(zip(names, sess.run(names, part), strict=True))
+    start, step = 0, BATCH
+    while start < n:
+        part = {k: v if k in fixed else v[start:start + step] for k, v in feed.items()}
+        try:
+            res = dict(zip(names, sess.run(names, part), strict=True))
+        except refusals():
+            if step == 1 or start > 0:
+                raise
+            # A graph that bakes batch 1 into a constant (a Reshape to [1, -1]) refuses a
+            # batch: probe one sample at a time and accumulate.
+            step = 1
+            continue
+        start += step
         res.update({k: v for k, v in part.items() if k in wanted})
         for t in wanted:
             a = res.get(t)
@@ -67,7 +79,6 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
                 acc.append(shift)
             xc = (x - shift.astype(x.dtype)).astype(np.float32)
             acc[2] = acc[2] + (xc.T @ xc).astype(np.float64)
-    del keep
     out = {}
     for t, (cnt, s1, s2, hw, shift) in sums.items():
         mean = s1 / cnt
