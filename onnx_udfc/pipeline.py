@@ -91,6 +91,7 @@ class RunState:
     params_after: int = 0
     input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
     mixed: Any = None  # methods.mixed.MixedPlan under --budget-size
+    flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
 
     @property
     def working_shapes(self) -> dict[str, list[int]]:
@@ -172,9 +173,10 @@ def _plan(state: RunState) -> None:
     group_ratios = {}
     if p.budget_flops is not None:
         from onnx_udfc.channels.budget import allocate
+        state.flops_budget = {}
         group_ratios = allocate(channels, state.analysis.groups, p.budget_flops,
                                 state.config.prune, state.source, scores=state.scores,
-                                moments=state.moments)
+                                moments=state.moments, measured=state.flops_budget)
     state.plan = make_plan(channels, state.analysis.groups, p, state.scores, group_ratios)
     state.energy = removed_energy(channels, state.plan.removed)
 
@@ -320,6 +322,7 @@ def _report(state: RunState) -> Report:
     report.duplicated_initializers = state.duplicated
     report.input_shapes = {name: s.to_dict() for name, s in state.input_shapes.items()}
     report.mixed_precision = state.mixed.to_dict() if state.mixed is not None else None
+    report.flops_budget = state.flops_budget
     report.inversion = state.inversion.summary() if state.inversion is not None else None
     used = state.method_config is not None and state.method_config.method == "udfc+"
     report.moments = state.source.to_dict() if state.source is not None and (

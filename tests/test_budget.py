@@ -66,3 +66,42 @@ def test_budget_cli(capsys, tmp_path):
     assert code == 0 and dst.exists(), err
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["flops_after"] <= 0.7 * r["flops_before"]
+
+
+def _one_group_barely_read() -> onnx.ModelProto:
+    """``_chain`` whose conv1 reads conv0's channels through weights 1000x smaller than its
+    others would be: conv0's group barely moves the outputs, conv1's does."""
+    model = _chain()
+    w = next(t for t in model.graph.initializer if t.name == "conv1.weight")
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1e-3, w.name))
+    return model
+
+
+def _group_ratios(model: onnx.ModelProto, **kwargs) -> tuple[dict[str, float], dict]:
+    m = api.load(model)
+    api.normalize(m)
+    a = api.analyse(m)
+    measured: dict = {}
+    ratios = allocate(a.channels, a.groups, 0.6, PruneOptions(criterion="l1"),
+                      measured=measured, **kwargs)
+    return {g.producers[0]: ratios[g.id] for g in a.groups if g.producers}, measured
+
+
+def test_groups_that_barely_move_the_outputs_are_pruned_first():
+    ratios, measured = _group_ratios(_one_group_barely_read())
+    assert measured["sensitivity"].startswith("output drift measured on")
+    drift = measured["group_drift"]
+    assert min(drift.values()) < 1e-3 * max(drift.values())
+    assert ratios["conv0"] > ratios["conv1"] and ratios["conv0"] > ratios["conv2"]
+
+
+def test_group_drift_falls_back_to_the_channel_share_named(monkeypatch):
+    from onnx_udfc.moments import drift
+
+    def refuse(*_args, **_kwargs):
+        raise UdfcError("ONNX Runtime cannot run the model")
+
+    monkeypatch.setattr(drift, "session", refuse)
+    _, measured = _group_ratios(_chain())
+    assert measured["group_drift"] == {}
+    assert measured["sensitivity"].startswith("channel share only (the network could not run")

@@ -12,7 +12,7 @@ import pytest
 from onnx_udfc import api
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core.errors import UdfcError
-from onnx_udfc.methods import mixed
+from onnx_udfc.moments import drift
 from onnx_udfc.outputs import backoff_plans
 from tests.helpers import Builder, assert_refused, cli, run
 
@@ -97,7 +97,7 @@ def test_weight_error_stands_in_when_the_network_cannot_run(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise UdfcError("ONNX Runtime cannot run the model")
 
-    monkeypatch.setattr(mixed, "session", refuse)
+    monkeypatch.setattr(drift, "session", refuse)
     _, report = api.compress(twin_layers(), budget_size=0.25, method="prune")
     plan = report.mixed_precision
     assert plan["sensitivity"].startswith("weight rounding error (the network could not run")

@@ -13,15 +13,18 @@ predicted error per MAC saved, until ``MACs after <= B x MACs before``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from onnx_udfc.channels.activations import activation_tensor, pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.plan import make_plan
+from onnx_udfc.channels.stats import weight_layer
 from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.moments.drift import DriftProbe
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.reconstruction import RIDGE, reconstruction
 from onnx_udfc.moments.source import MomentSource
@@ -75,28 +78,31 @@ def _group_error(m: TensorMoments | None, order: np.ndarray, members: np.ndarray
 def allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
              config: PruneOptions, source: MomentSource | None = None,
              steps: int = STEPS, scores: np.ndarray | None = None,
-             moments: dict[str, TensorMoments] | None = None) -> dict[int, float]:
+             moments: dict[str, TensorMoments] | None = None,
+             measured: dict[str, Any] | None = None) -> dict[int, float]:
     """Group id -> pruning ratio (every group; 0 for those left whole) so that MACs after
     <= ``budget`` x MACs before under the cost model of :func:`predicted_macs`.
 
     The predicted errors read ``moments`` (of the producers' activations) when given, else
-    ask ``source`` (the run's; a data-free ``auto`` one when None)."""
+    ask ``source`` (the run's; a data-free ``auto`` one when None). ``measured``, when given,
+    receives how the groups' output weights were measured (:func:`group_drift`)."""
     if not 0.0 < budget <= 1.0:
         raise UdfcError(f"FLOPs budget must be in (0, 1], got {budget}")
     with single_blas_thread():
-        return _allocate(ctx, groups, budget, config, source, steps, scores, moments)
+        return _allocate(ctx, groups, budget, config, source or MomentSource(ctx.model), steps,
+                         scores, moments, measured)
 
 
 def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
-              config: PruneOptions, source: MomentSource | None, steps: int,
-              scores: np.ndarray | None, moments: dict[str, TensorMoments] | None
-              ) -> dict[int, float]:
+              config: PruneOptions, source: MomentSource, steps: int,
+              scores: np.ndarray | None, moments: dict[str, TensorMoments] | None,
+              measured: dict[str, Any] | None) -> dict[int, float]:
     if scores is None:
         scores = ctx.class_scores(config.criterion)
     base = make_plan(ctx, groups, PruneOptions(0.0, config.criterion, exclude=list(config.exclude),
                                                prune_coupled=config.prune_coupled), scores)
     if moments is None:
-        moments = pruning_moments(ctx, source or MomentSource(ctx.model), "budget")
+        moments = pruning_moments(ctx, source, "budget")
     root = ctx.roots()
     by_tensor: dict[str, TensorMoments | None] = {}
     producer_of = {p.node.name or p.tensor: p for p in ctx.producers}
@@ -135,6 +141,10 @@ def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
         else:  # several producers (coupled): no reconstruction, the channel share instead
             errs = np.asarray(ks, float) / g.size
         plans.append((g.id, [order[:k] for k in ks], errs))
+    weights, how = group_drift(ctx, {gid: rs[-1] for gid, rs, _ in plans}, source)
+    plans = [(gid, rs, errs * weights.get(gid, 1.0)) for gid, rs, errs in plans]
+    if measured is not None:
+        measured.update({"sensitivity": how, "group_drift": weights})
 
     def removed_slots(removed_cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return cin[:, removed_cls].sum(1), cout[:, removed_cls].sum(1)
@@ -176,6 +186,42 @@ def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
     ratios = {g.id: 0.0 for g in groups}  # every group: the budget replaces --prune
     ratios.update({gid: len(rs[state[i]]) / sizes[gid] for i, (gid, rs, _) in enumerate(plans)})
     return ratios
+
+
+def group_drift(ctx: ChannelAnalysis, removable: dict[int, np.ndarray],
+                source: MomentSource) -> tuple[dict[int, float], str]:
+    """Per group: the network's output drift when its ``removable`` classes are cut off without
+    compensation (every channel-mixing layer reading them sees zeros), and how it was measured.
+    The predicted error of a step is this times the share of the group's variance that stays
+    unrecovered: layers that matter little to the outputs are pruned first. All 1.0 (named)
+    when the network cannot run on samples."""
+    root = ctx.roots()
+    readers: list[tuple[str, int, np.ndarray]] = []  # weight, input axis, input classes
+    for node in ctx.graph.node:
+        layer = weight_layer(node, ctx.inits)
+        info = ctx.tensors.get(node.input[0]) if node.input else None
+        if layer is None or info is None or info.slots is None or \
+                next((a.i for a in node.attribute if a.name == "group"), 1) > 1:
+            continue
+        cls = root[info.slots]
+        if ctx.inits[layer.weight].dims[layer.in_axis] == cls.size:
+            readers.append((layer.weight, layer.in_axis, cls))
+    probe = DriftProbe(ctx.model, [w for w, _, _ in readers], source)
+    if not probe.available:
+        return {}, f"channel share only ({probe.describe()})"
+    out = {}
+    for gid, classes in removable.items():
+        replaced = {}
+        for weight, axis, cls in readers:
+            cut = np.isin(cls, classes)
+            if cut.any():
+                w = replaced.get(weight, probe.weights[weight]).copy()
+                index = [slice(None)] * w.ndim
+                index[axis] = cut
+                w[tuple(index)] = 0
+                replaced[weight] = w
+        out[gid] = probe.drift(replaced) if replaced else 0.0
+    return out, probe.describe()
 
 
 def predicted_macs(ctx: ChannelAnalysis, removed: np.ndarray) -> tuple[float, float]:

@@ -2,11 +2,9 @@
 
 Each weight layer may stay in float, or be stored at 8 or 4 bits. The allocation is driven by
 *measured* sensitivity: every layer alone is rounded to 4 bits and the whole network is run in
-ONNX Runtime on the run's samples (``--calibration`` inputs when given, else the data-free
-samples of the moment source). Its cost is the network's output drift, the mean squared
-per-channel error of :func:`onnx_udfc.core.drift.output_error` (the guard's metric, squared so
-that independent layers add). One session serves every layer: the candidate weights are graph
-inputs, fed per run.
+ONNX Runtime on the run's samples (:class:`onnx_udfc.moments.drift.DriftProbe`: one session,
+the candidate weights fed as inputs). Its cost is the network's output drift, the mean squared
+per-channel error (the guard's metric, squared so that independent layers add).
 
 The 8-bit cost is the 4-bit one scaled by the squared ratio of the grid steps, ``(15 / 255)^2``
 for the same range (rounding noise is uniform with variance ``step^2 / 12``), so one run per
@@ -29,18 +27,14 @@ import onnx
 
 from onnx_udfc.channels.stats import LayerWeights
 from onnx_udfc.config import QuantOptions
-from onnx_udfc.core.drift import output_error
 from onnx_udfc.core.errors import UdfcError
-from onnx_udfc.core.io import approx_size, graph_inputs, tensor_array
-from onnx_udfc.core.ort import refusals, run, session
+from onnx_udfc.core.io import approx_size, graph_inputs
 from onnx_udfc.methods.coverage import quantizable, recurrent_weights
-from onnx_udfc.moments.feeds import fixed_inputs
-from onnx_udfc.moments.source import MomentSource, refusal_cause
+from onnx_udfc.moments.drift import DriftProbe
+from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.grids import quantize_params
 
 WIDTHS = (8, 4)  # integer widths a layer may take; None is float
-POSITIONS = 1 << 15  # input positions (samples x pixels) per sensitivity run
-MIN_SAMPLES, MAX_SAMPLES = 4, 32
 NODE_BYTES, INIT_BYTES = 128, 64  # per node and per initializer, as io.approx_size counts them
 
 
@@ -171,35 +165,19 @@ def measure_sensitivity(model: onnx.ModelProto, cands: list[Candidate], quant: Q
                         progress: Callable[[int, int], None] | None = None) -> str:
     """Fill each candidate's ``error4``; returns how it was measured. When the network cannot
     be run on samples, the weight's own relative rounding error stands in (named)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    weights = {c.layer.weight: tensor_array(inits[c.layer.weight]) for c in cands}
-    try:
-        feed = _samples(model, source)
-        sess = session(_weights_as_inputs(model, set(weights)))
-        reference = run(sess, feed, constants=weights)
-    except refusals() as exc:
-        for c in cands:
-            w = weights[c.layer.weight]
-            c.error4 = float(np.sum((_rounded(c, w, quant) - w) ** 2) / max(np.sum(w ** 2),
-                                                                             1e-30))
-        return f"weight rounding error (the network could not run: {refusal_cause(exc)})"
+    probe = DriftProbe(model, [c.layer.weight for c in cands], source)
     for i, c in enumerate(cands):
-        w = weights[c.layer.weight]
-        out = run(sess, feed, constants={**weights, c.layer.weight: _rounded(c, w, quant)})
-        c.error4 = output_error(reference, out)
+        w = probe.weights[c.layer.weight]
+        rounded = _rounded(c, w, quant)
+        if probe.available:
+            c.error4 = probe.drift({c.layer.weight: rounded})
+        else:
+            c.error4 = float(np.sum((rounded - w) ** 2) / max(float(np.sum(w ** 2)), 1e-30))
         if progress is not None:
             progress(i + 1, len(cands))
-    kind = "calibration" if source.calibration is not None else source.kind
-    return f"output drift measured on {len(next(iter(feed.values())))} {kind} samples"
-
-
-def _samples(model: onnx.ModelProto, source: MomentSource) -> dict[str, np.ndarray]:
-    feed = source.sample_feed(model, MAX_SAMPLES)
-    fixed = fixed_inputs(model)
-    drawn = [v for k, v in feed.items() if k not in fixed]
-    pixels = max((int(np.prod(v.shape[2:])) for v in drawn if v.ndim > 2), default=1)
-    n = int(np.clip(POSITIONS // max(pixels, 1), MIN_SAMPLES, MAX_SAMPLES))
-    return {k: v if k in fixed else v[:n] for k, v in feed.items()}
+    if probe.available:
+        return probe.describe()
+    return f"weight rounding error ({probe.describe()})"
 
 
 def _rounded(c: Candidate, w: np.ndarray, quant: QuantOptions) -> np.ndarray:
@@ -210,23 +188,3 @@ def _rounded(c: Candidate, w: np.ndarray, quant: QuantOptions) -> np.ndarray:
     moved = np.moveaxis(w, c.layer.out_axis, 0).shape
     return np.moveaxis(np.asarray(q.dequantized).reshape(moved), 0,
                        c.layer.out_axis).astype(w.dtype)
-
-
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` (sharing no weight data) whose ``names`` initializers are graph
-    inputs, so one session serves every variant."""
-    g = model.graph
-    out = onnx.ModelProto()
-    out.ir_version = max(model.ir_version, 4)
-    out.opset_import.extend(model.opset_import)
-    out.graph.name = g.name
-    out.graph.node.extend(g.node)
-    out.graph.output.extend(g.output)
-    out.graph.input.extend(i for i in g.input if i.name not in names)
-    for t in g.initializer:
-        if t.name in names:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
-                                                                      list(t.dims)))
-        else:
-            out.graph.initializer.append(t)
-    return out

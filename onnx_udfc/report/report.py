@@ -26,6 +26,9 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     unsupported: [{node, reason}]                 nodes left untouched, and why
     float_layers: [{node, reason}]                with --bits: weight layers kept in float
     other_weights: {node:W|node:R: quantization}  quantized recurrent (LSTM/GRU/RNN) weights
+    flops_budget: {sensitivity, group_drift: {group id: drift}} | null
+                                                  --budget-flops: each group's output drift when
+                                                  cut off uncompensated (weights its errors)
     mixed_precision: {budget_size, predicted_size, predicted_ratio, sensitivity, counts,
                       predicted_error, layers: {name: {bits, error, error_at_4_bits, bytes}}}
                                                   --budget-size: the per-layer allocation
@@ -86,6 +89,7 @@ class Report:
     # Quantized weights outside the layer table (LSTM/GRU/RNN W and R), by ``node:W``.
     other_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     mixed_precision: dict[str, Any] | None = None  # --budget-size: the allocation
+    flops_budget: dict[str, Any] | None = None  # --budget-flops: the groups' output drift
 
     @property
     def flops_before(self) -> int:
@@ -182,6 +186,9 @@ class Report:
                 f"{sum(1 for q in quants if q['bits'] == b)} at {b} bits" for b in widths)
             lines.append(f"weights {len(quants)} layers{at} "
                          f"({quants[0]['quantizer']}, {quants[0]['granularity']}), {repair}")
+        if self.flops_budget:
+            lines.append(f"budget  FLOPs <= {self.config['prune']['budget_flops']:g}x: groups "
+                         f"ranked by predicted error x {self.flops_budget['sensitivity']}")
         if self.mixed_precision:
             mp = self.mixed_precision
             counts = ", ".join(f"{n} {k}" for k, n in sorted(mp["counts"].items()))
