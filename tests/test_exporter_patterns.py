@@ -238,6 +238,12 @@ def mlp_tokens(act: str, zero=False, seed=41):
                          b.const(np.float32(0.5))])
     elif act == "silu":
         h = b.op("Mul", [h, b.op("Sigmoid", [h])])
+    elif act == "hardswish_clip":  # x * Clip(x + 3, 0, 6) / 6 (TF/Keras exports)
+        clip = b.op("Clip", [b.op("Add", [h, b.const(np.float32(3.0))]),
+                             b.const(np.float32(0.0)), b.const(np.float32(6.0))])
+        h = b.op("Div", [b.op("Mul", [h, clip]), b.const(np.float32(6.0))])
+    elif act == "hardswish_hsig":  # x * HardSigmoid(x) (Paddle exports)
+        h = b.op("Mul", [h, b.op("HardSigmoid", [h], alpha=1.0 / 6, beta=0.5)])
     elif act == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
         cube = b.op("Mul", [b.op("Pow", [h, b.const(np.float32(3.0))]),
                             b.const(np.float32(0.044715))])
@@ -282,7 +288,9 @@ def test_linear_bias_add_is_part_of_the_layer(act):
 
 RELU_LIKE = [("erf", ["Add", "Erf", "Mul"]), ("silu", ["Mul", "Sigmoid"]), ("Gelu", ["Gelu"]),
              ("gelu_tanh", ["Add", "Mul", "Pow", "Tanh"]),
-             ("HardSwish", ["HardSwish"]), ("Elu", ["Elu"])]
+             ("HardSwish", ["HardSwish"]), ("Elu", ["Elu"]),
+             ("hardswish_clip", ["Add", "Clip", "Mul"]),  # the /6 is a scale
+             ("hardswish_hsig", ["HardSigmoid", "Mul"])]
 
 
 @pytest.mark.parametrize("act,names", RELU_LIKE)
