@@ -28,7 +28,7 @@ from onnx_udfc.core.errors import UdfcError
 
 METHODS = ("prune", "nm", "udfc", "udfc+")
 CRITERIA = ("l1", "l2", "recon")
-MOMENT_SOURCES = ("auto", "sampled", "propagated", "inverted")
+MOMENT_SOURCES = ("auto", "sampled", "proxy", "propagated", "inverted")
 QUANTIZERS = ("paper", "symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel")
 FORMATS = ("fake", "qdq")
@@ -87,8 +87,10 @@ class MethodOptions:
                        "closed form; udfc+: least squares on activation moments, GPTQ rounding "
                        "and bias correction", flag="--method", choices=METHODS)
     moments: str = option("auto", "udfc+ without --calibration: sampled (synthetic images, BN "
-                          "re-anchored), inverted (model inversion: minutes), propagated "
-                          "(analytic); auto: sampled for nets with BN/Conv, else propagated",
+                          "re-anchored), proxy (crops of built-in photographs), inverted "
+                          "(model inversion: minutes), propagated (analytic); auto: sampled "
+                          "for nets with BN, proxy for image convnets without BN, sampled for "
+                          "other convnets, else propagated",
                           choices=MOMENT_SOURCES)
     sequential: bool = option(False, "udfc+: fit each layer on the compressed-so-far network, "
                               "then refit the next Conv on patches of the kept channels")

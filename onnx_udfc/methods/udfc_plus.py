@@ -49,15 +49,14 @@ class UdfcPlus(Method):
         from onnx_udfc.methods.sequential import sequential_pruning
 
         cfg = run.config.plus
-        measured = run.source.kind == "measured"
         todo = [(j.producer, j.absorbers, j.classes, j.kept, j.pruned) for j in deferred]
         try:
             feed = run.source.sample_feed(run.ctx.model, cfg.seq_limit)
             # with real inputs every channel is refitted; on synthetic ones only the pruned
             # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
-            return sequential_pruning(run.ctx, removed, todo, feed, not measured, cfg.seq_lam,
-                                      cfg.seq_const_scale, full=measured,
-                                      output_fit=cfg.seq_output)
+            return sequential_pruning(run.ctx, removed, todo, feed, run.source.anchored,
+                                      cfg.seq_lam, cfg.seq_const_scale,
+                                      full=run.source.refit_kept, output_fit=cfg.seq_output)
         except refusals() as exc:
             # A refused feed fails on the first run, on the original network, before any fit
             # is written: the one-shot fit on propagated moments takes every layer instead.

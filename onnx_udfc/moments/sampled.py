@@ -57,10 +57,11 @@ def pink_noise(shape: tuple[int, ...], rng: np.random.Generator,
     return x
 
 
-def sample_count(dims: list[int]) -> int:
-    """Images per batch: ``SAMPLES`` small ones, fewer large ones (at least 8)."""
+def sample_count(dims: list[int], samples: int = SAMPLES, positions: int = POSITIONS) -> int:
+    """Images per batch: ``samples`` small ones, fewer large ones (at least 8), so that the
+    batch holds at most ``positions`` pixels."""
     pixels = int(np.prod(dims[2:])) if len(dims) > 2 else 1
-    return int(max(8, min(SAMPLES, POSITIONS // max(pixels, 1))))
+    return int(max(8, min(samples, positions // max(pixels, 1))))
 
 
 def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,

@@ -1,14 +1,18 @@
 """Where a run's activation moments come from, decided once per run.
 
-The user asks for ``auto``, ``sampled``, ``propagated`` or ``inverted`` (``--moments``) and may
-give calibration inputs. The kind is then
+The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted``
+(``--moments``) and may give calibration inputs. The kind is then
 
 * ``measured`` when calibration inputs are given (:mod:`~.measured`), whatever was asked;
 * ``sampled``: synthetic images through the network, BatchNorms re-anchored (:mod:`~.sampled`);
+* ``proxy``: the same measurement on crops of the built-in photographs (:mod:`~.proxy`); a
+  model with no image input falls back to ``sampled`` (recorded);
 * ``inverted``: the same measurement on the model-inversion batch (:mod:`~.inverted`);
 * ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
-* ``auto``: ``sampled`` for a network with BatchNorm or Conv layers, ``propagated`` for a plain
-  MLP (measured on the NM ResNet-56 and LeNet-300-100, see README).
+* ``auto``: ``sampled`` for a network with BatchNorm, ``proxy`` for a convolutional network
+  without BatchNorm (a folded export) that reads an image, ``sampled`` for other convolutional
+  ones, ``propagated`` for a plain MLP (measured on the NM ResNet-56, ResNet-20 and
+  LeNet-300-100, see README and ``docs/results/data_free.md``).
 
 Sampling runs the network in ONNX Runtime on a batch, which a graph with a fixed batch size baked
 into a constant refuses. The source then falls back to the propagation, records the cause, and
@@ -26,12 +30,13 @@ import onnx
 from onnx_udfc.config import MOMENT_SOURCES
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import refusals
+from onnx_udfc.moments import proxy
 from onnx_udfc.moments.feeds import fixed_inputs, undrawn_input_cause
 from onnx_udfc.moments.measured import load_calibration, measure
 from onnx_udfc.moments.propagated import TensorMoments, propagate
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
 
-SAMPLING = ("sampled", "inverted")  # the kinds that run the network on a batch
+SAMPLING = ("sampled", "proxy", "inverted")  # the kinds that run the network on a batch
 CONV_LIKE = {"BatchNormalization", "Conv", "ConvTranspose"}  # what makes ``auto`` sample
 
 
@@ -47,7 +52,12 @@ def resolve(model: onnx.ModelProto, requested: str) -> str:
     if requested != "auto":
         return requested
     ops = {n.op_type for n in model.graph.node}
-    return "sampled" if ops & CONV_LIKE else "propagated"
+    if not ops & CONV_LIKE:
+        return "propagated"
+    # without a BatchNorm to re-anchor them, pink-noise activations drift: photographs do not
+    if "BatchNormalization" not in ops and proxy.not_image_cause(model) is None:
+        return "proxy"
+    return "sampled"
 
 
 class MomentSource:
@@ -93,15 +103,29 @@ class MomentSource:
                          max_full=max_full, input_mean=self.input_mean,
                          input_std=self.input_std, keep=tensors)
 
-    def sample_feed(self, model: onnx.ModelProto, limit: int) -> dict[str, np.ndarray]:
+    @property
+    def anchored(self) -> bool:
+        """Whether the network runs with its BatchNorms re-anchored to each batch (drawn
+        inputs; real ones, and the proxy photographs when :data:`~.proxy.ANCHOR_BN` is off,
+        run the network as it is)."""
+        return self.kind != "measured" and (self.kind != "proxy" or proxy.ANCHOR_BN)
+
+    @property
+    def refit_kept(self) -> bool:
+        """Whether the sequential fit refits the kept channels too (on real inputs, and on the
+        proxy photographs when :data:`~.proxy.REFIT_KEPT` is on)."""
+        return self.kind == "measured" or (self.kind == "proxy" and proxy.REFIT_KEPT)
+
+    def sample_feed(self, model: onnx.ModelProto, limit: int,
+                    stage: str = "compensate") -> dict[str, np.ndarray]:
         """Inputs to run the network on: the first ``limit`` calibration inputs, else the
-        inversion batch, else synthetic samples. :class:`UdfcError` when an input cannot be
-        drawn."""
+        inversion batch, else proxy or synthetic samples. :class:`UdfcError` when an input
+        cannot be drawn."""
         if self.calibration is not None:
             fixed = fixed_inputs(model)
             return {k: v if k in fixed else v[:limit]
                     for k, v in load_calibration(self.calibration, model).items()}
-        feed, cause = self._drawn_feed(model)
+        feed, cause = self._drawn_feed(model, stage)
         if cause is not None:
             raise UdfcError(cause)
         return feed
@@ -114,18 +138,30 @@ class MomentSource:
     def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
                 stage: str) -> dict[str, TensorMoments] | None:
         """Sampled moments, or None after falling back (recorded) when the run is refused."""
-        feed, cause = self._drawn_feed(model)
+        feed, cause = self._drawn_feed(model, stage)
         if cause is not None:
             self.fall_back(stage, cause)
             return None
         try:
+            if not self.anchored:
+                return measure(model, feed, tensors)
             return sampled_moments(model, tensors, shapes, feed=feed)
         except refusals() as exc:
             self.fall_back(stage, refusal_cause(exc))
             return None
 
-    def _drawn_feed(self, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], str | None]:
-        """The inversion batch or synthetic samples, and why they cannot run ``model``."""
+    def _drawn_feed(self, model: onnx.ModelProto, stage: str
+                    ) -> tuple[dict[str, np.ndarray], str | None]:
+        """The inversion batch, proxy or synthetic samples, and why they cannot run ``model``.
+        ``proxy`` on a model without an image input switches to ``sampled`` (recorded)."""
+        if self.kind == "proxy":
+            cause = proxy.not_image_cause(model)
+            if cause is None:
+                feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std)
+                return feed, undrawn_input_cause(model, feed)
+            self.fallbacks.append({"from": "proxy", "to": "sampled", "cause": cause,
+                                   "stage": stage})
+            self.kind = "sampled"
         feed = self.samples if self.samples is not None else synthetic_inputs(
             model, self.seed, self.input_mean, self.input_std, self.input_shapes)
         return feed, undrawn_input_cause(model, feed)

@@ -1,0 +1,149 @@
+"""Data-free moments from a built-in proxy image set (``--moments proxy``).
+
+Synthetic pink noise carries no statistics of real images past its spectrum; on a BN-folded
+network nothing re-anchors the activations it produces (:mod:`~.sampled`). Real photographs
+do, even out of the user's domain: cross-domain calibration is stable across tasks ("Is
+In-Domain Data Really Needed?", arXiv 2105.07331). The package ships a few public-domain / CC0
+photographs (``proxy_images/``, sources and licenses in ``proxy_images/LICENSES.md``; built by
+``tools/make_proxy_images.py``) as a numpy archive, so no image decoder is needed at run time.
+
+Each sample is a random crop (area and aspect jittered), flipped half the time, colour-jittered
+(brightness, contrast, saturation) and resized to the model's input with numpy/scipy only.
+Colour inputs draw from the colour photographs, one-channel inputs from every photograph in
+grey. The preprocessing the model expects is unknown, so every channel of the batch is
+standardised to mean 0, variance 1: ImageNet- and CIFAR-style normalisation brings natural
+images close to that (``input_mean``/``input_std`` then shift and scale it, as for the pink
+noise). An input that is not an image (rank 4, 1 or 3 channels, sides >= 8) gets what
+:func:`~.sampled.synthetic_inputs` gives it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+from scipy import ndimage
+
+from onnx_udfc.core.io import graph_inputs
+from onnx_udfc.moments.feeds import fixed_inputs
+from onnx_udfc.moments.sampled import sample_count, synthetic_inputs
+
+IMAGES = Path(__file__).resolve().parent / "proxy_images" / "proxy_images.npz"
+CROP_AREA = (0.25, 1.0)  # share of the source image a crop covers
+CROP_ASPECT = (3 / 4, 4 / 3)  # crop aspect ratio relative to the input's
+JITTER = 0.3  # brightness, contrast and saturation factors drawn from 1 +- JITTER
+MIN_SIDE = 8  # smaller spatial inputs are not treated as images
+LUMA = np.array([0.299, 0.587, 0.114])
+SAMPLES, POSITIONS = 128, 1 << 17  # images per batch, and pixels per batch at most
+GREY_IN_COLOUR = False  # colour inputs also draw the grey photographs (as grey RGB)
+UNIT_RANGE = False  # pixels in [0, 1] instead of standardised channels
+ANCHOR_BN = True  # BatchNorms re-anchored to each proxy batch, as for the pink noise
+REFIT_KEPT = False  # the sequential fit refits the pruned channels only, as for the pink noise
+
+
+@functools.lru_cache(maxsize=1)
+def proxy_images() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """(colour ``(H, W, 3)``, grey ``(H, W)``) photographs as float in [0, 1]; the grey ones
+    include every colour photograph in grey."""
+    with np.load(IMAGES) as npz:
+        arrays = [npz[k].astype(np.float64) / 255.0 for k in sorted(npz.files)]
+    colour = tuple(a for a in arrays if a.ndim == 3)
+    grey = tuple(a if a.ndim == 2 else a @ LUMA for a in arrays)
+    return colour, grey
+
+
+def image_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The sample inputs that look like images: static ``(N, C, H, W)``, C 1 or 3, H and W at
+    least :data:`MIN_SIDE` (the batch dimension may be free)."""
+    fixed = fixed_inputs(model)
+    found = {}
+    for inp in graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else 0
+                for d in inp.type.tensor_type.shape.dim]
+        if inp.name not in fixed and len(dims) == 4 and dims[1] in (1, 3) \
+                and min(dims[2:]) >= MIN_SIDE:
+            found[inp.name] = dims
+    return found
+
+
+def not_image_cause(model: onnx.ModelProto) -> str | None:
+    """Why the proxy images cannot feed ``model`` (no input is an image), or None."""
+    if image_inputs(model):
+        return None
+    return "no input is an image (N, C, H, W) with 1 or 3 channels and sides of at least " \
+        f"{MIN_SIDE}: synthetic samples instead of the proxy images"
+
+
+def crop_resize(image: np.ndarray, height: int, width: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """A random crop of ``image`` (``(H, W)`` or ``(H, W, C)``) resized to ``height x width``
+    (bilinear, low-pass filtered first when shrinking), flipped left-right half the time."""
+    src_h, src_w = image.shape[:2]
+    area = rng.uniform(*CROP_AREA) * src_h * src_w
+    aspect = width / height * np.exp(rng.uniform(*np.log(CROP_ASPECT)))
+    crop_h = min(src_h, np.sqrt(area / aspect))
+    crop_w = min(src_w, crop_h * aspect)
+    top, left = rng.uniform(0, src_h - crop_h), rng.uniform(0, src_w - crop_w)
+    rows = top + (np.arange(height) + 0.5) * crop_h / height - 0.5
+    cols = left + (np.arange(width) + 0.5) * crop_w / width - 0.5
+    if rng.random() < 0.5:
+        cols = cols[::-1]
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    shrink = (crop_h / height, crop_w / width)
+    sigma = [max(0.0, (s - 1) / 2) for s in shrink]  # anti-aliasing before sampling
+    planes = image[..., None] if image.ndim == 2 else image
+    out = [ndimage.map_coordinates(ndimage.gaussian_filter(planes[..., c], sigma), grid,
+                                   order=1, mode="reflect") for c in range(planes.shape[-1])]
+    return np.stack(out)
+
+
+def jitter(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``x`` (``(C, H, W)`` in [0, 1]) with random brightness, contrast and (colour only)
+    saturation, clipped to [0, 1]."""
+    brightness, contrast, saturation = rng.uniform(1 - JITTER, 1 + JITTER, 3)
+    x = x * brightness
+    grey = np.tensordot(LUMA, x, 1) if len(x) == 3 else x[0]
+    x = (x - grey.mean()) * contrast + grey.mean()
+    if len(x) == 3:
+        grey = np.tensordot(LUMA, x, 1)
+        x = grey + (x - grey) * saturation
+    return np.clip(x, 0.0, 1.0)
+
+
+def proxy_batch(n: int, channels: int, height: int, width: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """``(n, channels, height, width)`` augmented proxy crops in [0, 1]."""
+    colour, grey = proxy_images()
+    if GREY_IN_COLOUR:
+        colour = colour + tuple(np.repeat(g[..., None], 3, -1) for g in grey)
+    pool = colour if channels == 3 else grey
+    return np.stack([jitter(crop_resize(pool[rng.integers(len(pool))], height, width, rng), rng)
+                     for _ in range(n)])
+
+
+def standardise(x: np.ndarray, input_mean: tuple[float, ...] | None,
+                input_std: tuple[float, ...] | None) -> np.ndarray:
+    """Every channel of the batch to mean 0, variance 1, then scaled by ``input_std`` and
+    shifted by ``input_mean`` when given."""
+    x = (x - x.mean((0, 2, 3), keepdims=True)) / (x.std((0, 2, 3), keepdims=True) + 1e-12)
+    c = x.shape[1]
+    std = np.asarray(input_std if input_std is not None else [1.0] * c).reshape(1, c, 1, 1)
+    mean = np.asarray(input_mean if input_mean is not None else [0.0] * c).reshape(1, c, 1, 1)
+    return x * std + mean
+
+
+def proxy_inputs(model: onnx.ModelProto, seed: int = 0,
+                 input_mean: tuple[float, ...] | None = None,
+                 input_std: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+    """:func:`~.sampled.synthetic_inputs` with every image input (:func:`image_inputs`) drawn
+    from the proxy set instead, standardised (:func:`standardise`)."""
+    feed = synthetic_inputs(model, seed, input_mean, input_std)
+    rng = np.random.default_rng(seed)
+    for name, dims in image_inputs(model).items():
+        x = proxy_batch(sample_count(dims, SAMPLES, POSITIONS), *dims[1:], rng)
+        if not UNIT_RANGE:
+            x = standardise(x, input_mean, input_std)
+        feed[name] = x.astype(np.float32)
+    return feed

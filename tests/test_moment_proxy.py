@@ -1,0 +1,112 @@
+"""``--moments proxy`` (onnx_udfc.moments.proxy): the shipped photographs and their licenses,
+the augmented crops, the standardised feed, ``auto`` choosing it for image convnets without
+BatchNorm, and the recorded fallback for a model that reads no image."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_udfc import api
+from onnx_udfc.core.io import infer_shapes
+from onnx_udfc.moments import proxy
+from onnx_udfc.moments.source import MomentSource, resolve
+from tests.helpers import bn_chain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _conv_on(shape: list[int]) -> onnx.ModelProto:
+    """Conv (no BN) -> Relu -> Conv on an input of ``shape`` (rank 3 or 4, sides >= 5)."""
+    rng = np.random.default_rng(0)
+    kernel = [3] * (len(shape) - 2)
+    w1 = rng.standard_normal((6, shape[1], *kernel)).astype(np.float32)
+    w2 = rng.standard_normal((4, 6, *kernel)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                       [shape[0], 4, *[d - 4 for d in shape[2:]]])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shipped_images_are_small_licensed_and_packaged():
+    path = proxy.IMAGES
+    assert path.stat().st_size < 512 * 1024
+    with np.load(path) as npz:
+        names = list(npz.files)
+        arrays = [npz[k] for k in names]
+    assert all(a.dtype == np.uint8 and max(a.shape[:2]) <= 256 for a in arrays)
+    licenses = (path.parent / "LICENSES.md").read_text()
+    assert all(f"| `{name}` |" in licenses for name in names)
+    colour, grey = proxy.proxy_images()
+    assert len(colour) >= 4 and all(a.shape[-1] == 3 for a in colour)
+    assert len(grey) == len(names) and all(a.ndim == 2 for a in grey)
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    patterns = re.findall(r'"([^"]+)"', section.split("[")[1].split("]")[0])
+    shipped = {p for pattern in patterns for p in (ROOT / "onnx_udfc").glob(pattern)}
+    assert {path, path.parent / "LICENSES.md"} <= shipped
+
+
+def test_crops_keep_a_flat_image_flat_and_follow_its_gradient():
+    rng = np.random.default_rng(0)
+    flat = np.full((40, 60, 3), 0.25)
+    assert np.allclose(proxy.crop_resize(flat, 16, 8, rng), 0.25)
+    ramp = np.tile(np.linspace(0, 1, 60), (40, 1))  # brighter to the right
+    crops = [proxy.crop_resize(ramp, 8, 8, rng)[0] for _ in range(40)]
+    slopes = [np.sign(c[:, -1].mean() - c[:, 0].mean()) for c in crops]
+    assert crops[0].shape == (8, 8) and {-1.0, 1.0} <= set(slopes)  # flipped or not
+
+
+def test_feed_is_standardised_seeded_and_grey_for_one_channel():
+    model = bn_chain()  # input (2, 3, 8, 8)
+    feed = proxy.proxy_inputs(model, seed=3)["x"]
+    assert feed.shape == (128, 3, 8, 8) and feed.dtype == np.float32
+    assert np.allclose(feed.mean((0, 2, 3)), 0, atol=1e-5)
+    assert np.allclose(feed.std((0, 2, 3)), 1, atol=1e-4)
+    assert np.array_equal(feed, proxy.proxy_inputs(model, seed=3)["x"])
+    assert not np.allclose(feed, proxy.proxy_inputs(model, seed=4)["x"])
+    shifted = proxy.proxy_inputs(model, 3, input_mean=(1, 2, 3), input_std=(2, 2, 2))["x"]
+    assert np.allclose(shifted.mean((0, 2, 3)), [1, 2, 3], atol=1e-4)
+    grey = proxy.proxy_inputs(_conv_on([1, 1, 28, 28]))["x"]
+    assert grey.shape[1] == 1 and np.isclose(grey.std(), 1, atol=1e-4)
+
+
+def test_auto_picks_proxy_for_image_convnets_without_batchnorm():
+    assert resolve(bn_chain(), "auto") == "sampled"
+    assert resolve(bn_chain(with_bn=False), "auto") == "proxy"
+    assert resolve(_conv_on([1, 2, 16, 16]), "auto") == "sampled"  # 2 channels: no image
+    assert resolve(_conv_on([1, 3, 64]), "auto") == "sampled"  # 1-D signal
+    assert resolve(bn_chain(), "proxy") == "proxy"
+
+
+def test_proxy_reanchors_batchnorm_like_the_pink_noise():
+    model = bn_chain()
+    moments = MomentSource(model, "proxy").moments(model, infer_shapes(model), ["n1"],
+                                                   stage="test")
+    beta = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b"))
+    assert np.allclose(moments["n1"].mean, beta, atol=1e-4)
+
+
+def test_a_model_without_an_image_input_falls_back_to_sampled_and_says_so():
+    _, report = api.compress(_conv_on([1, 3, 64]), prune=0.5, method="udfc+",
+                             moments="proxy", sequential=True, target="fake")
+    moments = report.to_dict()["moments"]
+    assert (moments["requested"], moments["used"]) == ("proxy", "sampled")
+    [fallback] = moments["fallbacks"]
+    assert (fallback["from"], fallback["to"]) == ("proxy", "sampled")
+    assert "no input is an image" in fallback["cause"]
+
+
+def test_folded_convnet_compresses_on_proxy_moments_by_default():
+    model, report = api.compress(bn_chain(with_bn=False), prune=0.3, method="udfc+", bits=8,
+                                 sequential=True, target="fake")
+    assert report.moments == {"requested": "auto", "used": "proxy", "fallbacks": []}
+    onnx.checker.check_model(model)
