@@ -143,3 +143,16 @@ def test_sequence_logits_get_per_step_agreement():
     assert fid.top1_agreement is not None and 0.7 <= fid.top1_agreement < 1.0
     assert fid.worst_channel is not None  # per class, over the time steps
 
+
+
+def test_proxy_images_are_drawn_at_the_working_size():
+    b = Builder(seed=2)
+    x = b.input("x", ["N", 3, "H", "W"])
+    h = b.relu(b.conv(b.relu(b.conv(x, 3, 16, name="c0")), 16, 16, name="c1"))
+    b.output(b.conv(h, 16, 8, name="c2"))
+    model = b.build()  # no BatchNorm: auto picks the proxy photographs
+    model.metadata_props.add(key="imgsz", value="24")
+    _, report = api.compress(model, prune=0.25)
+    assert report.moments == {"requested": "auto", "used": "proxy", "fallbacks": []}
+    comps = [x["compensation"] for x in report.layers if x["compensation"]]
+    assert comps and all(c["compensated"] for c in comps)

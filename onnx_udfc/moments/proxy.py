@@ -20,6 +20,7 @@ noise). An input that is not an image (rank 4, 1 or 3 channels, sides >= 8) gets
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,23 +55,27 @@ def proxy_images() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     return colour, grey
 
 
-def image_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """The sample inputs that look like images: static ``(N, C, H, W)``, C 1 or 3, H and W at
-    least :data:`MIN_SIDE` (the batch dimension may be free)."""
+def image_inputs(model: onnx.ModelProto,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """The sample inputs that look like images: static ``(N, C, H, W)`` (``input_shapes``, the
+    run's working shapes, fixing dynamic sizes), C 1 or 3, H and W at least :data:`MIN_SIDE`
+    (the batch dimension may be free)."""
     fixed = fixed_inputs(model)
+    shapes = input_shapes or {}
     found = {}
     for inp in graph_inputs(model):
-        dims = [d.dim_value if d.HasField("dim_value") else 0
-                for d in inp.type.tensor_type.shape.dim]
+        dims = list(shapes[inp.name]) if inp.name in shapes else [
+            d.dim_value if d.HasField("dim_value") else 0 for d in inp.type.tensor_type.shape.dim]
         if inp.name not in fixed and len(dims) == 4 and dims[1] in (1, 3) \
                 and min(dims[2:]) >= MIN_SIDE:
             found[inp.name] = dims
     return found
 
 
-def not_image_cause(model: onnx.ModelProto) -> str | None:
+def not_image_cause(model: onnx.ModelProto,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> str | None:
     """Why the proxy images cannot feed ``model`` (no input is an image), or None."""
-    if image_inputs(model):
+    if image_inputs(model, input_shapes):
         return None
     return "no input is an image (N, C, H, W) with 1 or 3 channels and sides of at least " \
         f"{MIN_SIDE}: synthetic samples instead of the proxy images"
@@ -136,12 +141,14 @@ def standardise(x: np.ndarray, input_mean: tuple[float, ...] | None,
 
 def proxy_inputs(model: onnx.ModelProto, seed: int = 0,
                  input_mean: tuple[float, ...] | None = None,
-                 input_std: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+                 input_std: tuple[float, ...] | None = None,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None
+                 ) -> dict[str, np.ndarray]:
     """:func:`~.sampled.synthetic_inputs` with every image input (:func:`image_inputs`) drawn
     from the proxy set instead, standardised (:func:`standardise`)."""
-    feed = synthetic_inputs(model, seed, input_mean, input_std)
+    feed = synthetic_inputs(model, seed, input_mean, input_std, input_shapes)
     rng = np.random.default_rng(seed)
-    for name, dims in image_inputs(model).items():
+    for name, dims in image_inputs(model, input_shapes).items():
         x = proxy_batch(sample_count(dims, SAMPLES, POSITIONS), *dims[1:], rng)
         if not UNIT_RANGE:
             x = standardise(x, input_mean, input_std)

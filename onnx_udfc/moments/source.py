@@ -47,15 +47,17 @@ def check_request(requested: str) -> None:
                         f"(choose {', '.join(MOMENT_SOURCES)})")
 
 
-def resolve(model: onnx.ModelProto, requested: str) -> str:
-    """The data-free kind ``requested`` stands for on ``model`` (``auto`` resolved)."""
+def resolve(model: onnx.ModelProto, requested: str,
+            input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """The data-free kind ``requested`` stands for on ``model`` (``auto`` resolved;
+    ``input_shapes``: the run's working shapes of dynamic inputs)."""
     if requested != "auto":
         return requested
     ops = {n.op_type for n in model.graph.node}
     if not ops & CONV_LIKE:
         return "propagated"
     # without a BatchNorm to re-anchor them, pink-noise activations drift: photographs do not
-    if "BatchNormalization" not in ops and proxy.not_image_cause(model) is None:
+    if "BatchNormalization" not in ops and proxy.not_image_cause(model, input_shapes) is None:
         return "proxy"
     return "sampled"
 
@@ -85,7 +87,8 @@ class MomentSource:
         self.input_mean, self.input_std = input_mean, input_std
         self.spatial, self.fit_spatial = spatial, fit_spatial
         self.input_shapes = dict(input_shapes or {})  # the run's working shapes
-        self.kind = "measured" if calibration is not None else resolve(model, requested)
+        self.kind = "measured" if calibration is not None else resolve(model, requested,
+                                                                        self.input_shapes)
         self.fallbacks: list[dict[str, str]] = []
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
@@ -155,9 +158,10 @@ class MomentSource:
         """The inversion batch, proxy or synthetic samples, and why they cannot run ``model``.
         ``proxy`` on a model without an image input switches to ``sampled`` (recorded)."""
         if self.kind == "proxy":
-            cause = proxy.not_image_cause(model)
+            cause = proxy.not_image_cause(model, self.input_shapes)
             if cause is None:
-                feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std)
+                feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std,
+                                          self.input_shapes)
                 return feed, undrawn_input_cause(model, feed)
             self.fallbacks.append({"from": "proxy", "to": "sampled", "cause": cause,
                                    "stage": stage})
