@@ -1,6 +1,6 @@
 """Build ``onnx_udfc/moments/proxy_images/proxy_images.npz``, the built-in proxy image set of
 ``--moments proxy`` (:mod:`onnx_udfc.moments.proxy`), from public-domain / CC0 photographs that
-matplotlib and scikit-image bundle (sources and licenses: ``proxy_images/LICENSES.md``).
+scikit-image bundles (sources and licenses: ``proxy_images/LICENSES.md``).
 
 The package reads the set with numpy only: each image is stored as a uint8 array, ``(H, W, 3)``
 for colour, ``(H, W)`` for grey, its longer side downscaled to ``--side`` pixels (PIL, here in
@@ -17,13 +17,13 @@ import io
 import zipfile
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from PIL import Image
 
 OUT = Path(__file__).resolve().parents[1] / "onnx_udfc" / "moments" / "proxy_images" \
     / "proxy_images.npz"
-MATPLOTLIB = ["grace_hopper.jpg"]  # in matplotlib/mpl-data/sample_data
+# matplotlib's grace_hopper.jpg is left out: its sample_data README names no license and its
+# own issue tracker calls it both public domain and Creative Commons.
 SKIMAGE = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",  # colour
            "camera.png", "brick.png", "grass.png", "gravel.png", "clock_motion.png"]  # grey
 
@@ -45,12 +45,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=128)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    sample_data = Path(matplotlib.get_data_path()) / "sample_data"
-    images = {Path(n).stem: shrink((sample_data / n).read_bytes(), args.side)
-              for n in MATPLOTLIB}
     with zipfile.ZipFile(args.skimage_wheel) as wheel:
-        images.update({Path(n).stem: shrink(wheel.read(f"skimage/data/{n}"), args.side)
-                       for n in SKIMAGE})
+        images = {Path(n).stem: shrink(wheel.read(f"skimage/data/{n}"), args.side)
+                  for n in SKIMAGE}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **images)
     for name, array in images.items():
