@@ -1,0 +1,60 @@
+"""The pure scoring helpers of ``tools/bench_realworld.py`` (``tools/realworld/metrics.py``):
+box IoU, NMS and matching, CTC collapse, CER. No model is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "tools" / "realworld" / "metrics.py"
+SPEC = importlib.util.spec_from_file_location("realworld_metrics", PATH)
+metrics = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(metrics)
+
+
+def test_iou_of_known_boxes():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]])
+    assert metrics.pairwise_iou(a, b)[0].tolist() == pytest.approx([50 / 150, 0.0, 1.0])
+    # counting both end pixels: 6 x 11 overlap of two 11 x 11 boxes
+    assert metrics.pairwise_iou(a, b[:1], pixel_offset=1.0)[0, 0] == pytest.approx(
+        66 / (121 + 121 - 66))
+
+
+def test_nms_keeps_the_best_of_each_cluster():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 9]])
+    scores = np.array([0.5, 0.9, 0.8, 0.3])
+    assert metrics.nms(boxes, scores, 0.45) == [1, 2]
+    assert sorted(metrics.nms(boxes, scores, 1.0)) == [0, 1, 2, 3]
+
+
+def test_matching_uses_each_candidate_once():
+    reference = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [100, 100, 110, 110]])
+    candidate = np.array([[0, 0, 10, 10], [300, 300, 310, 310]])
+    assert metrics.match_boxes(reference, candidate) == 1
+    assert metrics.match_boxes(reference, reference) == 3
+    assert metrics.match_boxes(reference, np.zeros((0, 4))) == 0
+    assert metrics.match_boxes(reference, [[0, 0, 10, 4]]) == 0   # IoU 0.4
+
+
+def test_ctc_collapse_merges_repeats_and_drops_blanks():
+    assert metrics.ctc_collapse([0, 3, 3, 0, 3, 5, 5, 5, 0, 0]) == [3, 3, 5]
+    assert metrics.ctc_collapse(np.array([7, 7, 7])) == [7]
+    assert metrics.ctc_collapse([]) == []
+
+
+def test_edit_distance_and_cer():
+    assert metrics.edit_distance("kitten", "sitting") == 3
+    assert metrics.edit_distance("", "abc") == 3
+    assert metrics.edit_distance("abc", "abc") == 0
+    assert metrics.cer(["abcd", "xy"], ["abce", "xyz"]) == pytest.approx(2 / 7)
+
+
+def test_rank_correlation():
+    assert metrics.rank_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert math.isnan(metrics.rank_correlation([1, 2], [3, 4]))
+    assert math.isnan(metrics.rank_correlation([1, 2, 3], [5, 5, 5]))
