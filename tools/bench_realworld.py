@@ -52,6 +52,10 @@ CONFIGS: dict[str, list[str] | None] = {
        for name, options in PRUNED.items()},
     "budget-0.2": ["--budget-size", "0.2"],
     "budget-0.2-prune-0.1": ["--budget-size", "0.2", "--prune", "0.1"],
+    # FLOPs budgets: per-group ratios weighted by each group's measured output drift
+    "flops-0.85": ["--budget-flops", "0.85"],
+    "flops-0.85-best": ["--preset", "best", "--budget-flops", "0.85"],
+    "budget-0.2-flops-0.85": ["--budget-size", "0.2", "--budget-flops", "0.85"],
 }
 COUNTS = {"orientation": 240, "detector": 30, "recogniser": 200}   # images per task
 QUICK_SHARE = 4
