@@ -126,11 +126,16 @@ def _analyse(state: RunState) -> None:
     state.method_config = method_config(state.config)
 
 
+def _detail(state: RunState) -> Callable[[str], None] | None:
+    """The progress bar's label for a counter inside a long stage (None without a bar)."""
+    return getattr(state.progress, "detail", None)
+
+
 def _moments(state: RunState) -> None:
     """Model inversion (``--moments inverted``): the fitted batch stands in for the data."""
     from onnx_udfc.moments.inverted import cached_inverted_inputs
 
-    detail = getattr(state.progress, "detail", None)
+    detail = _detail(state)
 
     def tick(i: int, steps: int, loss: float) -> None:
         if detail is not None and (i % 5 == 0 or i == steps):
@@ -152,13 +157,11 @@ def _plan(state: RunState) -> None:
     state.source = moment_source(channels.model, cfg.plus,
                                  cfg.calibration if cfg.method == "udfc+" or recon else None)
     if recon or p.budget_flops is not None:
-        with single_blas_thread():
-            state.moments = pruning_moments(channels, state.source, "plan")
+        state.moments = pruning_moments(channels, state.source, "plan")
     if recon:
         from onnx_udfc.channels.select import reconstruction_scores
-        with single_blas_thread():
-            state.scores, _ = reconstruction_scores(channels, state.moments,
-                                                    channels.class_scores("l1"))
+        state.scores, _ = reconstruction_scores(channels, state.moments,
+                                                channels.class_scores("l1"))
     group_ratios = {}
     if p.budget_flops is not None:
         from onnx_udfc.channels.budget import allocate
@@ -175,7 +178,7 @@ def _compensate(state: RunState) -> None:
     state.compensation = compensate_pruning(state.channels, state.plan.removed, cfg,
                                             state.bn_stats,
                                             state.moments if cfg.method == "udfc+" else None,
-                                            state.source)
+                                            state.source, _detail(state))
 
 
 def _rewrite(state: RunState) -> None:
@@ -190,7 +193,8 @@ def _quantize(state: RunState) -> None:
     state.quantization = quantize_model(state.model, cfg, state.config.graph.input_shapes or None,
                                         state.bn_stats,
                                         list(state.config.prune.exclude) + list(q.exclude),
-                                        state.kept, state.source, state.float_layers)
+                                        state.kept, state.source, state.float_layers,
+                                        _detail(state))
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 
@@ -269,13 +273,14 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
     if isinstance(model, onnx.ModelProto) and copy:
         model = compact(model)
     state = RunState(config, model, progress or (lambda _name: None))  # type: ignore[arg-type]
-    for stage in STAGES:
-        if not stage.applies(config) or (stage.name == "check" and not check):
-            continue
-        state.progress(stage.name)
-        start = time.perf_counter()
-        stage.run(state)
-        state.timings[stage.name] = time.perf_counter() - start
+    with single_blas_thread():  # every method's many mid-sized products (see core.blas)
+        for stage in STAGES:
+            if not stage.applies(config) or (stage.name == "check" and not check):
+                continue
+            state.progress(stage.name)
+            start = time.perf_counter()
+            stage.run(state)
+            state.timings[stage.name] = time.perf_counter() - start
     return state.model, _report(state)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,20 +56,25 @@ class MethodRun:
 def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun,
                        folded: dict[str, BatchNormStats] | None = None,
                        moments: dict | None = None,
-                       source: MomentSource | None = None) -> dict[str, dict]:
+                       source: MomentSource | None = None,
+                       detail: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Fold each pruned channel's reconstruction into the next layers (before the rewrite).
 
     udfc+ reads ``moments`` (of the producers' activations, see
     :func:`~onnx_udfc.channels.activations.pruning_moments`) when given, else asks ``source``
     (the run's :class:`MomentSource`; one from ``cfg`` when None).
 
+    ``detail`` receives a per-layer counter (the progress bar's label).
+
     Returns per producer: ``compensated`` (bool), ``reason`` when not, the statistics source,
     the mean Eq. 12 residual (``predicted_error``, relative: 0 exact, 1 nothing recovered) and
     degenerate channels.
     """
+    if not removed.any():  # nothing to rebuild: no moments to read either
+        return {}
     method = get_method(cfg.method)
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in ctx.graph.output}, moments,
-                     source)
+                     source, detail)
     method.prepare_pruning(run)
     root = ctx.roots()
     sources = np.bincount(root[np.asarray(ctx._source) > 0], minlength=len(root))
@@ -129,7 +135,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    exclude: list[str] | None = None,
                    results: dict[str, QuantizedWeight] | None = None,
                    source: MomentSource | None = None,
-                   float_layers: list[dict[str, str]] | None = None) -> dict[str, dict]:
+                   float_layers: list[dict[str, str]] | None = None,
+                   detail: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn.
 
@@ -137,7 +144,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     scales, zero points) so integer storage can write exactly what the fake model holds;
     ``float_layers`` every weight layer kept in float as ``{node, reason}`` (see
     :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
-    from ``cfg`` when None)."""
+    from ``cfg`` when None); ``detail`` receives a per-layer counter."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
@@ -147,13 +154,17 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     inputs = {i.name for i in graph_inputs(model)}
     kept_float: list[dict[str, str]] = []
     out: dict[str, dict] = {}
-    for node in list(model.graph.node):
+    checked = [(node, *quantizable(node, ctx.inits, inputs, patterns))
+               for node in list(model.graph.node)]
+    total = sum(layer is not None for _, layer, _ in checked)
+    for node, layer, reason in checked:
         name = node.name or node.output[0]
-        layer, reason = quantizable(node, ctx.inits, inputs, patterns)
         if reason is not None:
             kept_float.append({"node": name, "reason": reason})
         if layer is None:
             continue
+        if detail is not None:
+            detail(f"quantize {len(out) + 1}/{total}")
         job = QuantJob(node, layer, layer.filters(ctx.inits))
         w = tensor_array(ctx.inits[layer.weight])
         # Scales in the weight's own dtype: what integer storage writes, so the fake model

@@ -74,6 +74,7 @@ class MomentSource:
         self.spatial, self.fit_spatial = spatial, fit_spatial
         self.kind = "measured" if calibration is not None else resolve(model, requested)
         self.fallbacks: list[dict[str, str]] = []
+        self._synthetic: tuple[tuple, dict[str, np.ndarray]] | None = None
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
                 stage: str, max_full: int = 512) -> dict[str, TensorMoments]:
@@ -122,9 +123,16 @@ class MomentSource:
             return None
 
     def _drawn_feed(self, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], str | None]:
-        """The inversion batch or synthetic samples, and why they cannot run ``model``."""
-        feed = self.samples if self.samples is not None else synthetic_inputs(
-            model, self.seed, self.input_mean, self.input_std)
+        """The inversion batch or synthetic samples, and why they cannot run ``model``.
+        Synthetic samples are drawn once per input signature: the stages of a run (and the
+        compressed model, which keeps its inputs) read the same ones."""
+        feed = self.samples
+        if feed is None:
+            key = _input_signature(model)
+            if self._synthetic is None or self._synthetic[0] != key:
+                self._synthetic = (key, synthetic_inputs(model, self.seed, self.input_mean,
+                                                         self.input_std))
+            feed = self._synthetic[1]
         return feed, undrawn_input_cause(model, feed)
 
     def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:
@@ -133,6 +141,12 @@ class MomentSource:
         self.fallbacks.append({"from": failed or self.kind, "to": "propagated", "cause": cause,
                                "stage": stage})
         self.kind = "propagated"
+
+
+def _input_signature(model: onnx.ModelProto) -> tuple:
+    """What :func:`synthetic_inputs` draws from: every graph input's name, type and shape."""
+    return tuple((i.name, i.type.SerializeToString()) for i in model.graph.input), \
+        tuple(sorted(fixed_inputs(model)))
 
 
 def refusal_cause(exc: BaseException) -> str:
