@@ -72,6 +72,7 @@ class Job:
     command: list[str]
     env: dict[str, str]
     report: Path | None = None
+    cwd: Path | None = None
     walls: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)  # bytes
     verify: list[float] = field(default_factory=list)
@@ -83,7 +84,9 @@ def run_job(job: Job) -> None:
     env = {**os.environ, **job.env}
     with tempfile.TemporaryFile() as err:  # a pipe could fill up and block the child
         start = time.perf_counter()
-        proc = subprocess.Popen(job.command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # cwd: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
+        proc = subprocess.Popen(job.command, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                cwd=job.cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -134,7 +137,8 @@ def jobs_for(model: Path, args, work: Path) -> list[Job]:
             cmd = [py, "-m", "onnx_udfc", "compress", str(model), "-o",
                    str(work / f"{preset}-{name}.onnx"), "--report", str(report), "-q",
                    *PRESET_ARGS[preset], *args.extra]
-            jobs.append(Job(label, cmd, {"PYTHONPATH": str(Path(code).resolve())}, report))
+            jobs.append(Job(label, cmd, {"PYTHONPATH": str(Path(code).resolve())}, report,
+                            work))
     return jobs
 
 

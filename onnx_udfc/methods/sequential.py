@@ -172,6 +172,9 @@ class CompressedRuns:
         given = {name: value for name, (value, upstream) in self.cache.items()
                  if name not in tensors and all(sigs[i] == sig for i, sig in upstream.items())}
         out = run_tensors(self.model, self.feed, tensors, self.original, self.stats, given)
+        # keep what this run read and wrote: the next layer's probe starts from them (older
+        # tensors would be recomputed from further up, never read stale)
+        self.cache = {k: v for k, v in self.cache.items() if k in given}
         producer = {o: i for i, n in enumerate(self.model.graph.node) for o in n.output if o}
         for name, value in out.items():
             upstream, stack = {}, [name]
