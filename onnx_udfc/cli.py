@@ -201,7 +201,12 @@ def _seed(text: str) -> int:
     return value
 
 
-_VALUE_TYPES = {"quant.bits": _bits, "method.seed": _seed, "graph.input_shapes": _shape}
+def _round_to(text: str) -> int | str:
+    return text if text == "auto" else _integer(text)
+
+
+_VALUE_TYPES = {"quant.bits": _bits, "method.seed": _seed, "graph.input_shapes": _shape,
+                "prune.round_to": _round_to}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -136,11 +136,16 @@ def _analyse(state: RunState) -> None:
     state.method_config = method_config(state.config)
 
 
+def _detail(state: RunState) -> Callable[[str], None] | None:
+    """The progress bar's label for a counter inside a long stage (None without a bar)."""
+    return getattr(state.progress, "detail", None)
+
+
 def _moments(state: RunState) -> None:
     """Model inversion (``--moments inverted``): the fitted batch stands in for the data."""
     from onnx_udfc.moments.inverted import cached_inverted_inputs
 
-    detail = getattr(state.progress, "detail", None)
+    detail = _detail(state)
 
     def tick(i: int, steps: int, loss: float) -> None:
         if detail is not None and (i % 5 == 0 or i == steps):
@@ -163,13 +168,11 @@ def _plan(state: RunState) -> None:
                                  cfg.calibration if cfg.method == "udfc+" or recon else None,
                                  state.working_shapes)
     if recon or p.budget_flops is not None:
-        with single_blas_thread():
-            state.moments = pruning_moments(channels, state.source, "plan")
+        state.moments = pruning_moments(channels, state.source, "plan")
     if recon:
         from onnx_udfc.channels.select import reconstruction_scores
-        with single_blas_thread():
-            state.scores, _ = reconstruction_scores(channels, state.moments,
-                                                    channels.class_scores("l1"))
+        state.scores, _ = reconstruction_scores(channels, state.moments,
+                                                channels.class_scores("l1"))
     group_ratios = {}
     if p.budget_flops is not None:
         from onnx_udfc.channels.budget import allocate
@@ -187,7 +190,7 @@ def _compensate(state: RunState) -> None:
     state.compensation = compensate_pruning(state.channels, state.plan.removed, cfg,
                                             state.bn_stats,
                                             state.moments if cfg.method == "udfc+" else None,
-                                            state.source)
+                                            state.source, _detail(state))
 
 
 def _rewrite(state: RunState) -> None:
@@ -211,7 +214,7 @@ def _quantize(state: RunState) -> None:
         bits_for = state.mixed.bits
     state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
                                         state.bn_stats, exclude, state.kept, state.source,
-                                        state.float_layers, bits_for)
+                                        state.float_layers, bits_for, _detail(state))
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 
@@ -291,13 +294,14 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
     if isinstance(model, onnx.ModelProto) and copy:
         model = compact(model)
     state = RunState(config, model, progress or (lambda _name: None))  # type: ignore[arg-type]
-    for stage in STAGES:
-        if not stage.applies(config) or (stage.name == "check" and not check):
-            continue
-        state.progress(stage.name)
-        start = time.perf_counter()
-        stage.run(state)
-        state.timings[stage.name] = time.perf_counter() - start
+    with single_blas_thread():  # every method's many mid-sized products (see core.blas)
+        for stage in STAGES:
+            if not stage.applies(config) or (stage.name == "check" and not check):
+                continue
+            state.progress(stage.name)
+            start = time.perf_counter()
+            stage.run(state)
+            state.timings[stage.name] = time.perf_counter() - start
     return state.model, _report(state)
 
 

@@ -1,4 +1,5 @@
-"""Generate ResNet-50 benchmark models (random weights) as ONNX files.
+"""Generate ResNet-50 benchmark models (random weights) as ONNX files (``--depth 18/101``: the
+same recipe at other sizes, for tools/bench_speed.py).
 
 Builds a torchvision-style ResNet-50 (bottleneck blocks [3, 4, 6, 3], stride on the 3x3
 conv as in torchvision >= 0.2 "ResNet v1.5", 224x224 input, 1000 classes) in plain PyTorch
@@ -28,6 +29,10 @@ Run from the repository root::
     python tools/make_resnet50.py                     # writes bench_out/resnet50_{bn,folded}.onnx
     python tools/make_resnet50.py --out /tmp/models   # other output directory
     python tools/make_resnet50.py --seed 1 --batch 4  # other weights / verification batch
+    python tools/make_resnet50.py --depth 18          # resnet18_{bn,folded}.onnx (basic blocks)
+
+ResNet-18 uses torchvision's ``BasicBlock`` (two 3x3 convs, [2, 2, 2, 2]); ResNet-101 the
+bottleneck blocks [3, 4, 23, 3].
 
 The files are ~100 MB each; ``bench_out/`` is gitignored and they must not be committed.
 """
@@ -48,6 +53,9 @@ import torch
 from torch import nn
 
 LAYERS: tuple[int, int, int, int] = (3, 4, 6, 3)
+DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", LAYERS), 101: ("bottleneck", (3, 4, 23, 3))}
 NUM_CLASSES = 1000
 OPSET = 17
 
@@ -81,13 +89,38 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet50(nn.Module):
-    """torchvision ``resnet50`` layout (same module names, so state dicts line up)."""
+class BasicBlock(nn.Module):
+    """torchvision ``BasicBlock``: 3x3 (stride) -> 3x3, residual add, ReLU."""
+
+    expansion = 1
 
     def __init__(
-        self, layers: tuple[int, int, int, int] = LAYERS, num_classes: int = NUM_CLASSES
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
     ) -> None:
         super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """torchvision ``resnet50`` layout (same module names, so state dicts line up); other
+    depths with ``block`` and ``layers``."""
+
+    def __init__(
+        self, layers: tuple[int, int, int, int] = LAYERS, num_classes: int = NUM_CLASSES,
+        block: type[nn.Module] = Bottleneck,
+    ) -> None:
+        super().__init__()
+        self.block = block
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -98,20 +131,19 @@ class ResNet50(nn.Module):
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        block, expansion = self.block, self.block.expansion
         downsample: nn.Module | None = None
-        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+        if stride != 1 or self.inplanes != planes * expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(
-                    self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False
-                ),
-                nn.BatchNorm2d(planes * Bottleneck.expansion),
+                nn.Conv2d(self.inplanes, planes * expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * expansion),
             )
-        layers: list[nn.Module] = [Bottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +153,11 @@ class ResNet50(nn.Module):
         return self.fc(x)
 
 
-def build_model(seed: int) -> ResNet50:
-    """Random-weight ResNet-50 in eval mode with plausible BN statistics."""
+def build_model(seed: int, depth: int = 50) -> ResNet50:
+    """Random-weight ResNet-``depth`` in eval mode with plausible BN statistics."""
     torch.manual_seed(seed)
-    model = ResNet50()
+    kind, layers = DEPTHS[depth]
+    model = ResNet50(layers, block=BasicBlock if kind == "basic" else Bottleneck)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -172,15 +205,17 @@ def n_params(model: onnx.ModelProto) -> int:
     return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
 
 
-def verify(path: Path, *, expect_bn: bool, x: np.ndarray, ref: np.ndarray) -> dict[str, object]:
+def verify(path: Path, *, expect_bn: bool, x: np.ndarray, ref: np.ndarray,
+           n_bn: int = 53) -> dict[str, object]:
     """Structural checks + onnxruntime vs torch comparison; raises on failure."""
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     counts = op_counts(model)
     bn_nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     if expect_bn:
-        if len(bn_nodes) != 53:
-            raise RuntimeError(f"{path.name}: expected 53 BatchNormalization nodes, got {counts}")
+        if len(bn_nodes) != n_bn:
+            raise RuntimeError(f"{path.name}: expected {n_bn} BatchNormalization nodes, "
+                               f"got {counts}")
         bad = [n.name for n in bn_nodes if len(n.output) != 1]
         if bad:
             raise RuntimeError(f"{path.name}: training-mode BN (multiple outputs): {bad[:5]}")
@@ -226,18 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=2, help="batch size for the ORT check")
+    ap.add_argument("--depth", type=int, default=50, choices=sorted(DEPTHS))
     args = ap.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = build_model(args.seed)
+    model = build_model(args.seed, args.depth)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     torch_params = sum(p.numel() for p in model.parameters())
     bn_buffers = sum(
         m.running_mean.numel() + m.running_var.numel()
         for m in model.modules()
         if isinstance(m, nn.BatchNorm2d)
     )
-    print(f"torch ResNet-50: {torch_params:,} parameters (+{bn_buffers:,} BN running stats)")
+    print(f"torch ResNet-{args.depth}: {torch_params:,} parameters "
+          f"(+{bn_buffers:,} BN running stats)")
 
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.batch, 3, 224, 224), dtype=np.float32)
@@ -246,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch logits: shape {ref.shape}, max |logit| {np.max(np.abs(ref)):.3f}")
 
     results: dict[str, dict[str, object]] = {}
-    for name, fold in (("resnet50_bn.onnx", False), ("resnet50_folded.onnx", True)):
+    for name, fold in ((f"resnet{args.depth}_bn.onnx", False),
+                       (f"resnet{args.depth}_folded.onnx", True)):
         path = args.out / name
         t0 = time.perf_counter()
         export(model, path, fold_bn=fold)
@@ -256,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         stray = sorted(p.name for p in args.out.glob(f"{name}*") if p.name != name)
         if stray:
             raise RuntimeError(f"unexpected external-data files next to {name}: {stray}")
-        res = verify(path, expect_bn=not fold, x=x, ref=ref)
+        res = verify(path, expect_bn=not fold, x=x, ref=ref, n_bn=n_bn)
         res["export_s"] = t_export
         results[name] = res
 

@@ -10,6 +10,7 @@ import numpy as np
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.config import PruneOptions, check_prune
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.ort import conv_channel_block
 
 COUPLED_REASON = "tied across layers by a residual/elementwise coupling (use --prune-coupled)"
 
@@ -67,6 +68,7 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
     for pattern in config.exclude:
         excluded |= analysis.node_classes(pattern)
     removed = np.zeros(len(scores), dtype=bool)
+    round_to = conv_channel_block() if config.round_to == "auto" else int(config.round_to)
     plans = []
     for group in groups:
         fixed = dict(group.fixed)
@@ -78,7 +80,7 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
         ratio = group_ratios.get(group.id, config.ratio)
         candidates = np.asarray([c for c in group.classes.tolist() if c not in fixed],
                                 dtype=np.int64)
-        count = min(removal_count(group.size, ratio, config.round_to), len(candidates))
+        count = min(removal_count(group.size, ratio, round_to), len(candidates))
         chosen = _keep_every_tensor(analysis, group, _choose(group, candidates, scores, count),
                                     scores)
         removed[chosen] = True

@@ -99,7 +99,7 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
     return model
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def node_reads(node: onnx.NodeProto) -> list[str]:
     """The names ``node`` reads: its inputs and what its subgraphs read from outside (an
     If/Loop body reads outer tensors without listing them as inputs)."""
     subgraphs = [g for a in node.attribute for g in ([a.g] if a.HasField("g") else a.graphs)]
@@ -110,7 +110,7 @@ def _reads(node: onnx.NodeProto) -> list[str]:
 def _outer_reads(graph: onnx.GraphProto) -> list[str]:
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined.update(o for n in graph.node for o in n.output)
-    return [r for n in graph.node for r in _reads(n) if r not in defined]
+    return [r for n in graph.node for r in node_reads(n) if r not in defined]
 
 
 def _structure(graph: onnx.GraphProto) -> gs.Graph:
@@ -124,7 +124,7 @@ def _structure(graph: onnx.GraphProto) -> gs.Graph:
             tensors[name] = gs.Variable(name)
         return tensors[name]
 
-    nodes = [gs.Node(n.op_type, name=str(i), inputs=[tensor(r) for r in _reads(n)],
+    nodes = [gs.Node(n.op_type, name=str(i), inputs=[tensor(r) for r in node_reads(n)],
                      outputs=[tensor(o) for o in n.output if o])
              for i, n in enumerate(graph.node)]
     return gs.Graph(nodes=nodes, inputs=[tensor(i.name) for i in graph.input],
@@ -135,7 +135,7 @@ def _is_sorted(graph: onnx.GraphProto) -> bool:
     produced = {o for n in graph.node for o in n.output if o}
     ready: set[str] = set()
     for node in graph.node:
-        if any(r in produced and r not in ready for r in _reads(node)):
+        if any(r in produced and r not in ready for r in node_reads(node)):
             return False
         ready.update(node.output)
     return True

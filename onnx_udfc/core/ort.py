@@ -59,6 +59,25 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
             from None
 
 
+def conv_channel_block() -> int:
+    """The channel block of ONNX Runtime's CPU convolutions on this machine (``--round-to
+    auto``). MLAS (onnxruntime/core/mlas/lib/platform.cpp) sets ``NchwcBlockSize`` to 8 on
+    x86-64 and to 16 when AVX-512F is usable; the NCHWc layout transformer
+    (core/optimizer/nchwc_transformer.cc) runs a Conv on its blocked kernels only when its
+    output channels, and its input channels unless fewer than one block, are multiples of
+    it; any other Conv falls back to im2col + SGEMM, whose time does not follow its FLOPs.
+    Elsewhere (no NCHWc kernels) 8, what the SGEMM kernels' vector width favours."""
+    import platform
+
+    try:  # numpy's runtime CPU dispatch table (OS support checked), numpy 2 then 1
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 8
+    return 16 if __cpu_features__.get("AVX512F") else 8
+
+
 def refusals() -> tuple[type[Exception], ...]:
     """What a run raises when ONNX Runtime refuses a model or a feed it was not built for (a
     batch size baked into a Reshape, a wrong input type, ...): :func:`session` turns a load

@@ -9,6 +9,7 @@ one :func:`register` call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +59,7 @@ class RunContext:
     outputs: set[str]
     moments: dict | None = None
     source: Any = None  # moments.source.MomentSource
+    detail: Callable[[str], None] | None = None  # a progress counter on a terminal
 
 
 class Method:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,20 +60,25 @@ class MethodRun:
 def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun,
                        folded: dict[str, BatchNormStats] | None = None,
                        moments: dict | None = None,
-                       source: MomentSource | None = None) -> dict[str, dict]:
+                       source: MomentSource | None = None,
+                       detail: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Fold each pruned channel's reconstruction into the next layers (before the rewrite).
 
     udfc+ reads ``moments`` (of the producers' activations, see
     :func:`~onnx_udfc.channels.activations.pruning_moments`) when given, else asks ``source``
     (the run's :class:`MomentSource`; one from ``cfg`` when None).
 
+    ``detail`` receives a per-layer counter (the progress bar's label).
+
     Returns per producer: ``compensated`` (bool), ``reason`` when not, the statistics source,
     the mean Eq. 12 residual (``predicted_error``, relative: 0 exact, 1 nothing recovered) and
     degenerate channels.
     """
+    if not removed.any():  # nothing to rebuild: no moments to read either
+        return {}
     method = get_method(cfg.method)
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in ctx.graph.output}, moments,
-                     source)
+                     source, detail)
     method.prepare_pruning(run)
     root = ctx.roots()
     sources = np.bincount(root[np.asarray(ctx._source) > 0], minlength=len(root))
@@ -134,7 +140,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    results: dict[str, QuantizedWeight] | None = None,
                    source: MomentSource | None = None,
                    float_layers: list[dict[str, str]] | None = None,
-                   bits_for: dict[str, int | None] | None = None) -> dict[str, dict]:
+                   bits_for: dict[str, int | None] | None = None,
+                   detail: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn. Recurrent
     weights (LSTM/GRU/RNN ``W`` and ``R``) are rounded to nearest afterwards.
@@ -143,8 +150,9 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     scales, zero points) so integer storage can write exactly what the fake model holds;
     ``float_layers`` every weight layer kept in float as ``{node, reason}`` (see
     :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
-    from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.quant.mixed`)
-    overrides the bits per layer name; None there keeps the layer in float."""
+    from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
+    overrides the bits per layer name; None there keeps the layer in float. ``detail``
+    receives a per-layer counter."""
     ctx = analyse(model, infer_shapes(model, input_shapes))
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
@@ -155,17 +163,21 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     plan = bits_for or {}
     kept_float: list[dict[str, str]] = []
     out: dict[str, dict] = {}
-    recurrent = []
-    for node in list(model.graph.node):
+    checked = [(node, *quantizable(node, ctx.inits, inputs, patterns))
+               for node in list(model.graph.node)]
+    recurrent = [r for node in model.graph.node
+                 for r in recurrent_weights(node, ctx.inits, inputs, patterns)]
+    total = sum(layer is not None for _, layer, _ in checked)
+    for node, layer, reason in checked:
         name = node.name or node.output[0]
-        recurrent += recurrent_weights(node, ctx.inits, inputs, patterns)
-        layer, reason = quantizable(node, ctx.inits, inputs, patterns)
         if layer is not None and plan.get(name, grid.bits) is None:
             layer, reason = None, BUDGET_FLOAT
         if reason is not None:
             kept_float.append({"node": name, "reason": reason})
         if layer is None:
             continue
+        if detail is not None:
+            detail(f"quantize {len(out) + 1}/{total}")
         job = QuantJob(node, layer, layer.filters(ctx.inits))
         q = _grid_values(ctx, layer, job.filters, grid, plan.get(name, grid.bits))
         q = method.round(run, job, q)

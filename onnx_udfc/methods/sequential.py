@@ -22,6 +22,8 @@ the original exactly and only the compression shows as a difference.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from onnx import numpy_helper
 from onnx_udfc.channels.absorbers import Absorber, ColumnView, channel_positions, channels_present
 from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.analysis import ChannelAnalysis
-from onnx_udfc.core.graph_edit import with_outputs
+from onnx_udfc.core.graph_edit import node_reads, with_outputs
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import session, typed_feed
 from onnx_udfc.methods.plus import absorb_constants
@@ -60,11 +62,17 @@ def frozen(model: onnx.ModelProto, original: onnx.ModelProto,
     compression made to a BN mean (an absorbed constant) is kept as an offset."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _freeze(out, {t.name: t for t in original.graph.initializer}, stats)
+    return out
+
+
+def _freeze(model: onnx.ModelProto, orig: dict[str, onnx.TensorProto],
+            stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """:func:`frozen` in place, ``orig`` the original's initializers by name."""
     if not stats:
-        return out
-    inits = {t.name: t for t in out.graph.initializer}
-    orig = {t.name: t for t in original.graph.initializer}
-    for node in out.graph.node:
+        return
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
         st = stats.get(node.output[0]) if node.op_type == "BatchNormalization" else None
         if st is None or node.input[3] not in inits or node.input[4] not in inits:
             continue
@@ -77,18 +85,106 @@ def frozen(model: onnx.ModelProto, original: onnx.ModelProto,
             (st[0] + offset).astype(dtype), node.input[3]))
         inits[node.input[4]].CopyFrom(numpy_helper.from_array(
             st[1].astype(dtype), node.input[4]))
-    return out
 
 
-def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: list[str]
-                ) -> dict[str, np.ndarray]:
+def needed_part(model: onnx.ModelProto, tensors: list[str],
+                given: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A new model that computes ``tensors`` (its only outputs): the nodes they depend on, in
+    ``model``'s order, and the initializers those read (copied). ``given`` tensors are inputs
+    of the part instead of being computed; every graph input stays. On a deep network a probe
+    then copies, serialises and runs a fraction of the weights and nodes."""
+    graph, given = model.graph, given or {}
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    wanted, stack = set(), [t for t in tensors if t in producer and t not in given]
+    while stack:
+        i = producer[stack.pop()]
+        if i in wanted:
+            continue
+        wanted.add(i)
+        stack += [r for r in node_reads(graph.node[i]) if r in producer and r not in given]
+    nodes = [graph.node[i] for i in sorted(wanted)]
+    reads = {r for n in nodes for r in node_reads(n)} | set(tensors)
+    part = onnx.ModelProto(ir_version=model.ir_version)
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = graph.name
+    part.graph.node.extend(nodes)
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
+    part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer
+                                         if t.values.name in reads)
+    inits = {t.name for t in graph.initializer}
+    part.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in reads)
+    part.graph.input.extend(onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), [None] * value.ndim)
+        for name, value in given.items() if name in reads)
+    part.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors))
+    return part
+
+
+def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: list[str],
+                original: dict[str, onnx.TensorProto] | None = None,
+                stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``tensors`` of ``model`` on ``feed`` (in one batch), computed by :func:`needed_part`
+    from the inputs and the ``given`` tensors; with ``stats`` its BNs are frozen to them
+    (:func:`frozen`, ``original``: the original's initializers by name)."""
     from onnx_udfc.moments.sampled import free_batch
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    free_batch(probe)
     names = list(dict.fromkeys(tensors))
-    return _run_named(with_outputs(probe, names), names, feed)
+    probe = needed_part(model, names, given)
+    _freeze(probe, original or {}, stats or {})
+    free_batch(probe)
+    used = {i.name for i in probe.graph.input}
+    return _run_named(probe, names, {**feed, **{k: v for k, v in (given or {}).items()
+                                                 if k in used}})
+
+
+class CompressedRuns:
+    """Runs of the compressed-so-far network on one feed that reuse what earlier runs
+    computed. A tensor is reused while no node it depends on has changed since (a node
+    changes with its inputs or the contents of the initializers it reads); the sequential fit
+    changes the layers after the current one, so each run computes the few nodes between the
+    last fitted layer and the tensors asked for, with the same inputs, weights and frozen
+    BatchNorm statistics as a run from the graph inputs."""
+
+    def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                 original: dict[str, onnx.TensorProto],
+                 stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.model, self.feed, self.original, self.stats = model, feed, original, stats
+        self.cache: dict[str, tuple[np.ndarray, dict[int, tuple]]] = {}
+        self._prints: dict[str, tuple[int, int]] = {}
+        self._versions: dict[str, int] = {}
+
+    def _signatures(self) -> list[tuple]:
+        """Per node: its op, what it reads, and a version of each initializer it reads that
+        goes up whenever the initializer's contents change."""
+        for t in self.model.graph.initializer:
+            data = t.raw_data if t.HasField("raw_data") else t.SerializeToString()
+            mark = (len(data), zlib.crc32(data))
+            if self._prints.get(t.name) != mark:
+                self._prints[t.name] = mark
+                self._versions[t.name] = self._versions.get(t.name, 0) + 1
+        return [(n.op_type, tuple(reads), tuple(self._versions.get(r, 0) for r in reads))
+                for n in self.model.graph.node for reads in [node_reads(n)]]
+
+    def __call__(self, tensors: list[str]) -> dict[str, np.ndarray]:
+        sigs = self._signatures()
+        given = {name: value for name, (value, upstream) in self.cache.items()
+                 if name not in tensors and all(sigs[i] == sig for i, sig in upstream.items())}
+        out = run_tensors(self.model, self.feed, tensors, self.original, self.stats, given)
+        # keep what this run read and wrote: the next layer's probe starts from them (older
+        # tensors would be recomputed from further up, never read stale)
+        self.cache = {k: v for k, v in self.cache.items() if k in given}
+        producer = {o: i for i, n in enumerate(self.model.graph.node) for o in n.output if o}
+        for name, value in out.items():
+            upstream, stack = {}, [name]
+            while stack:
+                i = producer.get(stack.pop())
+                if i is not None and i not in upstream:
+                    upstream[i] = sigs[i]
+                    stack += node_reads(self.model.graph.node[i])
+            self.cache[name] = (value, upstream)
+        return out
 
 
 def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]
@@ -148,10 +244,12 @@ def apply_fit(ctx: ChannelAnalysis, plans: list, b: np.ndarray) -> None:
 def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tuple[Any, list,
                        np.ndarray, np.ndarray, np.ndarray]], feed: dict[str, np.ndarray],
                        synthetic: bool, lam: float, const_scale: float, full: bool = True,
-                       output_fit: bool = True) -> dict[str, dict[str, Any]]:
+                       output_fit: bool = True, detail: Callable[[str], None] | None = None
+                       ) -> dict[str, dict[str, Any]]:
     """Visit ``todo`` = [(producer, absorbers, classes, kept, pruned)] in order (see module
     docstring); with ``output_fit`` each plain Conv absorber is then refitted on patches
-    (:mod:`onnx_udfc.methods.output_fit`). Returns per producer name its report entry."""
+    (:mod:`onnx_udfc.methods.output_fit`). ``detail`` receives a per-layer counter. Returns
+    per producer name its report entry."""
     from onnx_udfc.methods.output_fit import output_target, refit_output
 
     original = onnx.ModelProto()
@@ -165,11 +263,16 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
                            for tg in [output_target(ctx, ab.layer.node, t)] if tg is not None])
     extra = [n for tgs in targets_of for tg in tgs
              for n in (tg.node.output[0], tg.shortcut) if n]
-    reference = run_tensors(frozen(original, original, stats), feed, tensors + extra)
+    orig_inits = {t.name: t for t in original.graph.initializer}
+    reference = run_tensors(original, feed, tensors + extra, orig_inits, stats)
+    compressed = CompressedRuns(ctx.model, feed, orig_inits, stats)
     out: dict[str, dict[str, Any]] = {}
-    for (p, found, cls, kept, pruned), t, tgs in zip(todo, tensors, targets_of, strict=True):
+    for step, ((p, found, cls, kept, pruned), t, tgs) in enumerate(
+            zip(todo, tensors, targets_of, strict=True)):
+        if detail is not None:
+            detail(f"fit layer {step + 1}/{len(todo)}")
         shortcuts = [tg.shortcut for tg in tgs if tg.shortcut]
-        now = run_tensors(frozen(ctx.model, original, stats), feed, [t, *shortcuts])
+        now = compressed([t, *shortcuts])
         current = now[t]
         xt, x = channels_last(current), channels_last(reference[t])
         targets = np.concatenate([kept, pruned])

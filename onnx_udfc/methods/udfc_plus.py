@@ -56,7 +56,8 @@ class UdfcPlus(Method):
             # (refitting the kept ones to synthetic data lost 9 points at 50 % on ResNet-56)
             return sequential_pruning(run.ctx, removed, todo, feed, run.source.anchored,
                                       cfg.seq_lam, cfg.seq_const_scale,
-                                      full=run.source.refit_kept, output_fit=cfg.seq_output)
+                                      full=run.source.refit_kept, output_fit=cfg.seq_output,
+                                      detail=run.detail)
         except refusals() as exc:
             # A refused feed fails on the first run, on the original network, before any fit
             # is written: the one-shot fit on propagated moments takes every layer instead.

@@ -33,17 +33,21 @@ def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarra
     raise TypeError(f"calibration must be an array, a dict or a .npz path, not {type(source)}")
 
 
-def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str, TensorMoments]:
+def measure(model: onnx.ModelProto, source: Any, tensors: list[str],
+            copy: bool = True) -> dict[str, TensorMoments]:
     """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1.
     Runs in batches of :data:`BATCH`, one sample at a time when the graph refuses a batch
     (with BatchNorms in training form, as the sampled moments run them, each sample is then
-    normalised by its own statistics)."""
+    normalised by its own statistics). ``copy=False``: probe outputs are added to ``model``
+    itself (a copy made for this)."""
     feed = load_calibration(source, model)
     fixed = fixed_inputs(model)  # fed whole to every batch: they hold no samples
     wanted = list(dict.fromkeys(t for t in tensors if t))
     inputs = {i.name for i in model.graph.input}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = model
+    if copy:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
     sess = session(with_outputs(probe, [t for t in wanted if t not in inputs]))
     feed = typed_feed(sess, feed)
     names = [o.name for o in sess.get_outputs()]
@@ -67,9 +71,7 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
             a = res.get(t)
             if a is None or a.ndim < 2:
                 continue
-            # float16 models: sums and products in float32 at least
-            x = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float32, copy=False)
-            x = x[::max(1, len(x) // ROWS)]
+            x = _rows(a)
             acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
             acc[0] += x.shape[0]
             acc[1] = acc[1] + x.sum(0, dtype=np.float64)
@@ -77,7 +79,7 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
             shift = acc[4] if len(acc) > 4 else x.mean(0, dtype=np.float64)
             if len(acc) == 4:
                 acc.append(shift)
-            xc = (x - shift.astype(x.dtype)).astype(np.float32)
+            xc = (x - shift.astype(x.dtype)).astype(np.float32, copy=False)
             acc[2] = acc[2] + (xc.T @ xc).astype(np.float64)
     out = {}
     for t, (cnt, s1, s2, hw, shift) in sums.items():
@@ -85,3 +87,18 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str]) -> dict[str
         d = mean - shift.reshape(-1)  # s2 holds the products about ``shift``
         out[t] = TensorMoments(mean, s2 / cnt - np.outer(d, d), hw)
     return out
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """Every ``len // ROWS``-th position of ``a [N, C, ...]`` (in (batch, position) order) as
+    a row of its C channels, in float32 at least (float16 models). Gathered directly: moving
+    the channel axis last would copy the whole tensor first."""
+    positions = int(np.prod(a.shape[2:]))
+    count = a.shape[0] * positions
+    step = max(1, count // ROWS)
+    if a.ndim == 2:
+        x = a[::step]
+    else:
+        idx = np.arange(0, count, step)
+        x = a.reshape(a.shape[0], a.shape[1], positions)[idx // positions, :, idx % positions]
+    return x.astype(np.float32, copy=False)

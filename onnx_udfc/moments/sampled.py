@@ -179,4 +179,4 @@ def sampled_moments(model: onnx.ModelProto, tensors: list[str], shapes: dict | N
 
     if feed is None:
         feed = synthetic_inputs(model, seed, input_mean, input_std)
-    return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors)
+    return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors, copy=False)

@@ -90,6 +90,7 @@ class MomentSource:
         self.kind = "measured" if calibration is not None else resolve(model, requested,
                                                                         self.input_shapes)
         self.fallbacks: list[dict[str, str]] = []
+        self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
                 stage: str, max_full: int = 512) -> dict[str, TensorMoments]:
@@ -156,18 +157,27 @@ class MomentSource:
     def _drawn_feed(self, model: onnx.ModelProto, stage: str
                     ) -> tuple[dict[str, np.ndarray], str | None]:
         """The inversion batch, proxy or synthetic samples, and why they cannot run ``model``.
-        ``proxy`` on a model without an image input switches to ``sampled`` (recorded)."""
+        ``proxy`` on a model without an image input switches to ``sampled`` (recorded).
+        Drawn samples are drawn once per input signature: the stages of a run (and the
+        compressed model, which keeps its inputs) read the same ones."""
+        if self.samples is not None:
+            return self.samples, undrawn_input_cause(model, self.samples)
         if self.kind == "proxy":
             cause = proxy.not_image_cause(model, self.input_shapes)
-            if cause is None:
+            if cause is not None:
+                self.fallbacks.append({"from": "proxy", "to": "sampled", "cause": cause,
+                                       "stage": stage})
+                self.kind = "sampled"
+        key = (self.kind, _input_signature(model))
+        if self._drawn is None or self._drawn[0] != key:
+            if self.kind == "proxy":
                 feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std,
                                           self.input_shapes)
-                return feed, undrawn_input_cause(model, feed)
-            self.fallbacks.append({"from": "proxy", "to": "sampled", "cause": cause,
-                                   "stage": stage})
-            self.kind = "sampled"
-        feed = self.samples if self.samples is not None else synthetic_inputs(
-            model, self.seed, self.input_mean, self.input_std, self.input_shapes)
+            else:
+                feed = synthetic_inputs(model, self.seed, self.input_mean, self.input_std,
+                                        self.input_shapes)
+            self._drawn = (key, feed)
+        feed = self._drawn[1]
         return feed, undrawn_input_cause(model, feed)
 
     def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:
@@ -176,6 +186,12 @@ class MomentSource:
         self.fallbacks.append({"from": failed or self.kind, "to": "propagated", "cause": cause,
                                "stage": stage})
         self.kind = "propagated"
+
+
+def _input_signature(model: onnx.ModelProto) -> tuple:
+    """What :func:`synthetic_inputs` draws from: every graph input's name, type and shape."""
+    return tuple((i.name, i.type.SerializeToString()) for i in model.graph.input), \
+        tuple(sorted(fixed_inputs(model)))
 
 
 def refusal_cause(exc: BaseException) -> str:

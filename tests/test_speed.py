@@ -1,0 +1,148 @@
+"""The speed-ups of issue 17: reused probe runs in --sequential, row gathering for the
+measured moments, synthetic samples drawn once, progress counters, --round-to auto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_udfc import api, pipeline
+from onnx_udfc.channels.plan import make_plan
+from onnx_udfc.config import CompressConfig, PruneOptions
+from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import set_tensor_array, tensor_array
+from onnx_udfc.core.ort import conv_channel_block
+from onnx_udfc.methods import sequential
+from onnx_udfc.methods.compensate import MethodRun, compensate_pruning
+from onnx_udfc.moments import measured
+from onnx_udfc.moments.sampled import synthetic_inputs
+from onnx_udfc.moments.source import MomentSource
+
+STEM_RELU = "/stem/stem.2/Relu_output_0"
+STEM5_RELU = "/stem/stem.5/Relu_output_0"
+CONV3_RELU = "/conv3/conv3.2/Relu_output_0"
+
+
+@pytest.fixture()
+def digits(digits_model: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    model = onnx.load(str(digits_model))
+    return model, synthetic_inputs(model, seed=0)
+
+
+def test_needed_part_holds_only_what_the_tensor_depends_on(digits) -> None:
+    model, _ = digits
+    part = sequential.needed_part(model, [STEM_RELU])
+    assert [n.op_type for n in part.graph.node] == ["Conv", "BatchNormalization", "Relu"]
+    assert {t.name for t in part.graph.initializer} == {
+        "stem.0.weight", "stem.1.weight", "stem.1.bias", "stem.1.running_mean",
+        "stem.1.running_var"}
+    assert [o.name for o in part.graph.output] == [STEM_RELU]
+
+
+def test_compressed_runs_reuse_tensors_until_a_weight_above_them_changes(digits, monkeypatch
+                                                                        ) -> None:
+    model, feed = digits
+    given_seen: list[set[str]] = []
+    real = sequential.run_tensors
+
+    def spy(*args, **kwargs):
+        given_seen.append(set(kwargs.get("given") or args[5] or {}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "run_tensors", spy)
+    runs = sequential.CompressedRuns(model, feed, {}, {})
+    runs([STEM_RELU])
+    runs([STEM5_RELU])
+    assert STEM_RELU in given_seen[-1]  # nothing changed: the stem's output is reused
+    inits = {t.name: t for t in model.graph.initializer}
+    w = inits["stem.0.weight"]
+    set_tensor_array(w, tensor_array(w) * 0.5)  # above both cached tensors
+    fresh_from_runs = runs([CONV3_RELU])
+    assert given_seen[-1] == set()  # both went stale
+    fresh = real(model, feed, [CONV3_RELU])
+    assert np.array_equal(fresh_from_runs[CONV3_RELU], fresh[CONV3_RELU])
+    last = runs([CONV3_RELU, STEM5_RELU])
+    assert np.allclose(last[CONV3_RELU], fresh[CONV3_RELU], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_the_strided_positions_of_the_channels_last_view() -> None:
+    rng = np.random.default_rng(0)
+    for shape, dtype in [((3, 5, 70, 90), np.float32), ((2, 4, 7), np.float16),
+                         ((40000, 6), np.float32), ((1, 3, 4, 4), np.float32)]:
+        a = rng.standard_normal(shape).astype(dtype)
+        old = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float32, copy=False)
+        old = old[::max(1, len(old) // measured.ROWS)]
+        new = measured._rows(a)
+        assert new.dtype == np.float32 and np.array_equal(new, old)
+
+
+def test_synthetic_samples_are_drawn_once_per_input_signature(digits) -> None:
+    model, _ = digits
+    source = MomentSource(model, "sampled")
+    first = source.sample_feed(model, 8)
+    assert source.sample_feed(model, 8) is first
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 16
+    assert source.sample_feed(other, 8) is not first
+
+
+def test_no_pruning_reads_no_moments(digits) -> None:
+    model, _ = digits
+    analysis = api.analyse(model)
+
+    class NoMoments(MomentSource):
+        def moments(self, *args, **kwargs):  # pragma: no cover - must not be called
+            raise AssertionError("moments read although nothing is pruned")
+
+    removed = np.zeros(len(analysis.channels.roots()), dtype=bool)
+    cfg = MethodRun(CompressConfig.resolve(method="udfc+").method)
+    assert compensate_pruning(analysis.channels, removed, cfg,
+                              source=NoMoments(model, "sampled")) == {}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.details: list[str] = []
+
+    def __call__(self, name: str) -> None:
+        pass
+
+    def detail(self, text: str) -> None:
+        self.details.append(text)
+
+
+def test_long_stages_count_their_layers(digits_model: Path) -> None:
+    config = CompressConfig.resolve("best", prune=0.3)
+    config.validate()
+    progress = Recorder()
+    _, report = pipeline.run(config, str(digits_model), progress)
+    fits = [d for d in progress.details if d.startswith("fit layer")]
+    quants = [d for d in progress.details if d.startswith("quantize")]
+    assert fits[0] == f"fit layer 1/{len(fits)}" and fits[-1] == f"fit layer {len(fits)}/" \
+        f"{len(fits)}"
+    quantized = sum(1 for layer in report.layers if layer.get("quantization"))
+    assert quants[-1] == f"quantize {quantized}/{quantized}"
+    assert set(report.timings) >= {"compensate", "quantize"}
+
+
+def test_round_to_auto_keeps_multiples_of_the_conv_block(digits_model: Path) -> None:
+    block = conv_channel_block()
+    assert block in (8, 16)
+    model = onnx.load(str(digits_model))
+    analysis = api.analyse(model)
+    plan = make_plan(analysis.channels, analysis.groups, PruneOptions(ratio=0.3, round_to="auto"))
+    explicit = make_plan(analysis.channels, analysis.groups,
+                         PruneOptions(ratio=0.3, round_to=block))
+    assert [g.kept for g in plan.groups] == [g.kept for g in explicit.groups]
+    assert all(g.kept % block == 0 or g.kept == g.group.size for g in plan.groups
+               if len(g.removed))
+
+
+def test_round_to_accepts_auto_and_integers_only() -> None:
+    CompressConfig.resolve(round_to="auto").validate()
+    with pytest.raises(UdfcError, match="--round-to"):
+        CompressConfig.resolve(round_to="fast").validate()
