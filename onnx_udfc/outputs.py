@@ -166,7 +166,7 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
         model = io.load_model(source)
         shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))
         if feed is None and config.check.verify and not config.check.data:
-            feed = guard_feed(model, shapes)
+            feed, inputs = guard_feed(model, shapes)
         if not attempts:
             check_data(model, config)
         try:
@@ -242,11 +242,13 @@ def _variant(config: CompressConfig, ratio: float, budget: float | None,
 
 
 def guard_feed(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-               seed: int = 0) -> dict[str, np.ndarray]:
-    """Data-free inputs for the guard: pink-noise images (natural images' spectrum) of the
+               seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+    """Data-free inputs for the guard and their kind: :data:`GUARD_BATCH` samples of the
     model's input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for
-    dynamic sizes, :data:`GUARD_BATCH` samples (run in the model's own batch when it fixes
-    one)."""
+    dynamic sizes (run in the model's own batch when it fixes one). Image inputs get crops of
+    the built-in photographs (:mod:`onnx_udfc.moments.proxy`, ``photos``); a model without one
+    gets pink-noise images (natural images' spectrum) or Gaussian vectors (``synthetic``)."""
+    from onnx_udfc.moments import proxy
     from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
     from onnx_udfc.moments.sampled import pink_noise
 
@@ -266,7 +268,11 @@ def guard_feed(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
         image = len(dims) >= 3 and min(dims[2:]) >= 4
         x = pink_noise(tuple(dims), rng) if image else rng.standard_normal(dims)
         feed[inp.name] = x.astype(dtype)
-    return feed
+    photos = proxy.image_inputs(model, input_shapes)
+    for name, dims in photos.items():
+        x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), None, None)
+        feed[name] = x.astype(feed[name].dtype)
+    return feed, "photos" if photos else "synthetic"
 
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.outputs import backoff_plans
-from onnx_udfc.report.fidelity import channel_axis, channel_errors, verdict
+from onnx_udfc.report.fidelity import channel_axis, channel_errors, default_limit, verdict
 from onnx_udfc.report.verify import compare
-from tests.helpers import cli
+from tests.helpers import Builder, cli, conv_bn_relu_model
 
 
 def test_channel_axis_follows_the_layout():
@@ -108,3 +108,42 @@ def test_unknown_rank_leaves_the_node_alone_with_a_reason():
     ctx = analyse(model, shapes)
     assert ("cat", "the rank of its input is unknown (fix it with --input-shape)") in \
         ctx.unsupported
+
+
+def test_a_collapsed_channel_reads_zero_correlation():
+    from onnx_udfc.core.drift import channel_correlations
+
+    rng = np.random.default_rng(0)
+    before = rng.standard_normal((4, 3, 50))  # [N, A, B]: the 3 rows are the channels
+    before[:, 2] = 5.0  # a constant channel has no correlation to speak of: skipped
+    after = before + 0.01 * rng.standard_normal(before.shape)
+    after[:, 1] = 0.2  # collapsed to a constant
+    corr = channel_correlations(before, after)
+    assert corr.shape == (2,) and corr[0] > 0.99 and abs(corr[1]) < 1e-9
+
+
+def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
+    from onnx_udfc.report.fidelity import BROKEN_CORRELATION
+
+    dense = [{"output": "boxes", "channel_error": 1.2, "worst_channel": 4,
+              "top1_agreement": None, "channel_correlation": 0.3}]
+    holds, sentence = verdict(dense, default_limit("photos"), "photos")
+    assert not holds and "correlation with the original fell to 0.30" in sentence
+    assert BROKEN_CORRELATION["photos"] > 0.3
+    assert verdict(dense, default_limit("synthetic"), "synthetic")[0]  # noise: no such limit
+    logits = [dict(dense[0], top1_agreement=0.9)]  # classifiers: judged by their decisions
+    assert verdict(logits, default_limit("photos"), "photos")[0]
+
+
+def test_guard_feeds_photographs_to_image_models_only():
+    from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
+    from onnx_udfc.outputs import GUARD_BATCH, guard_feed
+
+    image_model = conv_bn_relu_model(13)
+    feed, kind = guard_feed(image_model, shape_lists(working_input_shapes(image_model)))
+    x = next(iter(feed.values()))
+    assert kind == "photos" and len(x) == GUARD_BATCH
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1.0) < 1e-2  # standardised
+    b = Builder(seed=1)
+    b.output(b.gemm(b.relu(b.gemm(b.input("x", ["N", 16]), 16, 8)), 8, 4))
+    assert guard_feed(b.build(), {})[1] == "synthetic"

@@ -43,7 +43,7 @@ def measure(shared: Path) -> list[dict]:
         x, labels, _ = bench_udfc.load_data(shared, bench_udfc.manifest_entry(manifest, name))
         original = api.load(path)
         inp = bench_udfc.input_name(original)
-        noise = guard_feed(original, shape_lists(working_input_shapes(original)))[inp]
+        noise = guard_feed(original, shape_lists(working_input_shapes(original)))[0][inp]
         ref = session(original)
         ref_real, ref_noise = run(ref, {inp: x})[0], run(ref, {inp: noise})[0]
         base = 100 * float((ref_real.argmax(1) == labels).mean())

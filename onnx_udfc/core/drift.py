@@ -43,6 +43,29 @@ def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return rms / spread
 
 
+def channel_correlations(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per output channel that varies in ``reference`` (a spread above :data:`SPREAD_FLOOR` of
+    its RMS, over at least :data:`MIN_VALUES` values): the Pearson correlation of the two
+    models' values over samples and positions. A channel that collapsed to a constant (a
+    detector's objectness after bad pruning) reads 0 whatever its error in spread units."""
+    a = np.asarray(reference, np.float64)
+    b = np.asarray(candidate, np.float64)
+    axis = channel_axis(a.shape)
+    if axis is None:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+        axis = 0
+    a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    b = np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
+    if a.shape[1] < MIN_VALUES:
+        return np.zeros(0)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    sa, sb = np.sqrt((a ** 2).mean(1)), np.sqrt((b ** 2).mean(1))
+    varies = sa > SPREAD_FLOOR * np.sqrt(np.mean(np.asarray(reference, np.float64) ** 2) + 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(sb > 0, (a * b).mean(1) / (sa * sb), 0.0)
+    return r[varies]
+
+
 def squeeze_inner(output: np.ndarray) -> np.ndarray:
     """``output`` without its size-1 axes past the first, while it keeps two axes: a CTC
     recogniser's ``[T, 1, K]`` logits read as ``[T, K]``, ``[N, K, 1, 1]`` as ``[N, K]``."""

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_udfc.core.drift import squeeze_inner
+from onnx_udfc.core.drift import channel_correlations, squeeze_inner
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import make_inputs, run, session
 from onnx_udfc.report.fidelity import drift
@@ -27,6 +27,7 @@ class Fidelity:
     channel_error: float = 0.0  # worst channel's RMS error over its spread (report.fidelity)
     channel_error_mean: float = 0.0
     worst_channel: int | None = None
+    channel_correlation: float | None = None  # lowest per-channel correlation (core.drift)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,9 +46,11 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray],
         cosine = float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
         top1 = float((a.argmax(1) == b.argmax(1)).mean()) if is_logits(a) else None
         worst = drift(a, b)
+        corr = channel_correlations(a, b)
         result.append(Fidelity(name, float(diff.max(initial=0.0)), float(diff.mean())
                                if diff.size else 0.0, cosine, top1, worst.error,
-                               worst.mean_error, worst.worst_channel))
+                               worst.mean_error, worst.worst_channel,
+                               float(corr.min()) if corr.size else None))
     return result
 
 
