@@ -160,13 +160,13 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
     """Run the pipeline and save; with verification, measure fidelity and, under
     ``--max-error``, try gentler plans until one holds."""
     plans = backoff_plans(config) if config.check.max_error is not None else [config]
-    feed, inputs = None, "data" if config.check.data else "synthetic"
+    feeds: dict[str, dict[str, np.ndarray] | None] = {"data": None}
     attempts: list[dict] = []
     for plan in plans:
         model = io.load_model(source)
         shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))
-        if feed is None and config.check.verify and not config.check.data:
-            feed, inputs = guard_feed(model, shapes)
+        if not attempts and config.check.verify and not config.check.data:
+            feeds = dict(guard_feeds(model, shapes))
         if not attempts:
             check_data(model, config)
         try:
@@ -181,19 +181,35 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
         if not config.check.verify:
             report.guard = {"verified": False}
             return report
-        _timed(report, "verify", progress,
-               lambda r=report, p=plan, f=feed, s=shapes: _verify(source, written, p, r, s, f))
-        limit = config.check.max_error if config.check.max_error is not None else \
-            default_limit(inputs)
-        holds, sentence = verdict(report.fidelity or [], limit,
-                                  None if config.check.max_error is not None else inputs)
+        by_inputs: dict[str, list[dict]] = {}
+        _timed(report, "verify", progress, lambda r=report, p=plan, s=shapes, f=feeds,
+               b=by_inputs: _verify(source, written, p, r, s, f, b))
+        holds, sentence, limits = _verdicts(by_inputs, config.check.max_error)
         attempts.append(_attempt(plan, holds, sentence))
-        report.guard = {"inputs": inputs, "limit": limit, "holds": holds, "verdict": sentence,
-                        "max_error": config.check.max_error, "attempts": attempts}
+        report.guard = {"inputs": "+".join(by_inputs), "limit": limits, "holds": holds,
+                        "verdict": sentence, "max_error": config.check.max_error,
+                        "attempts": attempts,
+                        "fidelity": {k: v for k, v in by_inputs.items() if k != "synthetic"}}
         if holds or config.check.max_error is None:
             return report
     raise GuardError(f"no plan keeps the outputs within --max-error {config.check.max_error} "
                      f"(the gentlest tried: {attempts[-1]['verdict']}); nothing written")
+
+
+def _verdicts(by_inputs: dict[str, list[dict]], max_error: float | None
+              ) -> tuple[bool, str, dict[str, float]]:
+    """The guard's verdict over every kind of comparison input: it holds when it holds on
+    each (``--max-error`` E: every channel within E; else the default limits of each kind)."""
+    limits = {kind: max_error if max_error is not None else default_limit(kind)
+              for kind in by_inputs}
+    results = [(kind, *verdict(fidelity, limits[kind], None if max_error is not None else kind))
+               for kind, fidelity in by_inputs.items()]
+    failed = [f"{sentence} on the {kind} inputs" for kind, holds, sentence in results
+              if not holds]
+    if failed:
+        return False, "; ".join(failed), limits
+    return True, "; ".join(f"{sentence} on the {kind} inputs" for kind, _, sentence in results), \
+        limits
 
 
 def _attempt(plan: CompressConfig, holds: bool, sentence: str) -> dict:
@@ -241,13 +257,15 @@ def _variant(config: CompressConfig, ratio: float, budget: float | None,
     return variant
 
 
-def guard_feed(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-               seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
-    """Data-free inputs for the guard and their kind: :data:`GUARD_BATCH` samples of the
-    model's input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for
-    dynamic sizes (run in the model's own batch when it fixes one). Image inputs get crops of
-    the built-in photographs (:mod:`onnx_udfc.moments.proxy`, ``photos``); a model without one
-    gets pink-noise images (natural images' spectrum) or Gaussian vectors (``synthetic``)."""
+def guard_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
+                seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Data-free inputs for the guard, by kind: :data:`GUARD_BATCH` samples of the model's
+    input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for dynamic
+    sizes (run in the model's own batch when it fixes one). ``synthetic``: pink-noise images
+    (natural images' spectrum) or Gaussian vectors; they catch a classifier's lost decisions.
+    ``photos``, for a model with an image input: crops of the built-in photographs
+    (:mod:`onnx_udfc.moments.proxy`); they catch a dense output's collapsed channel (a
+    detector's objectness), which noise hides."""
     from onnx_udfc.moments import proxy
     from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
     from onnx_udfc.moments.sampled import pink_noise
@@ -268,11 +286,16 @@ def guard_feed(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
         image = len(dims) >= 3 and min(dims[2:]) >= 4
         x = pink_noise(tuple(dims), rng) if image else rng.standard_normal(dims)
         feed[inp.name] = x.astype(dtype)
-    photos = proxy.image_inputs(model, input_shapes)
-    for name, dims in photos.items():
-        x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), None, None)
-        feed[name] = x.astype(feed[name].dtype)
-    return feed, "photos" if photos else "synthetic"
+    kinds = [("synthetic", feed)]
+    images = proxy.image_inputs(model, input_shapes)
+    if images:
+        photos = dict(feed)
+        for name, dims in images.items():
+            x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), None,
+                                  None)
+            photos[name] = x.astype(feed[name].dtype)
+        kinds.append(("photos", photos))
+    return kinds
 
 
 
@@ -295,14 +318,20 @@ def _save(model: onnx.ModelProto, source: str | os.PathLike, config: CompressCon
 
 def _verify(source: str | os.PathLike, written: Path, config: CompressConfig,
             report: Report, input_shapes: dict[str, list[int]],
-            feed: dict[str, np.ndarray] | None = None) -> None:
+            feeds: dict[str, dict[str, np.ndarray] | None],
+            by_inputs: dict[str, list[dict]]) -> None:
+    """Compare on each kind of input (``data``: ``--data``, read by :func:`verify`); the
+    first kind's fidelity and accuracy are the report's."""
     from onnx_udfc.report.verify import verify
 
-    result = verify(source, written, data=config.check.data, provider=config.check.provider,
-                    input_shapes=input_shapes or None, feed=feed)
-    report.fidelity = [f.to_dict() for f in result.fidelity]
-    report.accuracy_before, report.accuracy_after = result.accuracy_before, \
-        result.accuracy_after
+    for kind, feed in feeds.items():
+        result = verify(source, written, data=config.check.data, provider=config.check.provider,
+                        input_shapes=input_shapes or None, feed=feed)
+        by_inputs[kind] = [f.to_dict() for f in result.fidelity]
+        if report.fidelity is None:
+            report.fidelity = by_inputs[kind]
+            report.accuracy_before, report.accuracy_after = result.accuracy_before, \
+                result.accuracy_after
 
 
 def _latency(source: str | os.PathLike, written: Path, config: CompressConfig,

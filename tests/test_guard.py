@@ -137,13 +137,27 @@ def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
 
 def test_guard_feeds_photographs_to_image_models_only():
     from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
-    from onnx_udfc.outputs import GUARD_BATCH, guard_feed
+    from onnx_udfc.outputs import GUARD_BATCH, guard_feeds
 
     image_model = conv_bn_relu_model(13)
-    feed, kind = guard_feed(image_model, shape_lists(working_input_shapes(image_model)))
-    x = next(iter(feed.values()))
-    assert kind == "photos" and len(x) == GUARD_BATCH
+    feeds = dict(guard_feeds(image_model, shape_lists(working_input_shapes(image_model))))
+    assert list(feeds) == ["synthetic", "photos"]
+    x = next(iter(feeds["photos"].values()))
+    assert len(x) == GUARD_BATCH and not np.array_equal(x, feeds["synthetic"]["x"])
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1.0) < 1e-2  # standardised
     b = Builder(seed=1)
     b.output(b.gemm(b.relu(b.gemm(b.input("x", ["N", 16]), 16, 8)), 8, 4))
-    assert guard_feed(b.build(), {})[1] == "synthetic"
+    assert [kind for kind, _ in guard_feeds(b.build(), {})] == ["synthetic"]
+
+
+def test_the_guard_holds_only_when_every_kind_of_input_holds():
+    from onnx_udfc.outputs import _verdicts
+
+    ok = [{"output": "y", "channel_error": 0.1, "worst_channel": 0, "top1_agreement": None,
+           "channel_correlation": 0.99}]
+    collapsed = [dict(ok[0], channel_correlation=0.1)]
+    holds, sentence, limits = _verdicts({"synthetic": ok, "photos": collapsed}, None)
+    assert not holds and sentence.endswith("on the photos inputs")
+    assert limits == {"synthetic": 3.0, "photos": 3.0}
+    assert _verdicts({"synthetic": ok, "photos": ok}, None)[0]
+    assert _verdicts({"synthetic": ok, "photos": collapsed}, 0.5)[0]  # --max-error: errors only

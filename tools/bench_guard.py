@@ -2,8 +2,9 @@
 
 For each model and plan: top-1 on the shared CIFAR-10 images, the worst-channel error
 (:mod:`onnx_udfc.report.fidelity`) on those real images and on the guard's data-free
-pink-noise inputs, and the top-1 agreement on the latter. The guard's limits
-(``BROKEN_ERROR``, ``BROKEN_AGREEMENT``) were set from this table.
+inputs (crops of the built-in photographs for these image models), and the top-1 agreement
+on the latter. The guard's limits (``BROKEN_ERROR``, ``BROKEN_AGREEMENT``) were set from this
+table.
 
     python tools/bench_guard.py --md docs/results/guard.md
 """
@@ -24,7 +25,7 @@ import bench_udfc  # noqa: E402
 from onnx_udfc import api  # noqa: E402
 from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes  # noqa: E402
 from onnx_udfc.core.ort import run, session  # noqa: E402
-from onnx_udfc.outputs import guard_feed  # noqa: E402
+from onnx_udfc.outputs import guard_feeds  # noqa: E402
 from onnx_udfc.report.fidelity import BROKEN_AGREEMENT, BROKEN_ERROR, drift  # noqa: E402
 
 MODELS = ["resnet56_cifar10_nm_bn.onnx", "resnet20_cifar10_folded.onnx"]
@@ -43,9 +44,10 @@ def measure(shared: Path) -> list[dict]:
         x, labels, _ = bench_udfc.load_data(shared, bench_udfc.manifest_entry(manifest, name))
         original = api.load(path)
         inp = bench_udfc.input_name(original)
-        noise = guard_feed(original, shape_lists(working_input_shapes(original)))[0][inp]
+        feeds = dict(guard_feeds(original, shape_lists(working_input_shapes(original))))
         ref = session(original)
-        ref_real, ref_noise = run(ref, {inp: x})[0], run(ref, {inp: noise})[0]
+        ref_real = run(ref, {inp: x})[0]
+        refs = {kind: run(ref, feed)[0] for kind, feed in feeds.items()}
         base = 100 * float((ref_real.argmax(1) == labels).mean())
         for plan in PLANS:
             options = dict(plan)
@@ -53,38 +55,44 @@ def measure(shared: Path) -> list[dict]:
             preset = options.pop("preset", None)
             model, _ = api.compress(path, preset=preset, **options)
             sess = session(model)
-            real, synthetic = run(sess, {inp: x})[0], run(sess, {inp: noise})[0]
-            rows.append({
-                "model": name, "plan": plan, "top1_before": base,
-                "top1_after": 100 * float((real.argmax(1) == labels).mean()),
-                "error_real": drift(ref_real, real).error,
-                "error_synthetic": drift(ref_noise, synthetic).error,
-                "agreement_synthetic": float((synthetic.argmax(1) == ref_noise.argmax(1))
-                                             .mean())})
+            real = run(sess, {inp: x})[0]
+            row = {"model": name, "plan": plan, "top1_before": base,
+                   "top1_after": 100 * float((real.argmax(1) == labels).mean()),
+                   "error_real": drift(ref_real, real).error}
+            for kind, feed in feeds.items():
+                out = run(sess, feed)[0]
+                row[f"error_{kind}"] = drift(refs[kind], out).error
+                row[f"agreement_{kind}"] = float((out.argmax(1) == refs[kind].argmax(1)).mean())
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
+    kinds = [k[len("error_"):] for k in rows[0] if k.startswith("error_") and k != "error_real"]
     lines = ["# Fidelity guard: per-channel error against top-1", "",
              "Command: `python tools/bench_guard.py --md docs/results/guard.md`. Top-1 on the "
              "1017 shared CIFAR-10 images; errors are the worst output channel's RMS error over "
              "its spread (`onnx_udfc/report/fidelity.py`), on those real images and on the "
-             "guard's 32 data-free pink-noise images. Limits in force: error "
-             f"{BROKEN_ERROR['data']} (real) / {BROKEN_ERROR['synthetic']} (synthetic), "
-             f"agreement {BROKEN_AGREEMENT['data']} / {BROKEN_AGREEMENT['synthetic']}.", "",
-             "| model | plan | top-1 | error (real) | error (synthetic) | agreement (synthetic) "
-             "| flagged (real / synthetic) |", "|---|---|---:|---:|---:|---:|---|"]
+             "guard's 32 data-free images of each kind (pink noise: synthetic; crops of the "
+             "built-in photographs: photos). Limits in force: error "
+             + ", ".join(f"{BROKEN_ERROR[k]} ({k})" for k in ["data", *kinds]) + "; agreement "
+             + ", ".join(f"{BROKEN_AGREEMENT[k]} ({k})" for k in ["data", *kinds]) + ".", "",
+             "| model | plan | top-1 | error (real) | "
+             + " | ".join(f"error / agreement ({k})" for k in kinds)
+             + " | flagged (real / data-free) |",
+             "|---|---|---:|---:|" + "---:|" * len(kinds) + "---|"]
     for r in rows:
         real = r["error_real"] > BROKEN_ERROR["data"]
-        syn = r["error_synthetic"] > BROKEN_ERROR["synthetic"] or \
-            r["agreement_synthetic"] < BROKEN_AGREEMENT["synthetic"]
+        free = any(r[f"error_{k}"] > BROKEN_ERROR[k] or r[f"agreement_{k}"] < BROKEN_AGREEMENT[k]
+                   for k in kinds)
         plan = ", ".join(f"{k} {v}" for k, v in r["plan"].items())
         lines.append(f"| {r['model'].split('_cifar')[0]} {r['model'].split('_')[-1][:-5]} | "
                      f"{plan} | {r['top1_before']:.2f} -> {r['top1_after']:.2f} | "
-                     f"{r['error_real']:.3f} | {r['error_synthetic']:.3f} | "
-                     f"{r['agreement_synthetic']:.2f} | {'yes' if real else 'no'} / "
-                     f"{'yes' if syn else 'no'} |")
+                     f"{r['error_real']:.3f} | "
+                     + " | ".join(f"{r[f'error_{k}']:.3f} / {r[f'agreement_{k}']:.2f}"
+                                  for k in kinds)
+                     + f" | {'yes' if real else 'no'} / {'yes' if free else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
