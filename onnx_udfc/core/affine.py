@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnx_udfc.core.builder import unique_namer
 from onnx_udfc.core.io import tensor_array
 
 FOLDABLE_PRODUCERS = ("BatchNormalization", "Conv")
@@ -123,15 +124,7 @@ def _write(model: onnx.ModelProto, producer: onnx.NodeProto,
     """New initializers (never shared) holding the folded scale and shift."""
     from onnx import numpy_helper
 
-    taken = set(inits)
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
+    fresh = unique_namer(set(inits))
     label = producer.name or producer.output[0]
     if producer.op_type == "BatchNormalization":
         names = [fresh(f"{label}.folded_scale"), fresh(f"{label}.folded_bias")]

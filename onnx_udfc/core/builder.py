@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from onnx_udfc.core.graph_edit import Patch
@@ -34,3 +36,15 @@ class Builder(Patch):
         out = self.name(op_type.lower())
         self.reduce_to(op_type, x, axes, out, axes_name, keepdims)
         return out
+
+
+def unique_namer(taken: set[str]) -> Callable[[str], str]:
+    """``fresh(base)``: ``base``, or ``base_1``, ``base_2``, ... whichever is not yet in
+    ``taken`` (which it then joins)."""
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+    return fresh

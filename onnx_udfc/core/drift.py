@@ -21,16 +21,21 @@ def channel_axis(shape: tuple[int, ...]) -> int | None:
     return 1
 
 
-def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Per output channel: RMS of the difference over the channel's spread in ``reference``."""
+def _channel_rows(reference: np.ndarray, candidate: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Both outputs as ``[channels, values]`` float64 rows (one row for a vector)."""
     a = np.asarray(reference, np.float64)
     b = np.asarray(candidate, np.float64)
     axis = channel_axis(a.shape)
     if axis is None:
-        a, b = a.reshape(1, -1), b.reshape(1, -1)
-        axis = 0
+        return a.reshape(1, -1), b.reshape(1, -1)
     a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-    b = np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
+    return a, np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
+
+
+def channel_errors(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per output channel: RMS of the difference over the channel's spread in ``reference``."""
+    a, b = _channel_rows(reference, candidate)
     if a.shape[1] == 0:
         return np.zeros(a.shape[0])
     rms_a = np.sqrt(np.mean(a ** 2, axis=1))
@@ -48,14 +53,7 @@ def channel_correlations(reference: np.ndarray, candidate: np.ndarray) -> np.nda
     its RMS, over at least :data:`MIN_VALUES` values): the Pearson correlation of the two
     models' values over samples and positions. A channel that collapsed to a constant (a
     detector's objectness after bad pruning) reads 0 whatever its error in spread units."""
-    a = np.asarray(reference, np.float64)
-    b = np.asarray(candidate, np.float64)
-    axis = channel_axis(a.shape)
-    if axis is None:
-        a, b = a.reshape(1, -1), b.reshape(1, -1)
-        axis = 0
-    a = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-    b = np.moveaxis(b, axis, 0).reshape(a.shape[0], -1)
+    a, b = _channel_rows(reference, candidate)
     if a.shape[1] < MIN_VALUES:
         return np.zeros(0)
     a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)

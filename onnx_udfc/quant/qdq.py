@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc.config import QuantOptions, StorageOptions, container_type, needed_opset
+from onnx_udfc.core.builder import unique_namer
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import _first_line, opset_version, tensor_array
 from onnx_udfc.quant.grids import QuantizedWeight
@@ -258,15 +259,9 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
     if target > before:
         model = convert_opset(model, target, why)
     graph = model.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} \
-        | {i.name for i in graph.input} | {n.name for n in graph.node}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = unique_namer({t.name for t in graph.initializer}
+                         | {o for n in graph.node for o in n.output}
+                         | {i.name for i in graph.input} | {n.name for n in graph.node})
 
     new_inits, dq_nodes = [], {}
     for w, plan in plans.items():
