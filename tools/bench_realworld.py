@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                              "'detector:*-guard' (the detector's compressions are the slowest)")
     parser.add_argument("--quick", action="store_true",
                         help=f"1/{QUICK_SHARE} of the images ({COUNTS} by default)")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache"),
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench_out" / "cache",
                         help="folder of the ddddocr and scikit-image wheels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--md", type=Path, default=ROOT / "docs" / "results" / "realworld.md")

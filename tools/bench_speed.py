@@ -215,7 +215,7 @@ def markdown(results: list[dict], args, load: tuple[float, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=Path, default=Path("/work/cache/models"),
+    p.add_argument("--models", type=Path, default=ROOT / "bench_out" / "models",
                    help="where the benchmark models are read, or generated when missing")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 50, 101])
     p.add_argument("--skip-big", action="store_true",

@@ -6,8 +6,8 @@ The package reads the set with numpy only: each image is stored as a uint8 array
 for colour, ``(H, W)`` for grey, its longer side downscaled to ``--side`` pixels (PIL, here in
 tools/ only). scikit-image is not installed; its wheel is read as a zip::
 
-    pip download scikit-image --no-deps -d /work/cache
-    python tools/make_proxy_images.py --skimage-wheel /work/cache/scikit_image-0.26.0-*.whl
+    pip download scikit-image --no-deps -d bench_out/cache
+    python tools/make_proxy_images.py --skimage-wheel bench_out/cache/scikit_image-0.26.0-*.whl
 """
 
 from __future__ import annotations
