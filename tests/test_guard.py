@@ -161,3 +161,16 @@ def test_the_guard_holds_only_when_every_kind_of_input_holds():
     assert limits == {"synthetic": 3.0, "photos": 3.0}
     assert _verdicts({"synthetic": ok, "photos": ok}, None)[0]
     assert _verdicts({"synthetic": ok, "photos": collapsed}, 0.5)[0]  # --max-error: errors only
+
+
+def test_image_models_are_compared_on_noise_and_photographs(capfd, tmp_path, digits_model):
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    code, stdout, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--report",
+                            str(rep))
+    assert code == 0, err
+    guard = json.loads(rep.read_text())["guard"]
+    assert guard["inputs"] == "synthetic+photos" and guard["holds"]
+    assert guard["limit"] == {"synthetic": 3.0, "photos": 3.0}
+    [photos] = guard["fidelity"]["photos"]  # the digits CNN has one output
+    assert photos["channel_error"] < 0.5 and photos["top1_agreement"] > 0.9
+    assert "guard   ok on synthetic+photos inputs" in stdout

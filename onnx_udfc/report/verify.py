@@ -131,6 +131,7 @@ class VerifyResult:
     provider: str
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # what was fed
     failures: list[str] = field(default_factory=list)  # one line per output out of tolerance
+    extra: dict[str, list[Fidelity]] = field(default_factory=dict)  # per extra feed
 
     @property
     def passed(self) -> bool:
@@ -148,11 +149,13 @@ def verify(original: onnx.ModelProto | str, compressed: onnx.ModelProto | str, *
            limit: int | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
            atol: float | None = None, rtol: float | None = None,
            min_agreement: float | None = None,
-           feed: dict[str, np.ndarray] | None = None) -> VerifyResult:
+           feed: dict[str, np.ndarray] | None = None,
+           extra_feeds: Mapping[str, dict[str, np.ndarray]] | None = None) -> VerifyResult:
     """Compare two models on the same inputs; accuracy too when the data has labels and the
     first output is classifier logits. ``input_shapes`` fixes dynamic input shapes of the
     generated inputs; ``atol``/``rtol``/``min_agreement`` (see :func:`mismatches`) fill
-    ``failures``; ``feed`` gives the inputs directly (the fidelity guard's synthetic images)."""
+    ``failures``; ``feed`` gives the inputs directly (the fidelity guard's synthetic images),
+    ``extra_feeds`` more inputs compared by the same two sessions (``extra`` of the result)."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None and not value >= 0:
             raise UdfcError(f"{flag} must be a number >= 0, got {value}")
@@ -174,6 +177,9 @@ def verify(original: onnx.ModelProto | str, compressed: onnx.ModelProto | str, *
         source = f"output '{names[0]}'"
         acc_a, acc_b = accuracy(out_a[0], labels, source), accuracy(out_b[0], labels, source)
     fidelity = compare(out_a, out_b, names)
+    extra = {kind: compare(run(sa, more), run(sb, more), names)
+             for kind, more in (extra_feeds or {}).items()}
     return VerifyResult(fidelity, acc_a, acc_b, len(next(iter(feed.values()))), provider,
                         {k: list(v.shape) for k, v in feed.items()},
-                        mismatches(out_a, out_b, names, fidelity, atol, rtol, min_agreement))
+                        mismatches(out_a, out_b, names, fidelity, atol, rtol, min_agreement),
+                        extra)
