@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from onnx_udfc import api
@@ -116,3 +117,16 @@ def test_cli_bad_seed_is_a_one_line_usage_error(digits_model, tmp_path, capsys):
     assert_refused(capsys, tmp_path / "o.onnx", "seed must be a non-negative integer",
                    "compress", str(digits_model), "--method", "udfc+", "--seed", "-3",
                        "--target", "fake")
+
+
+def test_channels_last_activations_are_measured_on_their_channel_axis():
+    # A transformer MLP's activations are [N, T, C]: sampled moments read axis 2, not T.
+    import gzip
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "zoo" / "transformer__dynamo.onnx.gz"
+    model = onnx.load_from_string(gzip.decompress(fixture.read_bytes()))
+    _, report = api.compress(model, prune=0.2, method="udfc+", target="fake",
+                             moments="sampled")
+    comps = [x["compensation"] for x in report.layers if x["compensation"]]
+    assert len(comps) == 2 and all(c["compensated"] for c in comps)

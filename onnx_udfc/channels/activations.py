@@ -56,4 +56,15 @@ def pruning_moments(ctx: ChannelAnalysis, source: MomentSource,
                     stage: str) -> dict[str, TensorMoments]:
     """Moments of every producer's activation output (before any change to the model)."""
     names = [activation_tensor(p.node, ctx) for p in ctx.producers]
-    return source.moments(ctx.model, ctx.shapes, names, stage=stage)
+    return source.moments(ctx.model, ctx.shapes, names, stage=stage,
+                          axes=channel_axes(ctx, names))
+
+
+def channel_axes(ctx: ChannelAnalysis, tensors: list[str]) -> dict[str, int]:
+    """The channel axis of each of ``tensors`` the analysis placed elsewhere than axis 1."""
+    out = {}
+    for t in tensors:
+        info = ctx.tensors.get(t)
+        if info is not None and info.axis is not None and info.axis != 1:
+            out[t] = info.axis
+    return out

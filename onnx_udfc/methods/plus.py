@@ -31,7 +31,7 @@ from onnx_udfc.channels.absorbers import (
     apply_reconstruction,
     channel_positions,
 )
-from onnx_udfc.channels.activations import activation_tensor
+from onnx_udfc.channels.activations import activation_tensor, channel_axes
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
 from onnx_udfc.core.blas import single_blas_thread
@@ -313,4 +313,5 @@ def quant_moments(model: onnx.ModelProto, ctx: ChannelAnalysis, source: MomentSo
     names = [n.input[0] for n in model.graph.node if weight_layer(n, ctx.inits) is not None]
     # the bias correction needs means only, which need variances only; GPTQ full covariances
     full = 512 if cfg.scale_correction or cfg.gptq else 0
-    return source.moments(model, ctx.shapes, names, stage="quantize", max_full=full)
+    return source.moments(model, ctx.shapes, names, stage="quantize", max_full=full,
+                          axes=channel_axes(ctx, names))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_udfc.channels.activations import pruning_moments
+from onnx_udfc.channels.activations import channel_axes, pruning_moments
 from onnx_udfc.core.ort import refusals
 from onnx_udfc.methods import plus
 from onnx_udfc.methods.base import Method, PruneJob, QuantJob, RunContext, register
@@ -36,7 +36,8 @@ class UdfcPlus(Method):
         missing = [t for t in plus.separate_tensors(run.ctx) if t not in run.moments]
         if missing:
             run.moments = {**run.moments, **run.source.moments(
-                run.ctx.model, run.ctx.shapes, missing, stage="compensate")}
+                run.ctx.model, run.ctx.shapes, missing, stage="compensate",
+                axes=channel_axes(run.ctx, missing))}
 
     def reconstruct(self, run: RunContext, job: PruneJob, entry: dict[str, Any]) -> bool:
         if run.config.plus.sequential:

@@ -4,6 +4,7 @@ tensors, measured in ONNX Runtime on a few user inputs (positions pooled with th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,14 @@ def load_calibration(source: Any, model: onnx.ModelProto) -> dict[str, np.ndarra
 
 
 def measure(model: onnx.ModelProto, source: Any, tensors: list[str],
-            copy: bool = True) -> dict[str, TensorMoments]:
+            copy: bool = True, axes: Mapping[str, int] | None = None
+            ) -> dict[str, TensorMoments]:
     """Mean and centred covariance over (batch, positions) of each tensor's channel axis 1.
     Runs in batches of :data:`BATCH`, one sample at a time when the graph refuses a batch
     (with BatchNorms in training form, as the sampled moments run them, each sample is then
     normalised by its own statistics). ``copy=False``: probe outputs are added to ``model``
-    itself (a copy made for this)."""
+    itself (a copy made for this). ``axes``: a tensor's channel axis when it is not 1 (a
+    transformer's ``[N, T, C]`` activations)."""
     feed = load_calibration(source, model)
     fixed = fixed_inputs(model)  # fed whole to every batch: they hold no samples
     wanted = list(dict.fromkeys(t for t in tensors if t))
@@ -71,6 +74,9 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str],
             a = res.get(t)
             if a is None or a.ndim < 2:
                 continue
+            axis = (axes or {}).get(t, 1)
+            if axis != 1 and a.ndim > 2:
+                a = np.moveaxis(a, axis, 1)
             x = _rows(a)
             acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
             acc[0] += x.shape[0]

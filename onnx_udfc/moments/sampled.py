@@ -172,11 +172,13 @@ def sampled_moments(model: onnx.ModelProto, tensors: list[str], shapes: dict | N
                     seed: int = 0,
                     input_mean: tuple[float, ...] | None = None,
                     input_std: tuple[float, ...] | None = None,
-                    feed: dict[str, np.ndarray] | None = None) -> dict[str, TensorMoments]:
+                    feed: dict[str, np.ndarray] | None = None,
+                    axes: Mapping[str, int] | None = None) -> dict[str, TensorMoments]:
     """Moments of ``tensors`` measured on synthetic inputs (``feed``, pink noise by default)
-    with re-anchored BatchNorms."""
+    with re-anchored BatchNorms (``axes``: channel axes other than 1)."""
     from onnx_udfc.moments.measured import measure
 
     if feed is None:
         feed = synthetic_inputs(model, seed, input_mean, input_std)
-    return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors, copy=False)
+    return measure(free_batch(training_batchnorm(model, shapes)), feed, tensors, copy=False,
+                   axes=axes)

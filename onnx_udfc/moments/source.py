@@ -93,14 +93,16 @@ class MomentSource:
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
-                stage: str, max_full: int = 512) -> dict[str, TensorMoments]:
+                stage: str, max_full: int = 512,
+                axes: Mapping[str, int] | None = None) -> dict[str, TensorMoments]:
         """Moments of ``tensors`` of ``model`` (the model as it is at ``stage``, which names
         the stage in a fallback record). ``max_full``: the propagation keeps full covariances
-        of tensors with at most this many channels."""
+        of tensors with at most this many channels. ``axes``: channel axes other than 1, for
+        the measured and sampled kinds (the propagation models channels on axis 1)."""
         if self.kind == "measured":
-            return measure(model, self.calibration, tensors)
+            return measure(model, self.calibration, tensors, axes=axes)
         if self.kind in SAMPLING:
-            sampled = self._sample(model, shapes, tensors, stage)
+            sampled = self._sample(model, shapes, tensors, stage, axes)
             if sampled is not None:
                 return sampled
         return propagate(model, shapes, spatial=self.spatial, fit_spatial=self.fit_spatial,
@@ -140,7 +142,8 @@ class MomentSource:
                 "fallbacks": [dict(f) for f in self.fallbacks]}
 
     def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
-                stage: str) -> dict[str, TensorMoments] | None:
+                stage: str, axes: Mapping[str, int] | None = None
+                ) -> dict[str, TensorMoments] | None:
         """Sampled moments, or None after falling back (recorded) when the run is refused."""
         feed, cause = self._drawn_feed(model, stage)
         if cause is not None:
@@ -148,8 +151,8 @@ class MomentSource:
             return None
         try:
             if not self.anchored:
-                return measure(model, feed, tensors)
-            return sampled_moments(model, tensors, shapes, feed=feed)
+                return measure(model, feed, tensors, axes=axes)
+            return sampled_moments(model, tensors, shapes, feed=feed, axes=axes)
         except refusals() as exc:
             self.fall_back(stage, refusal_cause(exc))
             return None
