@@ -212,6 +212,25 @@ def test_densenet_concat_chain():
     assert input_shape(m, "conv3") == (4, 12, 3, 3)
 
 
+def test_concat_inputs_each_give_their_share():
+    """Uniform pruning takes the ratio from every layer of a Concat. Ranking the l1 norms of
+    two layers against each other would empty the one with the smaller filters (a folded BN
+    scales each layer differently): ddddocr's detector lost every box that way."""
+    b = Builder(seed=4)
+    r0 = b.relu(b.conv(image(b), 3, 8, name="conv0"), "r0")
+    pa = b.relu(b.conv(r0, 8, 12, name="conva"), "ra")
+    pb = b.relu(b.conv(r0, 8, 20, k=1, name="convb"), "rb")
+    b.output(b.conv(b.op("Concat", [pa, pb], "cat", axis=1), 32, 4, name="convc"))
+    model = b.build()
+    small = next(t for t in model.graph.initializer if t.name == "conva.weight")
+    small.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(small) * 1e-3, small.name))
+    assert group_of(analysed(model), "cat").parts is not None
+    m, _ = compress(model, 0.25, target="fake", method="prune")
+    assert input_shape(m, "conva")[0] == 9   # 12 - 3
+    assert input_shape(m, "convb")[0] == 15  # 20 - 5
+    assert input_shape(m, "convc")[1] == 24
+
+
 def concat_spatial(zero=False):
     """Concat along H of two conv outputs: their channels are tied like a residual Add."""
     b = Builder(seed=6)

@@ -58,6 +58,9 @@ class ChannelGroup:
     fixed: dict[int, str] = field(default_factory=dict)  # class id -> reason
     coupled: bool = False
     blocks: np.ndarray | None = None  # class -> block index for group-balanced removal
+    # class -> index of its producer, when an uncoupled group joins channels of several layers
+    # (the inputs of a Concat): each layer gives up its share, as uniform pruning means
+    parts: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -237,9 +240,12 @@ class ChannelAnalysis:
         for name, r in tensor_roots.items():
             by_group_tensors[gfind(int(r[0]))].append(name)
         producer_of = defaultdict(list)
-        for p in self.producers:
+        made_by: dict[int, set[int]] = defaultdict(set)
+        for index, p in enumerate(self.producers):
             if len(p.slots):
                 producer_of[gfind(int(root[p.slots[0]]))].append(p.node.name or p.tensor)
+            for c in root[p.slots].tolist():
+                made_by[c].add(index)
         groups = []
         for gid, (key, cls) in enumerate(sorted(members.items(), key=lambda kv: kv[1][0])):
             classes = np.asarray(sorted(cls), dtype=np.int64)
@@ -249,6 +255,9 @@ class ChannelAnalysis:
             group = ChannelGroup(gid, classes, tensors, producer_of[key], consumers)
             group.fixed = {c: fixed_class[c] for c in classes.tolist() if c in fixed_class}
             group.coupled = bool((sources[classes] > 1).any())
+            # residual classes (several producers each) keep one ranking: their summed scores
+            # already weigh every layer that writes them
+            group.parts = None if group.coupled else _producer_parts(classes, made_by)
             groups.append(group)
         self._attach_blocks(groups, root)
         return groups
@@ -298,6 +307,13 @@ class ChannelAnalysis:
                     if info is not None and info.slots is not None:
                         out.update(root[info.slots].tolist())
         return out
+
+
+def _producer_parts(classes: np.ndarray, made_by: dict[int, set[int]]) -> np.ndarray | None:
+    """Per class, an index of the set of producers that make it; None for a single set."""
+    keys = [tuple(sorted(made_by.get(c, ()))) for c in classes.tolist()]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    return None if len(index) < 2 else np.asarray([index[k] for k in keys], dtype=np.int64)
 
 
 def filter_norms(filters: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:

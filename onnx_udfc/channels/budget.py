@@ -19,7 +19,7 @@ import numpy as np
 
 from onnx_udfc.channels.activations import activation_tensor, pruning_moments
 from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
-from onnx_udfc.channels.plan import make_plan
+from onnx_udfc.channels.plan import make_plan, removal_order
 from onnx_udfc.channels.stats import weight_layer
 from onnx_udfc.config import PruneOptions
 from onnx_udfc.core.blas import single_blas_thread
@@ -124,7 +124,7 @@ def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
         cand = np.asarray([c for c in g.classes.tolist() if c not in gp.fixed], dtype=np.int64)
         if g.blocks is not None or cand.size == 0 or g.size < 2:
             continue
-        order = cand[np.lexsort((cand, scores[cand]))]
+        order = removal_order(g, cand, scores)
         top = min(cand.size, g.size - 1, int(MAX_RATIO * g.size))
         ks = sorted({min(top, int(round(i * g.size / steps))) for i in range(steps + 1)})
         if len(g.producers) == 1 and g.producers[0] in producer_of:

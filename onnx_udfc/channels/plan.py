@@ -105,12 +105,34 @@ def _keep_every_tensor(analysis: ChannelAnalysis, group: ChannelGroup, chosen: n
     return np.asarray(sorted(gone), dtype=np.int64)
 
 
+def removal_order(group: ChannelGroup, candidates: np.ndarray, scores: np.ndarray
+                  ) -> np.ndarray:
+    """The candidates in the order they go: lowest score first within each producer's channels
+    (``group.parts``), the producers interleaved by the share each has given up, so that any
+    prefix takes about the same fraction from every layer of a Concat. Scores of different
+    layers are never compared: a layer with smaller filters (BN folded in with another scale)
+    would lose all the channels of the group's budget."""
+    order = candidates[np.lexsort((candidates, scores[candidates]))]
+    if group.parts is None or len(order) == 0:
+        return order
+    part_of = dict(zip(group.classes.tolist(), group.parts.tolist(), strict=True))
+    part_size = np.bincount(group.parts)
+    parts = np.asarray([part_of[c] for c in order.tolist()], dtype=np.int64)
+    rank = np.zeros(len(order))
+    seen = np.zeros(len(part_size), dtype=np.int64)
+    for i, p in enumerate(parts.tolist()):
+        rank[i] = (seen[p] + 0.5) / part_size[p]
+        seen[p] += 1
+    return order[np.argsort(rank, kind="stable")]
+
+
 def _choose(group: ChannelGroup, candidates: np.ndarray, scores: np.ndarray,
             count: int) -> np.ndarray:
-    """Lowest-scoring candidates; the same number from every block of a grouped Conv."""
+    """Lowest-scoring candidates (:func:`removal_order`); the same number from every block of
+    a grouped Conv."""
     if count <= 0 or len(candidates) == 0:
         return np.zeros(0, dtype=np.int64)
-    order = candidates[np.lexsort((candidates, scores[candidates]))]
+    order = removal_order(group, candidates, scores)
     if group.blocks is None:
         return np.sort(order[:count])
     block_of = dict(zip(group.classes.tolist(), group.blocks.tolist(), strict=True))
