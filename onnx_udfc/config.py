@@ -28,6 +28,7 @@ from onnx_udfc.core.errors import UdfcError
 
 METHODS = ("prune", "nm", "udfc", "udfc+")
 CRITERIA = ("l1", "l2", "recon")
+INPUT_RANGES = ("auto", "standardised", "0-1", "0-255")  # onnx_udfc.moments.input_range
 MOMENT_SOURCES = ("auto", "sampled", "proxy", "propagated", "inverted")
 QUANTIZERS = ("paper", "symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel")
@@ -59,6 +60,10 @@ class GraphOptions:
         {}, "fix a dynamic input shape, e.g. input:1x3x224x224 (repeatable)",
         flag="--input-shape", metavar="NAME:DxD", repeat=True)
     fold_bn: bool = option(False, "fold BatchNormalization into the preceding Conv/Gemm first")
+    input_range: str = option(
+        "auto", "values of an image input, for the data-free inputs: standardised (mean 0, "
+        "spread 1 per channel), 0-1 or 0-255 pixels; auto: read from the first layer",
+        choices=INPUT_RANGES)
 
 
 @dataclass
@@ -286,6 +291,7 @@ class CompressConfig:
         """Refuse every bad or contradictory value before any work, one line each."""
         p, m, q, s = self.prune, self.method, self.quant, self.storage
         check_prune(p)
+        _check_choice("input range", self.graph.input_range, INPUT_RANGES)
         for pattern in q.exclude:
             _check_regex(pattern)
         if p.budget_flops is not None and (not _is_number(p.budget_flops)

@@ -24,6 +24,7 @@ from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
 from onnx_udfc.methods.mixed import BudgetUnreachable
+from onnx_udfc.moments.input_range import InputRange, resolve_input_range
 from onnx_udfc.report.fidelity import default_limit, verdict
 from onnx_udfc.report.report import Progress, Report
 
@@ -166,7 +167,8 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
         model = io.load_model(source)
         shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))
         if not attempts and config.check.verify and not config.check.data:
-            feeds = dict(guard_feeds(model, shapes))
+            feeds = dict(guard_feeds(model, shapes, input_range=resolve_input_range(
+                model, config.graph.input_range, shapes)))
         if not attempts:
             check_data(model, config)
         try:
@@ -258,20 +260,23 @@ def _variant(config: CompressConfig, ratio: float, budget: float | None,
 
 
 def guard_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
+                seed: int = 0, input_range: InputRange | None = None
+                ) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Data-free inputs for the guard, by kind: :data:`GUARD_BATCH` samples of the model's
     input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for dynamic
     sizes (run in the model's own batch when it fixes one). ``synthetic``: pink-noise images
     (natural images' spectrum) or Gaussian vectors; they catch a classifier's lost decisions.
     ``photos``, for a model with an image input: crops of the built-in photographs
     (:mod:`onnx_udfc.moments.proxy`); they catch a dense output's collapsed channel (a
-    detector's objectness), which noise hides."""
+    detector's objectness), which noise hides. Images take the values of ``input_range``
+    (:mod:`onnx_udfc.moments.input_range`; standardised when None)."""
     from onnx_udfc.moments import proxy
     from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
-    from onnx_udfc.moments.sampled import pink_noise
+    from onnx_udfc.moments.sampled import in_range, pink_noise
 
     rng = np.random.default_rng(seed)
     fixed = fixed_inputs(model)
+    mean, std = (input_range.mean, input_range.std) if input_range is not None else (0.0, 1.0)
     feed = {}
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
@@ -284,15 +289,15 @@ def guard_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
             dims[0] = GUARD_BATCH  # a fixed batch runs in chunks of its own size
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         image = len(dims) >= 3 and min(dims[2:]) >= 4
-        x = pink_noise(tuple(dims), rng) if image else rng.standard_normal(dims)
+        x = in_range(pink_noise(tuple(dims), rng), mean, std) if image \
+            else rng.standard_normal(dims)
         feed[inp.name] = x.astype(dtype)
     kinds = [("synthetic", feed)]
     images = proxy.image_inputs(model, input_shapes)
     if images:
         photos = dict(feed)
         for name, dims in images.items():
-            x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), None,
-                                  None)
+            x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), mean, std)
             photos[name] = x.astype(feed[name].dtype)
         kinds.append(("photos", photos))
     return kinds

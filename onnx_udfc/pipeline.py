@@ -27,6 +27,7 @@ from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.input_shapes import WorkingShape, shape_lists, working_input_shapes
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
+from onnx_udfc.moments.input_range import InputRange, resolve_input_range
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.ops.checks import check_weight_layers, refuse_quantized
 from onnx_udfc.ops.cost import LayerStats, count_params, layer_stats
@@ -90,6 +91,7 @@ class RunState:
     layers_after: list[LayerStats] | None = None
     params_after: int = 0
     input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
+    input_range: InputRange | None = None
     mixed: Any = None  # methods.mixed.MixedPlan under --budget-size
     flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
 
@@ -121,6 +123,8 @@ def _load(state: RunState) -> None:
     refuse_quantized(state.model)
     state.size_before = io.approx_size(state.model)
     state.input_shapes = working_input_shapes(state.model, state.config.graph.input_shapes)
+    state.input_range = resolve_input_range(state.model, state.config.graph.input_range,
+                                            state.working_shapes)
 
 
 def _normalise(state: RunState) -> None:
@@ -134,6 +138,7 @@ def _analyse(state: RunState) -> None:
     state.layers_before = layer_stats(state.model, state.analysis.shapes)
     state.params_before = count_params(state.model)
     state.method_config = method_config(state.config)
+    state.method_config.input_range = state.input_range
 
 
 def _detail(state: RunState) -> Callable[[str], None] | None:
@@ -325,6 +330,7 @@ def _report(state: RunState) -> Report:
     report.float_layers = state.float_layers
     report.duplicated_initializers = state.duplicated
     report.input_shapes = {name: s.to_dict() for name, s in state.input_shapes.items()}
+    report.input_range = state.input_range.to_dict() if state.input_range else None
     report.mixed_precision = state.mixed.to_dict() if state.mixed is not None else None
     report.flops_budget = state.flops_budget
     report.inversion = state.inversion.summary() if state.inversion is not None else None

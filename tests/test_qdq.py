@@ -153,8 +153,8 @@ def test_int8_container_for_low_bits_keeps_opset(digits_model) -> None:
 
 def test_explicit_opset_and_skeleton_conversion_keep_weights(digits_model) -> None:
     model = onnx.load(str(digits_model))
-    conv = convert_opset(model, 21, "test")
-    assert conv.opset_import[0].version == 21
+    conv, redeclared = convert_opset(model, 21, "test")
+    assert conv.opset_import[0].version == 21 and redeclared == []
     before = {t.name: t.raw_data for t in model.graph.initializer}
     after = {t.name: t.raw_data for t in conv.graph.initializer}
     assert after.keys() >= before.keys()
@@ -162,6 +162,26 @@ def test_explicit_opset_and_skeleton_conversion_keep_weights(digits_model) -> No
     _, report = api.compress(str(digits_model), bits=8, quantizer="symmetric", format="qdq",
                              opset=22, target="fake", method="prune")
     assert report.storage["opset_after"] == 22 and report.storage["ir_version"] >= 10
+
+
+def test_an_output_declared_with_the_wrong_rank_is_redeclared_and_reported(digits_model):
+    """ddddocr's recogniser declares [1, seqlen] for a [T, 1, K] output: ONNX Runtime runs it,
+    opset 21's shape inference refuses it. int4 storage declares the computed shape and says
+    so; the values do not change."""
+    model = onnx.load(str(digits_model))
+    out = model.graph.output[0]
+    computed = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    out.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(
+        onnx.TensorProto.FLOAT, ["seqlen"]).tensor_type.shape)
+    qdq, report = api.compress(model, target="int4")
+    onnx.checker.check_model(qdq, full_check=True)
+    (change,) = report.storage["outputs_redeclared"]
+    assert change["declared"] == "[seqlen]" and len(computed) == 2
+    assert change["computed"].count(",") == 1
+    assert f"output '{out.name}' declared [seqlen] but computed" in report.summary()
+    feed = {model.graph.input[0].name: np.random.default_rng(0).standard_normal(
+        (2, 1, 8, 8)).astype(np.float32)}
+    assert _session(qdq).run(None, feed)[0].shape == (2, 10)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:

@@ -223,7 +223,8 @@ def test_concat_inputs_each_give_their_share():
     b.output(b.conv(b.op("Concat", [pa, pb], "cat", axis=1), 32, 4, name="convc"))
     model = b.build()
     small = next(t for t in model.graph.initializer if t.name == "conva.weight")
-    small.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(small) * 1e-3, small.name))
+    scaled = onnx.numpy_helper.to_array(small) * 1e-3
+    small.CopyFrom(onnx.numpy_helper.from_array(scaled, small.name))
     assert group_of(analysed(model), "cat").parts is not None
     m, _ = compress(model, 0.25, target="fake", method="prune")
     assert input_shape(m, "conva")[0] == 9   # 12 - 3

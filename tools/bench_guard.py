@@ -25,6 +25,7 @@ import bench_udfc  # noqa: E402
 from onnx_udfc import api  # noqa: E402
 from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes  # noqa: E402
 from onnx_udfc.core.ort import run, session  # noqa: E402
+from onnx_udfc.moments.input_range import resolve_input_range  # noqa: E402
 from onnx_udfc.outputs import guard_feeds  # noqa: E402
 from onnx_udfc.report.fidelity import BROKEN_AGREEMENT, BROKEN_ERROR, drift  # noqa: E402
 
@@ -44,7 +45,9 @@ def measure(shared: Path) -> list[dict]:
         x, labels, _ = bench_udfc.load_data(shared, bench_udfc.manifest_entry(manifest, name))
         original = api.load(path)
         inp = bench_udfc.input_name(original)
-        feeds = dict(guard_feeds(original, shape_lists(working_input_shapes(original))))
+        shapes = shape_lists(working_input_shapes(original))
+        feeds = dict(guard_feeds(original, shapes, input_range=resolve_input_range(
+            original, "auto", shapes)))
         ref = session(original)
         ref_real = run(ref, {inp: x})[0]
         refs = {kind: run(ref, feed)[0] for kind, feed in feeds.items()}

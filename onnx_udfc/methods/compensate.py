@@ -27,6 +27,7 @@ from onnx_udfc.methods.coverage import (
     recurrent_weights,
     subgraph_weight_layers,
 )
+from onnx_udfc.moments.input_range import InputRange
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.quant.grids import QuantizedWeight, quantize_blocks_params, quantize_params
 
@@ -39,6 +40,7 @@ class MethodRun:
     options: MethodOptions = field(default_factory=MethodOptions)
     quant: QuantOptions = field(default_factory=QuantOptions)
     samples: Any = None  # udfc+ --moments inverted: the fitted input batch
+    input_range: InputRange | None = None  # of the image input, for the data-free samples
 
     @property
     def method(self) -> str:
@@ -51,9 +53,12 @@ class MethodRun:
     @property
     def plus(self) -> udfc_plus.PlusConfig:
         """The udfc+ hyperparameters with this run's choices."""
-        m = self.options
+        m, r = self.options, self.input_range
+        shifted = r is not None and r.shifts
         return dataclasses.replace(udfc_plus.DEFAULT, moments=m.moments,
-                                   sequential=m.sequential, samples=self.samples, seed=m.seed)
+                                   sequential=m.sequential, samples=self.samples, seed=m.seed,
+                                   input_mean=(r.mean,) if shifted else None,
+                                   input_std=(r.std,) if shifted else None)
 
 
 @udfc_plus.plus_threads("cfg")

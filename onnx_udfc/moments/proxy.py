@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.moments.feeds import fixed_inputs
-from onnx_udfc.moments.sampled import sample_count, synthetic_inputs
+from onnx_udfc.moments.sampled import in_range, sample_count, synthetic_inputs
 
 IMAGES = Path(__file__).resolve().parent / "proxy_images" / "proxy_images.npz"
 CROP_AREA = (0.25, 1.0)  # share of the source image a crop covers
@@ -133,10 +133,7 @@ def standardise(x: np.ndarray, input_mean: tuple[float, ...] | None,
     """Every channel of the batch to mean 0, variance 1, then scaled by ``input_std`` and
     shifted by ``input_mean`` when given."""
     x = (x - x.mean((0, 2, 3), keepdims=True)) / (x.std((0, 2, 3), keepdims=True) + 1e-12)
-    c = x.shape[1]
-    std = np.asarray(input_std if input_std is not None else [1.0] * c).reshape(1, c, 1, 1)
-    mean = np.asarray(input_mean if input_mean is not None else [0.0] * c).reshape(1, c, 1, 1)
-    return x * std + mean
+    return in_range(x, input_mean, input_std)
 
 
 def proxy_inputs(model: onnx.ModelProto, seed: int = 0,

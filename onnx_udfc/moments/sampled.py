@@ -64,6 +64,21 @@ def sample_count(dims: list[int], samples: int = SAMPLES, positions: int = POSIT
     return int(max(8, min(samples, positions // max(pixels, 1))))
 
 
+def in_range(x: np.ndarray, input_mean: Sequence[float] | None,
+             input_std: Sequence[float] | None) -> np.ndarray:
+    """Standardised images ``(N, C, ...)`` moved to a channel ``input_mean`` and spread
+    ``input_std`` (one value, or one per channel; :mod:`onnx_udfc.moments.input_range`)."""
+    if input_mean is None and input_std is None:
+        return x
+    c = x.shape[1]
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    mean = np.broadcast_to(np.asarray(0.0 if input_mean is None else input_mean, float)
+                           .reshape(-1), (c,)).reshape(bshape)
+    std = np.broadcast_to(np.asarray(1.0 if input_std is None else input_std, float)
+                          .reshape(-1), (c,)).reshape(bshape)
+    return x * std + mean
+
+
 def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
                      input_mean: tuple[float, ...] | None = None,
                      input_std: tuple[float, ...] | None = None,
@@ -90,15 +105,9 @@ def synthetic_inputs(model: onnx.ModelProto, seed: int = 0,
         n = sample_count(dims)
         shape = (n, *dims[1:])
         if len(dims) >= 3 and min(dims[2:]) >= 4:
-            x = pink_noise(shape, rng)
+            x = in_range(pink_noise(shape, rng), input_mean, input_std)
         else:
             x = rng.standard_normal(shape)
-        if len(dims) >= 2 and (input_mean is not None or input_std is not None):
-            c = dims[1]
-            mean = np.asarray(input_mean if input_mean is not None else [0.0] * c)
-            std = np.asarray(input_std if input_std is not None else [1.0] * c)
-            bshape = (1, c) + (1,) * (len(dims) - 2)
-            x = x * std.reshape(bshape) + mean.reshape(bshape)
         feed[inp.name] = x.astype(np.float32)
     return feed
 

@@ -71,8 +71,10 @@ def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
             setattr(dst, fd.name, value)
 
 
-def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelProto:
-    """``model`` at opset ``target`` via ``onnx.version_converter``, full-checked.
+def convert_opset(model: onnx.ModelProto, target: int, why: str
+                  ) -> tuple[onnx.ModelProto, list[dict[str, str]]]:
+    """``model`` at opset ``target`` via ``onnx.version_converter``, full-checked, and the
+    graph outputs whose declared shape had to be corrected (:func:`_declare_computed_outputs`).
 
     The converter and the checker see a skeleton whose large initializers are typed graph
     inputs (no data): converting a 100 MiB model costs milliseconds and models above
@@ -95,9 +97,19 @@ def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelPr
         else:
             sk.graph.initializer.append(init)
     head = f"cannot convert the model from opset {current} to {target} ({why} needs it)"
+    redeclared: list[dict[str, str]] = []
     try:
-        conv = version_converter.convert_version(sk, target)
-        onnx.checker.check_model(conv, full_check=True)
+        try:
+            conv = version_converter.convert_version(sk, target)
+            onnx.checker.check_model(conv, full_check=True)
+        except Exception as refused:  # noqa: BLE001  retried once, then named below
+            if "existing shape differ in rank" not in str(refused):
+                raise
+            try:
+                conv, redeclared = _convert_declaring_computed_outputs(sk, target)
+                onnx.checker.check_model(conv, full_check=True)
+            except Exception:  # noqa: BLE001  the first refusal is the one to name
+                raise refused from None
     except Exception as exc:
         raise UdfcError(f"{head}: onnx {onnx.__version__} fails: {_first_line(exc)}") from None
     out = onnx.ModelProto()
@@ -117,7 +129,43 @@ def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelPr
     out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(
         list(out.opset_import), ignore_unknown=True))
     _same_outputs(model, out, head)
-    return out
+    return out, redeclared
+
+
+def _convert_declaring_computed_outputs(skeleton: onnx.ModelProto, target: int
+                                        ) -> tuple[onnx.ModelProto, list[dict[str, str]]]:
+    """The conversion again, for graph outputs declared with another rank than the graph
+    computes (ddddocr's recogniser declares ``[1, seqlen]`` for a ``[T, 1, K]`` tensor): ONNX
+    Runtime ignores the declaration, the converter's shape inference refuses it. Converted
+    without output shapes, each output gets back its declaration, or, where the converted
+    graph computes another rank, the computed shape; each such change is returned for the
+    report, never made silently."""
+    from onnx import version_converter
+
+    bare = onnx.ModelProto()
+    bare.CopyFrom(skeleton)
+    for out in bare.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    conv = version_converter.convert_version(bare, target)
+    computed = {v.name: v.type.tensor_type for v in
+                onnx.shape_inference.infer_shapes(conv, data_prop=True).graph.output}
+    changes = []
+    for out, declared in zip(conv.graph.output, skeleton.graph.output, strict=True):
+        found, before = computed.get(out.name), declared.type.tensor_type
+        out.type.tensor_type.CopyFrom(before)
+        if found is not None and found.HasField("shape") and before.HasField("shape") \
+                and len(found.shape.dim) != len(before.shape.dim):
+            out.type.tensor_type.shape.CopyFrom(found.shape)
+            changes.append({"output": out.name, "declared": _dims_text(before.shape),
+                            "computed": _dims_text(found.shape)})
+    if not changes:
+        raise UdfcError("no graph output is declared with another rank than it is computed")
+    return conv, changes
+
+
+def _dims_text(shape: onnx.TensorShapeProto) -> str:
+    return "[" + ", ".join(d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
+                           for d in shape.dim) + "]"
 
 
 def _same_outputs(original: onnx.ModelProto, converted: onnx.ModelProto, head: str) -> None:
@@ -256,8 +304,9 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
                             "after quantization); it cannot be stored as integers")
         plan["dtype"] = container_type(storage, qw.result.bits, qw.result.scheme)
         plans[name] = plan
+    redeclared: list[dict[str, str]] = []
     if target > before:
-        model = convert_opset(model, target, why)
+        model, redeclared = convert_opset(model, target, why)
     graph = model.graph
     fresh = unique_namer({t.name for t in graph.initializer}
                          | {o for n in graph.node for o in n.output}
@@ -309,6 +358,8 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
         counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
     summary = {"format": "qdq", "opset_before": before, "opset_after": target,
                "ir_version": model.ir_version, "weights": counts, "layers": layers}
+    if redeclared:
+        summary["outputs_redeclared"] = redeclared
     return model, summary
 
 

@@ -43,6 +43,8 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     input_shapes: {input: {shape, from}}          the concrete shapes of dynamic inputs the run
                                                   worked at (given by --input-shape, stated by
                                                   the model, or the default side)
+    input_range: {range, from}                    the values the data-free image inputs take
+                                                  (standardised, 0-1, 0-255; given or auto)
     moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
                                                   where the activation moments came from
                                                   (udfc+, --criterion recon, --budget-flops)
@@ -86,6 +88,7 @@ class Report:
     float_layers: list[dict[str, str]] = field(default_factory=list)
     duplicated_initializers: list[dict[str, Any]] = field(default_factory=list)
     input_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    input_range: dict[str, str] | None = None  # of the image input (moments/input_range.py)
     # Quantized weights outside the layer table (LSTM/GRU/RNN W and R), by ``node:W``.
     other_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     mixed_precision: dict[str, Any] | None = None  # --budget-size: the allocation
@@ -148,6 +151,9 @@ class Report:
                 f"{name} worked at {'x'.join(map(str, v['shape']))} ({v['from']}; the output "
                 "keeps its dynamic dims, --input-shape sets the size)"
                 for name, v in chosen.items()))
+        if self.input_range and self.input_range["range"] != "standardised":
+            lines.append(f"range   image input read as {self.input_range['range']} "
+                         f"({self.input_range['from']}; --input-range sets it)")
         if self.latency:
             lat = self.latency
             lines.insert(3, f"latency {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
@@ -233,7 +239,10 @@ def _storage_note(storage: dict[str, Any] | None) -> str:
     opsets = f"opset {storage['opset_before']}" + (
         f" -> {storage['opset_after']}" if storage["opset_after"] != storage["opset_before"]
         else "")
-    return f", qdq: {kinds} weights, {opsets}"
+    fixed = "".join(f"; output '{x['output']}' declared {x['declared']} but computed "
+                    f"{x['computed']}: declared as computed for opset {storage['opset_after']}"
+                    for x in storage.get("outputs_redeclared", []))
+    return f", qdq: {kinds} weights, {opsets}{fixed}"
 
 
 def _float_note(layers: list[dict[str, str]]) -> str:
