@@ -120,10 +120,10 @@ def _subgraph(model: onnx.ModelProto, image: str, tensor: str) -> onnx.ModelProt
         stack.extend(i for i in node.input if i)
     order = [n for n in model.graph.node if id(n) in needed]
     used = {i for n in order for i in n.input}
+    source = next(i for i in model.graph.input if i.name == image)
     graph = onnx.helper.make_graph(
-        order, "input_range_probe",
-        [next(i for i in model.graph.input if i.name == image)],
-        [onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)],
+        order, "input_range_probe", [source],
+        [onnx.helper.make_tensor_value_info(tensor, source.type.tensor_type.elem_type, None)],
         [t for t in model.graph.initializer if t.name in used])
     return onnx.helper.make_model(graph, opset_imports=model.opset_import,
                                   ir_version=model.ir_version)
@@ -136,12 +136,13 @@ def _spreads(model: onnx.ModelProto, tensor: str, image: str, dims: Sequence[int
     if input_shapes:
         pin_inputs(probe, {k: v for k, v in input_shapes.items() if k == image})
     runner = session(probe)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(probe.graph.input[0].type.tensor_type.elem_type)
     photos = proxy.proxy_batch(PROBE_IMAGES, *dims[1:], np.random.default_rng(0))
     standardised = proxy.standardise(photos, None, None)
     spreads = {}
     for name, (mean, std) in RANGES.items():
-        out = run(runner, {image: (standardised * std + mean).astype(np.float32)})[0]
-        spread = out.reshape(out.shape[0], out.shape[1], -1).std(axis=(0, 2))
+        out = run(runner, {image: (standardised * std + mean).astype(dtype)})[0]
+        spread = out.reshape(out.shape[0], out.shape[1], -1).astype(np.float64).std(axis=(0, 2))
         spread = spread[spread > 0]
         if len(spread):
             spreads[name] = float(np.median(spread))
