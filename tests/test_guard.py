@@ -130,11 +130,9 @@ def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
     holds, sentence = verdict(dense, default_limit("photos"), "photos")
     assert not holds and "correlation with the original fell to 0.30" in sentence
     assert BROKEN_CORRELATION["photos"] > 0.3
-    # ddddocr's detector at int4 kept 46 % of its boxes, its objectness at r 0.90 on photos;
-    # int8 and the size budget kept them all at r >= 0.98
-    assert not verdict([dict(dense[0], channel_correlation=0.90, channel_error=0.48)],
-                       default_limit("photos"), "photos")[0]
-    assert verdict([dict(dense[0], channel_correlation=0.98, channel_error=0.1)],
+    # PP-OCRv4's text detector at int8 (its text masks 99.5 % the same) reads r 0.94 on the
+    # photographs: the default preset is not called broken
+    assert verdict([dict(dense[0], channel_correlation=0.94, channel_error=0.34)],
                    default_limit("photos"), "photos")[0]
     assert verdict(dense, default_limit("synthetic"), "synthetic")[0]  # noise: no such limit
     logits = [dict(dense[0], top1_agreement=0.9)]  # classifiers: judged by their decisions
@@ -180,3 +178,12 @@ def test_image_models_are_compared_on_noise_and_photographs(capfd, tmp_path, dig
     [photos] = guard["fidelity"]["photos"]  # the digits CNN has one output
     assert photos["channel_error"] < 0.5 and photos["top1_agreement"] > 0.9
     assert "guard   ok on synthetic+photos inputs" in stdout
+
+
+def test_outputs_are_read_with_their_channel_axis():
+    from onnx_udfc.core.drift import squeeze_inner
+
+    shapes = {(40, 1, 97): (40, 97), (8, 10, 1, 1): (8, 10), (8, 1, 32, 48): (8, 1, 32, 48),
+              (8, 1): (8, 1), (8, 1, 1, 1): (8, 1)}
+    for before, after in shapes.items():
+        assert squeeze_inner(np.zeros(before)).shape == after, before

@@ -65,12 +65,18 @@ def channel_correlations(reference: np.ndarray, candidate: np.ndarray) -> np.nda
 
 
 def squeeze_inner(output: np.ndarray) -> np.ndarray:
-    """``output`` without its size-1 axes past the first, while it keeps two axes: a CTC
-    recogniser's ``[T, 1, K]`` logits read as ``[T, K]``, ``[N, K, 1, 1]`` as ``[N, K]``."""
-    inner = [axis for axis in range(1, output.ndim) if output.shape[axis] == 1]
-    while inner and output.ndim - len(inner) < 2:
-        inner.pop()
-    return output.squeeze(tuple(inner)) if inner else output
+    """A CTC recogniser's ``[T, 1, K]`` logits read as ``[T, K]``, ``[N, K, 1, 1]`` as
+    ``[N, K]`` (trailing size-1 axes), while it keeps two axes. A one-channel map
+    ``[N, 1, H, W]`` (a text detector's probabilities) keeps its channel axis: squeezed, its
+    rows would be read as channels."""
+    if output.ndim == 3 and output.shape[1] == 1:
+        return output.squeeze(1)
+    trailing = []
+    for axis in range(output.ndim - 1, 1, -1):
+        if output.shape[axis] != 1:
+            break
+        trailing.append(axis)
+    return output.squeeze(tuple(trailing)) if trailing else output
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:

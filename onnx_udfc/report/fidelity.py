@@ -35,11 +35,12 @@ BROKEN_AGREEMENT = {"data": 0.8, "synthetic": 0.5, "photos": 0.5}
 # Dense outputs (not classifier logits): the lowest per-channel correlation with the original,
 # on the photographs. A channel that collapsed (a detector's objectness) reads ~0 where its
 # error in spread units stays near 1-2. On the ddddocr detector the plans that kept their
-# boxes read >= 0.98 and those that lost them all <= 0.37; int4, which keeps 46 % of them,
-# reads 0.90 (its error 0.48 of the spread), so 0.95: a channel with a tenth of its variance
-# unexplained is not a faithful copy. On pink noise fine plans of other models read as low as
-# 0.32, so noise gets no such limit.
-BROKEN_CORRELATION = {"photos": 0.95}
+# boxes read >= 0.98 and those that lost them all <= 0.47. int4, which keeps 46 % of them,
+# reads 0.90, while PP-OCRv4's text detector at int8 (its text masks 99.5 % the same) reads
+# 0.94 on the photographs (they hold little text): no limit separates those two, and the
+# default preset must not be called broken, so the limit only catches collapse. On pink noise
+# fine plans of other models read as low as 0.32, so noise gets no such limit.
+BROKEN_CORRELATION = {"photos": 0.6}
 @dataclass
 class Drift:
     """The worst channel of one output."""
