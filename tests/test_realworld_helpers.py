@@ -58,3 +58,13 @@ def test_rank_correlation():
     assert metrics.rank_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
     assert math.isnan(metrics.rank_correlation([1, 2], [3, 4]))
     assert math.isnan(metrics.rank_correlation([1, 2, 3], [5, 5, 5]))
+
+
+def test_db_boxes_keep_confident_regions():
+    probability = np.zeros((40, 60))
+    probability[5:15, 10:40] = 0.9   # a text line
+    probability[25:35, 5:20] = 0.35  # above the mask threshold, below the box threshold
+    probability[30, 50] = 0.9        # a speck smaller than min_side
+    boxes = metrics.db_boxes(probability)
+    # the 2x2 dilation grows the region by one pixel at its far sides
+    assert boxes.tolist() == [[10.0, 5.0, 41.0, 16.0]]

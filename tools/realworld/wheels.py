@@ -1,5 +1,6 @@
 """What the benchmark reads out of third-party wheels at bench time (never copied into the
-repository): ddddocr's recogniser charset and scikit-image's bundled sample photos."""
+repository): ddddocr's recogniser charset, RapidOCR's PP-OCRv4 text detector and
+scikit-image's bundled sample photos."""
 
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def ddddocr_model(cache: Path, name: str) -> Path:
     if not target.exists():
         path = wheel(cache, DDDDOCR_WHEEL, DDDDOCR_PIP)
         zipfile.ZipFile(path).extract(f"ddddocr/{name}", cache / "dd")
+    return target
+
+
+RAPIDOCR_WHEEL = "rapidocr_onnxruntime-1.3.24-py3-none-any.whl"
+RAPIDOCR_PIP = "pip download rapidocr_onnxruntime==1.3.24 --no-deps -d {cache}"
+
+
+def rapidocr_model(cache: Path, name: str) -> Path:
+    """``cache/rapidocr/rapidocr_onnxruntime/models/NAME``, unpacked from the RapidOCR wheel
+    (Apache-2.0; PaddleOCR's PP-OCRv4 models converted with paddle2onnx) when missing."""
+    member = f"rapidocr_onnxruntime/models/{name}"
+    target = cache / "rapidocr" / member
+    if not target.exists():
+        zipfile.ZipFile(wheel(cache, RAPIDOCR_WHEEL, RAPIDOCR_PIP)).extract(member,
+                                                                           cache / "rapidocr")
     return target
 
 
