@@ -49,6 +49,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "default": [],
     "int4": ["--target", "int4"],
     "fast": ["--preset", "fast"],
+    "int8-rounded": ["--method", "prune"],  # int8 weights rounded to nearest, no compensation
     **{name: ["--target", "int8", *options] for name, options in PRUNED.items()},
     **{f"{name}-guard": ["--target", "int8", *options, "--max-error", "0.5"]
        for name, options in PRUNED.items()},
