@@ -187,3 +187,31 @@ def test_outputs_are_read_with_their_channel_axis():
               (8, 1): (8, 1), (8, 1, 1, 1): (8, 1)}
     for before, after in shapes.items():
         assert squeeze_inner(np.zeros(before)).shape == after, before
+
+
+def test_constants_of_an_elementwise_op_with_unknown_ranks():
+    """paddle2onnx graphs leave ranks unknown after dynamic shapes: a scalar-like constant
+    still passes, a per-channel one cannot be aligned and leaves the node alone (before, an
+    IndexError)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_udfc.channels.analysis import analyse
+    from onnx_udfc.core.io import infer_shapes
+
+    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.full((1,), 2.0, np.float32), "two"),
+             numpy_helper.from_array(np.ones((4, 1, 1), np.float32), "per_channel")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Mul", ["c", "two"], ["m"], name="scalar"),
+         helper.make_node("Mul", ["m", "per_channel"], ["y"], name="channels")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    shapes = {k: v for k, v in infer_shapes(model).items() if k not in ("c", "m", "y")}
+    ctx = analyse(model, shapes)
+    reasons = dict(ctx.unsupported)
+    assert "scalar" not in reasons
+    assert "unknown rank" in reasons["channels"]

@@ -61,7 +61,7 @@ def _uniform_constant(ctx: ChannelAnalysis, name: str, axis: int | None, rank: i
     if axis is None or rank is None:
         return None
     ax = axis - (rank - value.ndim)
-    return value if ax < 0 or value.shape[ax] == 1 else None
+    return value if ax < 0 or (ax < value.ndim and value.shape[ax] == 1) else None
 
 
 def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,

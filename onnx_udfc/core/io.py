@@ -277,7 +277,9 @@ def check_input_shapes(model: onnx.ModelProto,
         tensor = inputs[name].type.tensor_type
         if not tensor.HasField("shape"):
             continue  # no declared shape: the user gives the whole of it
-        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        # exporters write -1 or 0 for a dynamic dim (paddle2onnx: [-1, 3, ?, ?])
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in tensor.shape.dim]
         model_shape = "x".join("?" if d is None else str(d) for d in declared)
         if len(declared) != len(dims):
             raise UdfcError(f"--input-shape {name}:{given}: rank {len(dims)} does not match "

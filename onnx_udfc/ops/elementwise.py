@@ -19,6 +19,8 @@ class Elementwise(Rule):
     def analyse(self, node, ctx):
         out_rank = ctx.rank(node.output[0])
         acts = [n for n in node.input if ctx.channels(n) is not None]
+        # a constant aligns to the output's trailing axes: only known ranks place it
+        ranks_known = out_rank is not None or all(ctx.rank(n) is not None for n in acts)
         if out_rank is None:
             out_rank = max(ctx.rank(n) or 0 for n in node.input if n)
         aligned = {ctx.channels(n).axis + out_rank - (ctx.rank(n) or out_rank)
@@ -40,7 +42,8 @@ class Elementwise(Rule):
             rank = ctx.rank(n) or out_rank
             ax = axis - (out_rank - rank)
             shape = ctx.shape(n)
-            if ax < 0 or (shape is not None and shape[ax] == 1 and out_size != 1):
+            if ax < 0 or (shape is not None and ax < len(shape) and shape[ax] == 1
+                          and out_size != 1):
                 continue  # broadcast along the channel axis: not tied
             s = ctx.slots(n, ax)
             if slots is None:
@@ -56,8 +59,10 @@ class Elementwise(Rule):
             ctx.fix(slots, "channels created by broadcasting a constant")
         for n in node.input:
             value = ctx.const(n)
-            if value is not None and value.ndim > 0:
+            if value is not None and value.ndim > 0 and value.size > 1:
                 ax = axis - (out_rank - value.ndim)
+                if not ranks_known or ax >= value.ndim:
+                    return f"cannot align constant '{n}' with the channel axis (unknown rank)"
                 if ax >= 0 and value.shape[ax] not in (1, len(slots)):
                     return f"constant '{n}' does not broadcast per channel"
             elif value is None and n and ctx.channels(n) is None and len(slots) > 1:
@@ -65,7 +70,7 @@ class Elementwise(Rule):
                 # the rewrite could not cut it, so it must broadcast along the channels.
                 shape = ctx.shape(n)
                 ax = axis - (out_rank - len(shape)) if shape is not None else 0
-                if shape is None or (ax >= 0 and shape[ax] != 1):
+                if shape is None or (0 <= ax < len(shape) and shape[ax] != 1):
                     return f"per-channel operand '{n}' is computed at run time"
         ctx.set(node.output[0], axis, slots)
         return None
@@ -81,7 +86,7 @@ class Elementwise(Rule):
             if value is None or value.ndim == 0:
                 continue
             ax = axis - (out_rank - value.ndim)
-            if ax >= 0 and value.shape[ax] == rw.size(out) and rw.size(out) > 1:
+            if 0 <= ax < value.ndim and value.shape[ax] == rw.size(out) and rw.size(out) > 1:
                 rw.set_const(node, i, np.take(value, keep, axis=ax))
 
 
