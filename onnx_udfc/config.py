@@ -27,7 +27,7 @@ import numpy as np
 from onnx_udfc.core.errors import UdfcError
 
 METHODS = ("prune", "nm", "udfc", "udfc+")
-CRITERIA = ("l1", "l2", "recon")
+CRITERIA = ("auto", "l1", "l2", "recon")
 INPUT_RANGES = ("auto", "standardised", "0-1", "0-255")  # onnx_udfc.moments.input_range
 MOMENT_SOURCES = ("auto", "sampled", "proxy", "propagated", "inverted")
 QUANTIZERS = ("paper", "symmetric", "asymmetric")
@@ -72,8 +72,10 @@ class PruneOptions:
 
     ratio: float = option(0.0, "share of channels removed from every prunable group, in [0, 1)",
                           flag="--prune", metavar="R")
-    criterion: str = option("l1", "l1/l2: smallest filters first; recon: the channels the kept "
-                            "ones reconstruct best first (from the udfc+ moments)",
+    criterion: str = option("auto", "l1/l2: smallest filters first; recon: the channels the "
+                            "kept ones reconstruct best first (from the udfc+ moments, "
+                            "unchanged by BN folding); auto: recon for udfc+ on proxy moments "
+                            "of a graph without BN, else l1",
                             choices=CRITERIA)
     budget_flops: float | None = option(
         None, "instead of one ratio: per-group ratios by predicted error, so that "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from onnx_udfc.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnx_udfc.channels.analysis import analyse as analyse_channels
 from onnx_udfc.channels.plan import PrunePlan, make_plan
 from onnx_udfc.channels.rewrite import apply_removal
+from onnx_udfc.channels.select import reconstruction_scores, resolve_criterion
 from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
 from onnx_udfc.core.blas import single_blas_thread
@@ -168,14 +169,18 @@ def _plan(state: RunState) -> None:
     # One moment source for the run: every stage reads the same kind, a fallback is final.
     # The calibration set feeds udfc+ and --criterion recon; a budget alone ranks the other
     # methods' groups on data-free moments.
-    recon = p.criterion == "recon" and (p.ratio > 0 or p.budget_flops is not None)
-    state.source = moment_source(channels.model, cfg.plus,
-                                 cfg.calibration if cfg.method == "udfc+" or recon else None,
-                                 state.working_shapes)
+    pruning = p.ratio > 0 or p.budget_flops is not None
+    state.source = moment_source(
+        channels.model, cfg.plus,
+        cfg.calibration if cfg.method == "udfc+" or p.criterion == "recon" and pruning else None,
+        state.working_shapes)
+    p = replace(p, criterion=resolve_criterion(p.criterion, cfg.method, state.source.kind,
+                                               channels.model, state.working_shapes))
+    recon = p.criterion == "recon" and pruning
     if recon or p.budget_flops is not None:
         state.moments = pruning_moments(channels, state.source, "plan")
     if recon:
-        from onnx_udfc.channels.select import reconstruction_scores
+        assert state.moments is not None
         state.scores, _ = reconstruction_scores(channels, state.moments,
                                                 channels.class_scores("l1"))
     group_ratios = {}
@@ -183,7 +188,7 @@ def _plan(state: RunState) -> None:
         from onnx_udfc.channels.budget import allocate
         state.flops_budget = {}
         group_ratios = allocate(channels, state.analysis.groups, p.budget_flops,
-                                state.config.prune, state.source, scores=state.scores,
+                                p, state.source, scores=state.scores,
                                 moments=state.moments, measured=state.flops_budget)
     state.plan = make_plan(channels, state.analysis.groups, p, state.scores, group_ratios)
     state.energy = removed_energy(channels, state.plan.removed)
@@ -337,6 +342,7 @@ def _report(state: RunState) -> Report:
     used = state.method_config is not None and state.method_config.method == "udfc+"
     report.moments = state.source.to_dict() if state.source is not None and (
         used or state.moments is not None) else None
+    report.criterion = state.plan.criterion
     return report
 
 

@@ -1,7 +1,8 @@
 """Data-free moment sources against the real-data oracle (issue 16): writes
 ``docs/results/data_free.md``.
 
-Every point is ``udfc+ --sequential``, l1, 4-bit weights (fake-quant), on the shared CIFAR-10
+Every point is ``udfc+ --sequential``, ``--criterion auto`` unless the column names one (l1;
+recon for proxy moments of a graph without BN), 4-bit weights (fake-quant), on the shared CIFAR-10
 images split in two: the first ``--calibration`` images feed the oracle (``--calibration``, the
 real-data reference), every column is evaluated on the remaining ones only. The data-free
 sources run once per ``--seeds`` seed (mean +- sd); the oracle and the original model once.
@@ -39,6 +40,12 @@ from onnx_udfc.moments import proxy  # noqa: E402
 SOURCES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sampled": ({"moments": "sampled"}, {}),
     "proxy": ({"moments": "proxy"}, {}),
+    # the parts of proxy on a graph without BN: crops alone (the first proxy), class prior, recon
+    "proxy-crops": ({"moments": "proxy", "criterion": "l1"}, {"PRIOR_STEPS": 0}),
+    "proxy-crops-recon": ({"moments": "proxy"}, {"PRIOR_STEPS": 0}),
+    "proxy-prior-l1": ({"moments": "proxy", "criterion": "l1"}, {}),
+    "proxy-prior-30": ({"moments": "proxy"}, {"PRIOR_STEPS": 30}),
+    "proxy-prior-lr05": ({"moments": "proxy"}, {"PRIOR_LEARNING_RATE": 0.05}),
     "proxy-plain": ({"moments": "proxy"}, {"ANCHOR_BN": False}),
     "proxy-refit": ({"moments": "proxy"}, {"REFIT_KEPT": True}),
     "proxy-256": ({"moments": "proxy"}, {"SAMPLES": 256, "POSITIONS": 1 << 18}),
@@ -98,12 +105,14 @@ def run_point(path: Path, source: str, ratio: float, bits: int, seed: int,
     with proxy_settings(settings):
         model, report = api.compress(
             str(path), target="fake", prune=ratio, method="udfc+", sequential=True,
-            criterion="l1", bits=bits, check=False, seed=seed,
-            calibration=calibration if source == "oracle" else None, **options)
+            bits=bits, check=False, seed=seed,
+            calibration=calibration if source == "oracle" else None,
+            **{"criterion": "auto", **options})
     seconds = time.perf_counter() - t
     top1, _ = bench_udfc.evaluate(model, name, x, y)
     return {"source": source, "ratio": ratio, "seed": seed, "top1": top1,
-            "compress_s": round(seconds, 2), "moments": report.to_dict()["moments"]}
+            "compress_s": round(seconds, 2), "moments": report.to_dict()["moments"],
+            "criterion": report.criterion}
 
 
 def bench_model(args: argparse.Namespace, manifest: dict, file: str, log) -> dict[str, Any]:
@@ -123,7 +132,7 @@ def bench_model(args: argparse.Namespace, manifest: dict, file: str, log) -> dic
                               y_eval, name)
                 used = p["moments"]["used"] if p["moments"] else "-"
                 log(f"  {ratio:.1f} {source:12s} seed {seed}: {p['top1']:6.2f}%  "
-                    f"{p['compress_s']:6.1f}s  (moments {used})")
+                    f"{p['compress_s']:6.1f}s  (moments {used}, {p['criterion']})")
                 points.append(p)
     return {"file": file, "batchnorm": entry.get("batchnorm"), "images": len(y_eval),
             "original": original, "points": points}
@@ -142,7 +151,9 @@ def markdown(result: dict[str, Any]) -> str:
     sources = cfg["sources"]
     lines = [
         "# Data-free moment sources against real data (issue 16)", "",
-        f"`udfc+ --sequential`, l1, {cfg['bits']}-bit weights (fake-quant). Top-1 (%) on the "
+        "`udfc+ --sequential`, `--criterion auto` (l1; recon where udfc+ reads proxy moments "
+        f"of a graph without BN) unless the column says otherwise, {cfg['bits']}-bit weights "
+        "(fake-quant). Top-1 (%) on the "
         f"shared CIFAR-10 images after the first {cfg['calibration']} (held out from the "
         f"oracle, which is fed those {cfg['calibration']} through `--calibration`). "
         f"Data-free columns: mean ± sd over seeds {cfg['seeds']}.", "",

@@ -98,7 +98,7 @@ def _allocate(ctx: ChannelAnalysis, groups: list[ChannelGroup], budget: float,
               scores: np.ndarray | None, moments: dict[str, TensorMoments] | None,
               measured: dict[str, Any] | None) -> dict[int, float]:
     if scores is None:
-        scores = ctx.class_scores(config.criterion)
+        scores = ctx.class_scores("l2" if config.criterion == "l2" else "l1")
     base = make_plan(ctx, groups, PruneOptions(0.0, config.criterion, exclude=list(config.exclude),
                                                prune_coupled=config.prune_coupled), scores)
     if moments is None:

@@ -58,12 +58,10 @@ def make_plan(analysis: ChannelAnalysis, groups: list[ChannelGroup],
     group_ratios = group_ratios or {}
     check_prune(config, group_ratios)
     if scores is None:
-        if config.criterion == "recon" and not (config.ratio > 0 or any(group_ratios.values())):
-            scores = analysis.class_scores("l1")  # nothing is pruned: any order will do
-        elif config.criterion == "recon":
+        if config.criterion == "recon" and (config.ratio > 0 or any(group_ratios.values())):
             raise UdfcError("criterion recon needs scores (onnx_udfc.channels.select)")
-        else:
-            scores = analysis.class_scores(config.criterion)
+        # auto without the run's moments is l1; with nothing pruned any order will do
+        scores = analysis.class_scores("l2" if config.criterion == "l2" else "l1")
     excluded: set[int] = set()
     for pattern in config.exclude:
         excluded |= analysis.node_classes(pattern)

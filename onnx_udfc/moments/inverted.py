@@ -150,6 +150,14 @@ def _class_logits(graph: onnx.GraphProto, shapes: dict) -> str | None:
     return name if shape is not None and len(shape) == 2 and shape[1] >= 2 else None
 
 
+def has_class_output(model: onnx.ModelProto,
+                     input_shapes: dict[str, list[int]] | None = None) -> bool:
+    """Whether the class prior can act on ``model``: its first output is ``[N, K]`` logits or
+    their softmax (``input_shapes``: the working shapes of dynamic inputs)."""
+    fixed, shapes = _static_shapes(model, 2, input_shapes)
+    return _class_logits(fixed.graph, shapes) is not None
+
+
 def _class_loss(b: Builder, logits: str, shape: list[int], weight: float
                 ) -> tuple[str, str]:
     """``weight`` times the cross-entropy of the logits to the labels ``i mod K`` (sample i):
@@ -169,12 +177,13 @@ def _class_loss(b: Builder, logits: str, shape: list[int], weight: float
 
 def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_SIZE,
                     class_weight: float = CLASS_WEIGHT,
-                    input_shapes: dict[str, list[int]] | None = None
-                    ) -> tuple[onnx.ModelProto, str, int, list[str]]:
+                    input_shapes: dict[str, list[int]] | None = None,
+                    class_only: bool = False) -> tuple[onnx.ModelProto, str, int, list[str]]:
     """``model`` with the batch fixed to ``batch`` and two more outputs: the BN-statistics
     loss (``udfc_inversion_loss``) and its gradient with respect to the first float input.
-    Returns (model, input name, number of BatchNorms in the loss, op types that stopped the
-    gradient)."""
+    ``class_only``: a graph without BatchNorm statistics is fitted to the class prior alone
+    (:func:`onnx_udfc.moments.proxy.class_prior_inputs`). Returns (model, input name, number
+    of BatchNorms in the loss, op types that stopped the gradient)."""
     fixed, shapes = _static_shapes(model, batch, input_shapes)
     inits = {t.name: t for t in fixed.graph.initializer}
     inputs = [i for i in graph_inputs(fixed)
@@ -193,10 +202,12 @@ def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_
             loss, g = _bn_loss(b, node, shapes[node.input[0]], groups)
             losses.append(loss)
             grads.setdefault(node.input[0], []).append(g)
-    if not losses:
+    if not losses and not class_only:
         raise UdfcError("model inversion needs BatchNormalization layers with statistics")
     batchnorms = len(losses)
     logits = _class_logits(fixed.graph, shapes) if class_weight > 0 else None
+    if not losses and logits is None:
+        raise UdfcError("no BatchNormalization statistics and no [N, K] class output to fit")
     if logits is not None:
         loss, g = _class_loss(b, logits, shapes[logits], class_weight)
         losses.append(loss)
@@ -261,10 +272,12 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
                     learning_rate: float = LEARNING_RATE,
                     progress: Callable[[int, int, float], None] | None = None,
                     start: np.ndarray | None = None,
-                    input_shapes: dict[str, list[int]] | None = None) -> Inversion:
+                    input_shapes: dict[str, list[int]] | None = None,
+                    class_only: bool = False) -> Inversion:
     """Fit a batch of inputs to the BatchNorm statistics of ``model`` (module docstring),
     starting from ``start`` (by default the pink noise of :mod:`onnx_udfc.moments.sampled`: on the
-    NM ResNet-56 it reaches after 300 steps a loss white noise does not reach in 600)."""
+    NM ResNet-56 it reaches after 300 steps a loss white noise does not reach in 600).
+    ``class_only``: see :func:`inversion_model`."""
     from onnx_udfc.core.ort import refusals, session
     from onnx_udfc.core.precision import float32_copy
     from onnx_udfc.moments.sampled import synthetic_inputs
@@ -284,7 +297,8 @@ def inverted_inputs(model: onnx.ModelProto, steps: int = STEPS, seed: int = 0,
     if start is None:
         start = synthetic_inputs(model, seed, input_shapes=shapes)[first.name]
     x = np.asarray(start, np.float32)
-    inv, name, count, stopped = inversion_model(model, len(x), input_shapes=shapes)
+    inv, name, count, stopped = inversion_model(model, len(x), input_shapes=shapes,
+                                                class_only=class_only)
     sess = session(inv)
     m = np.zeros_like(x)
     v = np.zeros_like(x)

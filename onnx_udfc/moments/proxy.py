@@ -15,6 +15,13 @@ standardised to mean 0, variance 1: ImageNet- and CIFAR-style normalisation brin
 images close to that (``input_mean``/``input_std`` then shift and scale it, as for the pink
 noise). An input that is not an image (rank 4, 1 or 3 channels, sides >= 8) gets what
 :func:`~.sampled.synthetic_inputs` gives it.
+
+On a graph without BatchNorm nothing re-anchors what the crops do inside the network. There the
+crops of a classifier are first moved :data:`PRIOR_STEPS` Adam steps towards DeepInversion's
+class prior alone (cross-entropy to class ``i mod K`` for sample ``i``, the gradient from
+:mod:`~.inverted`): :func:`class_prior_inputs`. A few small steps make the crops look like the
+training classes to the network without leaving the photographs; more or larger steps fit the
+prior too well (measured in ``docs/results/data_free.md``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 import onnx
 from scipy import ndimage
 
+from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.moments.feeds import fixed_inputs
 from onnx_udfc.moments.sampled import in_range, sample_count, synthetic_inputs
@@ -42,6 +50,8 @@ GREY_IN_COLOUR = False  # colour inputs also draw the grey photographs (as grey 
 UNIT_RANGE = False  # pixels in [0, 1] instead of standardised channels
 ANCHOR_BN = True  # BatchNorms re-anchored to each proxy batch, as for the pink noise
 REFIT_KEPT = False  # the sequential fit refits the pruned channels only, as for the pink noise
+PRIOR_STEPS = 10  # class-prior steps on the crops of a graph without BatchNorm (0: none)
+PRIOR_LEARNING_RATE = 0.02  # Adam step of those, on standardised pixels
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,3 +161,26 @@ def proxy_inputs(model: onnx.ModelProto, seed: int = 0,
             x = standardise(x, input_mean, input_std)
         feed[name] = x.astype(np.float32)
     return feed
+
+
+def class_prior_inputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], seed: int = 0,
+                       input_shapes: Mapping[str, Sequence[int]] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """``feed`` (:func:`proxy_inputs`) with its image input moved :data:`PRIOR_STEPS` Adam
+    steps of :data:`PRIOR_LEARNING_RATE` towards the class prior (module docstring); as it is
+    when the model has no ``[N, K]`` class output (not a classifier: no prior to fit).
+    :class:`~onnx_udfc.core.errors.UdfcError` when its first float input is not an image or
+    ONNX Runtime refuses the batch."""
+    from onnx_udfc.moments.inverted import has_class_output, inverted_inputs
+
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    if not has_class_output(model, shapes):
+        return feed
+    images = image_inputs(model, input_shapes)
+    first = next((i.name for i in graph_inputs(model)
+                  if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT), None)
+    if first not in images:
+        raise UdfcError("the class prior fits the first float input, which is not an image")
+    fitted = inverted_inputs(model, PRIOR_STEPS, seed, PRIOR_LEARNING_RATE, start=feed[first],
+                             input_shapes=shapes, class_only=True)
+    return {**feed, first: fitted.feed[first].astype(feed[first].dtype)}

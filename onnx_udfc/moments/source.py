@@ -6,7 +6,10 @@ The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted
 * ``measured`` when calibration inputs are given (:mod:`~.measured`), whatever was asked;
 * ``sampled``: synthetic images through the network, BatchNorms re-anchored (:mod:`~.sampled`);
 * ``proxy``: the same measurement on crops of the built-in photographs (:mod:`~.proxy`); a
-  model with no image input falls back to ``sampled`` (recorded);
+  model with no image input falls back to ``sampled`` (recorded); on a classifier without
+  BatchNorm the crops first take a few steps towards the class prior
+  (:func:`~.proxy.class_prior_inputs`; a failure is recorded and the crops are used as
+  they are);
 * ``inverted``: the same measurement on the model-inversion batch (:mod:`~.inverted`);
 * ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
 * ``auto``: ``sampled`` for a network with BatchNorm, ``proxy`` for a convolutional network
@@ -176,12 +179,26 @@ class MomentSource:
             if self.kind == "proxy":
                 feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std,
                                           self.input_shapes)
+                if proxy.PRIOR_STEPS and not any(n.op_type == "BatchNormalization"
+                                                 for n in model.graph.node):
+                    feed = self._class_prior(model, feed, stage)
             else:
                 feed = synthetic_inputs(model, self.seed, self.input_mean, self.input_std,
                                         self.input_shapes)
             self._drawn = (key, feed)
         feed = self._drawn[1]
         return feed, undrawn_input_cause(model, feed)
+
+    def _class_prior(self, model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                     stage: str) -> dict[str, np.ndarray]:
+        """The proxy crops of a graph without BatchNorm moved towards the class prior
+        (:func:`~.proxy.class_prior_inputs`), else as they are, the cause recorded."""
+        try:
+            return proxy.class_prior_inputs(model, feed, self.seed, self.input_shapes)
+        except UdfcError as exc:
+            self.fallbacks.append({"from": "proxy with class prior", "to": "proxy",
+                                   "cause": str(exc), "stage": stage})
+            return feed
 
     def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:
         """Switch to the propagation for the rest of the run, recording why ``failed`` (by

@@ -48,6 +48,8 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
                                                   where the activation moments came from
                                                   (udfc+, --criterion recon, --budget-flops)
+    criterion: l1|l2|recon                        the channel criterion the plan used
+                                                  (--criterion auto resolved)
     timings: {stage: seconds}
 """
 
@@ -85,6 +87,7 @@ class Report:
     latency: dict[str, Any] | None = None
     inversion: dict[str, Any] | None = None  # --moments inverted: how the fit went
     moments: dict[str, Any] | None = None  # udfc+, recon, budget: the moment source used
+    criterion: str | None = None  # the channel criterion the plan used (auto resolved)
     float_layers: list[dict[str, str]] = field(default_factory=list)
     duplicated_initializers: list[dict[str, Any]] = field(default_factory=list)
     input_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
