@@ -78,7 +78,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
         return {}
     method = get_method(cfg.method)
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in ctx.graph.output}, moments,
-                     source, detail)
+                     source, detail, removed)
     method.prepare_pruning(run)
     root = ctx.roots()
     sources = np.bincount(root[np.asarray(ctx._source) > 0], minlength=len(root))

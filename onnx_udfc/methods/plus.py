@@ -31,7 +31,7 @@ from onnx_udfc.channels.absorbers import (
     apply_reconstruction,
     channel_positions,
 )
-from onnx_udfc.channels.activations import activation_tensor, channel_axes
+from onnx_udfc.channels.activations import activation_tensor, channel_axes, pruned_producers
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
 from onnx_udfc.core.blas import single_blas_thread
@@ -208,11 +208,12 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
     return entry
 
 
-def separate_tensors(ctx: ChannelAnalysis) -> list[str]:
+def separate_tensors(ctx: ChannelAnalysis, removed: np.ndarray | None = None) -> list[str]:
     """The tensors udfc+ reconstructs at past a depthwise Conv (one per producer whose
-    channels reach their absorbers through one, see :func:`absorbers`)."""
+    channels reach their absorbers through one, see :func:`absorbers`; with ``removed``, per
+    channel class, only of the producers that lose a channel)."""
     out = []
-    for p in ctx.producers:
+    for p in pruned_producers(ctx, removed):
         found, reason = absorbers(p.node, ctx, cross_channel=True, through_channel_separate=True)
         if reason is None and found[0].via_depthwise:
             out.append(activation_tensor(p.node, ctx, found[0].via_depthwise))
