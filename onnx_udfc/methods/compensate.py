@@ -153,7 +153,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
     overrides the bits per layer name; None there keeps the layer in float. ``detail``
     receives a per-layer counter."""
-    ctx = analyse(model, infer_shapes(model, input_shapes))
+    ctx = analyse(model, infer_shapes(model, input_shapes), norms=False)
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
                      source)
