@@ -1,5 +1,6 @@
 """The speed-ups of issue 17: reused probe runs in --sequential, row gathering for the
-measured moments, synthetic samples drawn once, progress counters, --round-to auto."""
+measured moments, synthetic samples drawn once, moments of the pruned producers only, progress
+counters, --round-to auto."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import onnx
 import pytest
 
 from onnx_udfc import api, pipeline
+from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.plan import make_plan
+from onnx_udfc.channels.stats import weight_layer
 from onnx_udfc.config import CompressConfig, PruneOptions
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import set_tensor_array, tensor_array
 from onnx_udfc.core.ort import conv_channel_block
-from onnx_udfc.methods import sequential
+from onnx_udfc.methods import plus, sequential
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning
 from onnx_udfc.moments import measured
+from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.sampled import synthetic_inputs
 from onnx_udfc.moments.source import MomentSource
 
@@ -102,6 +106,58 @@ def test_no_pruning_reads_no_moments(digits) -> None:
     cfg = MethodRun(CompressConfig.resolve(method="udfc+").method)
     assert compensate_pruning(analysis.channels, removed, cfg,
                               source=NoMoments(model, "sampled")) == {}
+
+
+def test_pruning_reads_the_moments_of_the_pruned_producers_only(digits) -> None:
+    model, _ = digits
+    analysis = api.analyse(model)
+    ctx = analysis.channels
+    plan = make_plan(ctx, analysis.groups, PruneOptions(ratio=0.3))
+    asked: list[list[str]] = []
+
+    class Spy(MomentSource):
+        def moments(self, model, shapes, tensors, **kwargs):
+            asked.append(list(tensors))
+            return super().moments(model, shapes, tensors, **kwargs)
+
+    cfg = MethodRun(CompressConfig.resolve(method="udfc+").method)
+    out = compensate_pruning(ctx, plan.removed, cfg, source=Spy(model, "sampled"))
+    root = ctx.roots()
+    losing = [p for p in ctx.producers if plan.removed[root[p.slots]].any()]
+    assert 0 < len(losing) < len(ctx.producers)
+    assert asked == [[activation_tensor(p.node, ctx) for p in losing]]
+    assert any(entry["compensated"] for entry in out.values())
+
+
+def test_measured_moments_pool_batches_like_one_covariance(digits, monkeypatch) -> None:
+    model, feed = digits
+    whole = measured.measure(model, feed, [STEM_RELU, CONV3_RELU])
+    monkeypatch.setattr(measured, "BATCH", 3)  # several batches: the shift is not the mean
+    batched = measured.measure(model, feed, [STEM_RELU, CONV3_RELU])
+    for name in (STEM_RELU, CONV3_RELU):
+        rows = measured._rows(measured.session(
+            measured.with_outputs(model, [name])).run([name], feed)[0]).astype(np.float64)
+        assert np.allclose(whole[name].mean, rows.mean(0), rtol=1e-5, atol=1e-6)
+        assert np.allclose(whole[name].cov, np.cov(rows.T, bias=True), rtol=1e-4, atol=1e-6)
+        assert np.allclose(batched[name].cov, whole[name].cov, rtol=1e-4, atol=1e-6)
+
+
+def test_mean_error_without_the_second_moment_products(digits) -> None:
+    model, _ = digits
+    ctx = api.analyse(model).channels
+    layer = next(layer for p in ctx.producers
+                 for layer in [weight_layer(p.node, ctx.inits)] if layer is not None)
+    dims = [int(d) for d in ctx.inits[layer.weight].dims]
+    rng = np.random.default_rng(0)
+    f = layer.filters(ctx.inits).astype(np.float64)
+    fq = f + 0.01 * rng.standard_normal(f.shape)
+    c = dims[1]
+    a = rng.standard_normal((c, 2 * c))
+    m = TensorMoments(rng.standard_normal(c), a @ a.T / (2 * c))
+    full = plus._patch_products(dims, layer, f, fq, m, 0.5)
+    mean_only = plus._patch_products(dims, layer, f, fq, m, 0.5, cross=False)
+    assert full is not None and mean_only is not None
+    assert mean_only[:2] == (None, None) and np.array_equal(mean_only[2], full[2])
 
 
 class Recorder:

@@ -25,7 +25,11 @@ Usage (models are generated into ``--models`` with ``tools/make_resnet50.py`` an
     python tools/bench_speed.py --skip-big                      # ResNet-18/50/101, 3 repeats
     python tools/bench_speed.py --depths 50 --presets balanced int8 --code before=/tmp/old \\
         --code after=.                                          # before/after on ResNet-50
-    python tools/bench_speed.py --md docs/results/speed.md --json bench_out/speed.json
+    python tools/bench_speed.py --depths --presets int8 fast --repeats 1   # 2 GiB model only
+    python tools/bench_speed.py --md bench_out/speed.md --json bench_out/speed.json
+
+The compress jobs' reports also give a table of seconds per pipeline stage (their
+``timings``, medians).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Job:
     walls: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)  # bytes
     verify: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)  # the report's timings
     failed: str | None = None
 
 
@@ -100,6 +105,7 @@ def run_job(job: Job) -> None:
     if job.report is not None:
         timings = json.loads(job.report.read_text()).get("timings", {})
         job.verify.append(float(timings.get("verify", 0.0)))
+        job.stages.append({k: float(v) for k, v in timings.items()})
 
 
 def model_size(path: Path) -> int:
@@ -164,7 +170,9 @@ def bench_model(model: Path, args) -> dict:
                 wall=statistics.median(job.walls), peak_rss=statistics.median(job.rss),
                 no_verify=statistics.median([w - v for w, v in zip(job.walls, job.verify,
                                                                    strict=True)])
-                if job.verify else None)
+                if job.verify else None,
+                stages={s: statistics.median(t.get(s, 0.0) for t in job.stages)
+                        for s in dict.fromkeys(k for t in job.stages for k in t)})
     return {"model": str(model), "size": model_size(model), "jobs": rows}
 
 
@@ -206,6 +214,7 @@ def markdown(results: list[dict], args, load: tuple[float, float]) -> str:
                          f"{row['peak_rss'] / 2**20:.0f} MiB | {row['peak_rss'] / size:.2f}x | "
                          f"{ratio(floor)} | {ratio(ort_q)} |")
         lines += ["", "Ratios in parentheses: without the verify step.", ""]
+        lines += stage_table(jobs)
         lines += ["Commands (`MODEL` above, outputs in a temporary folder):", ""]
         lines += [f"- {name}: `{row['command']}`" for name, row in jobs.items()
                   if name not in ("load+save", "ort quantize_dynamic")]
@@ -213,11 +222,26 @@ def markdown(results: list[dict], args, load: tuple[float, float]) -> str:
     return "\n".join(lines)
 
 
+def stage_table(jobs: dict[str, dict]) -> list[str]:
+    """Median seconds per pipeline stage (the reports' ``timings``) of the compress jobs."""
+    timed = {name: row["stages"] for name, row in jobs.items() if row.get("stages")}
+    stages = list(dict.fromkeys(s for t in timed.values() for s in t))
+    if not timed:
+        return []
+    lines = ["Seconds per stage (medians of the reports' `timings`; the rest of the wall time "
+             "is interpreter start, imports and the CLI):", "",
+             "| job | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    lines += [f"| {name} | " + " | ".join(f"{t.get(s, 0.0):.2f}" for s in stages) + " |"
+              for name, t in timed.items()]
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=Path, default=ROOT / "bench_out" / "models",
                    help="where the benchmark models are read, or generated when missing")
-    p.add_argument("--depths", type=int, nargs="+", default=[18, 50, 101])
+    p.add_argument("--depths", type=int, nargs="*", default=[18, 50, 101],
+                   help="ResNet depths (none: only the 2 GiB model)")
     p.add_argument("--skip-big", action="store_true",
                    help="leave out the 2 GiB external-data MLP (slow)")
     p.add_argument("--presets", nargs="+", default=list(PRESET_ARGS), choices=list(PRESET_ARGS))

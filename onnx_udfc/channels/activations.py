@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from onnx_udfc.channels.analysis import ChannelAnalysis
+from onnx_udfc.channels.analysis import ChannelAnalysis, Producer
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.source import MomentSource
 from onnx_udfc.ops.registry import Trait, op_spec
@@ -52,12 +52,22 @@ def channel_separate(conv: onnx.NodeProto, tensor: str, origin: str,
     return None
 
 
-def pruning_moments(ctx: ChannelAnalysis, source: MomentSource,
-                    stage: str) -> dict[str, TensorMoments]:
-    """Moments of every producer's activation output (before any change to the model)."""
-    names = [activation_tensor(p.node, ctx) for p in ctx.producers]
+def pruning_moments(ctx: ChannelAnalysis, source: MomentSource, stage: str,
+                    removed: np.ndarray | None = None) -> dict[str, TensorMoments]:
+    """Moments of every producer's activation output (before any change to the model); with
+    ``removed`` (per channel class) only of the producers that lose a channel: the others are
+    not rebuilt, and every tensor left out is one covariance less to sum."""
+    names = [activation_tensor(p.node, ctx) for p in pruned_producers(ctx, removed)]
     return source.moments(ctx.model, ctx.shapes, names, stage=stage,
                           axes=channel_axes(ctx, names))
+
+
+def pruned_producers(ctx: ChannelAnalysis, removed: np.ndarray | None) -> list[Producer]:
+    """The producers that lose a channel to ``removed`` (per class; all when None)."""
+    if removed is None:
+        return list(ctx.producers)
+    root = ctx.roots()
+    return [p for p in ctx.producers if removed[root[p.slots]].any()]
 
 
 def channel_axes(ctx: ChannelAnalysis, tensors: list[str]) -> dict[str, int]:

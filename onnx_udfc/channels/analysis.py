@@ -42,8 +42,10 @@ class Producer:
     node: onnx.NodeProto
     tensor: str
     slots: np.ndarray
-    l1: np.ndarray  # per output channel, for the l1/l2 criterion; norms rather than the
-    l2: np.ndarray  # filters themselves, so the analysis holds no second copy of the weights
+    # per output channel, for the l1/l2 criterion; norms rather than the filters themselves,
+    # so the analysis holds no second copy of the weights (None: analysed without norms)
+    l1: np.ndarray | None
+    l2: np.ndarray | None
 
 
 @dataclass
@@ -78,8 +80,10 @@ class ChannelGroup:
 class ChannelAnalysis:
     """The channel analysis of one (normalised) model; rules call the methods below."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape]) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape],
+                 norms: bool = True) -> None:
         self.model = model
+        self.norms = norms  # the producers' filter norms (the pruning criteria read them)
         self.graph = model.graph
         self.shapes = shapes
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -184,7 +188,7 @@ class ChannelAnalysis:
     def produce(self, node: onnx.NodeProto, tensor: str, axis: int,
                 filters: np.ndarray) -> np.ndarray:
         slots = self.new_slots(filters.shape[0], SOURCE_FILTER)
-        l1, l2 = filter_norms(filters)
+        l1, l2 = filter_norms(filters) if self.norms else (None, None)
         self.producers.append(Producer(node, tensor, slots, l1, l2))
         self.set(tensor, axis, slots)
         return slots
@@ -329,12 +333,14 @@ def filter_norms(filters: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray,
     return l1, l2
 
 
-def analyse(model: onnx.ModelProto, shapes: dict[str, Shape]) -> ChannelAnalysis:
-    """Run every node's channel rule in graph order (the graph must be topologically sorted)."""
+def analyse(model: onnx.ModelProto, shapes: dict[str, Shape], norms: bool = True
+            ) -> ChannelAnalysis:
+    """Run every node's channel rule in graph order (the graph must be topologically sorted);
+    ``norms=False`` leaves the producers' filter norms out (nothing is pruned from it)."""
     from onnx_udfc.ops.base import unsupported
     from onnx_udfc.ops.registry import op_spec
 
-    ctx = ChannelAnalysis(model, shapes)
+    ctx = ChannelAnalysis(model, shapes, norms)
     for inp in model.graph.input:
         if inp.name not in ctx.inits:
             ctx.set(inp.name, None, None, f"graph input '{inp.name}'")

@@ -60,6 +60,7 @@ class RunContext:
     moments: dict | None = None
     source: Any = None  # moments.source.MomentSource
     detail: Callable[[str], None] | None = None  # a progress counter on a terminal
+    removed: np.ndarray | None = None  # per channel class, what the plan prunes
 
 
 class Method:

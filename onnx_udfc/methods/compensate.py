@@ -83,7 +83,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
         return {}
     method = get_method(cfg.method)
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in ctx.graph.output}, moments,
-                     source, detail)
+                     source, detail, removed)
     method.prepare_pruning(run)
     root = ctx.roots()
     sources = np.bincount(root[np.asarray(ctx._source) > 0], minlength=len(root))
@@ -158,7 +158,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
     overrides the bits per layer name; None there keeps the layer in float. ``detail``
     receives a per-layer counter."""
-    ctx = analyse(model, infer_shapes(model, input_shapes))
+    ctx = analyse(model, infer_shapes(model, input_shapes), norms=False)
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
                      source)

@@ -133,7 +133,7 @@ def refit_output(ctx: ChannelAnalysis, original: onnx.ModelProto, target: Output
         return False
     p = patches(x_now[:, kept].astype(np.float64), kernel, list(a.get("pads", [0] * 4)),
                 list(a.get("strides", [1, 1])))
-    y = np.moveaxis(y_orig, 1, -1).reshape(-1, w.shape[0]).astype(np.float64)
+    y = np.moveaxis(y_orig, 1, -1).astype(np.float64, order="C").reshape(-1, w.shape[0])
     orig_inits = {t.name: t for t in original.graph.initializer}
     bn = target.batchnorm
     weight = None

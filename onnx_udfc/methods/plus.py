@@ -31,7 +31,7 @@ from onnx_udfc.channels.absorbers import (
     apply_reconstruction,
     channel_positions,
 )
-from onnx_udfc.channels.activations import activation_tensor, channel_axes
+from onnx_udfc.channels.activations import activation_tensor, channel_axes, pruned_producers
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
 from onnx_udfc.core.blas import single_blas_thread
@@ -208,11 +208,12 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
     return entry
 
 
-def separate_tensors(ctx: ChannelAnalysis) -> list[str]:
+def separate_tensors(ctx: ChannelAnalysis, removed: np.ndarray | None = None) -> list[str]:
     """The tensors udfc+ reconstructs at past a depthwise Conv (one per producer whose
-    channels reach their absorbers through one, see :func:`absorbers`)."""
+    channels reach their absorbers through one, see :func:`absorbers`; with ``removed``, per
+    channel class, only of the producers that lose a channel)."""
     out = []
-    for p in ctx.producers:
+    for p in pruned_producers(ctx, removed):
         found, reason = absorbers(p.node, ctx, cross_channel=True, through_channel_separate=True)
         if reason is None and found[0].via_depthwise:
             out.append(activation_tensor(p.node, ctx, found[0].via_depthwise))
@@ -220,11 +221,12 @@ def separate_tensors(ctx: ChannelAnalysis) -> list[str]:
 
 
 def _patch_products(dims: list[int], layer: LayerWeights, f: np.ndarray, fq: np.ndarray,
-                    m: TensorMoments, r: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                    m: TensorMoments, r: float, cross: bool = True
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray] | None:
     """``E[(w.x)(wq.x)]``, ``E[(wq.x)^2]`` and ``E[(wq - w).x]`` per output channel under
-    the moment model (Conv patches: ``E[x x^T] (x) ((1 - r) I + r 11^T)``)."""
+    the moment model (Conv patches: ``E[x x^T] (x) ((1 - r) I + r 11^T)``); ``cross=False``
+    leaves the first two (products with the whole second moment) out as None."""
     node = layer.node
-    sec = m.second
     if node.op_type == "Conv":
         group = int(next((a.i for a in node.attribute if a.name == "group"), 1))
         o = f.shape[0]
@@ -234,22 +236,32 @@ def _patch_products(dims: list[int], layer: LayerWeights, f: np.ndarray, fq: np.
         w3, q3 = f.reshape(o, cg, -1), fq.reshape(o, cg, -1)
         if group > 1:  # depthwise: each output channel sees one input channel
             idx = np.arange(o) // (o // group)
-            d = np.diag(sec)[idx]
-            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            mean = m.mean[idx] * (q3 - w3)[:, 0].sum(1)
+            if not cross:
+                return None, None, mean
+            d = np.diag(m.second)[idx]
+
+            def products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                 ind = np.einsum("op,op->o", a[:, 0], b[:, 0])
                 return d * ((1 - r) * ind + r * a[:, 0].sum(1) * b[:, 0].sum(1))
-            mean = m.mean[idx] * (q3 - w3)[:, 0].sum(1)
         else:
-            def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            mean = (q3 - w3).sum(2) @ m.mean
+            if not cross:
+                return None, None, mean
+            sec = m.second
+
+            def products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                 ind = np.zeros(a.shape[0])
                 for k in range(a.shape[2]):
                     ind += np.sum((a[:, :, k] @ sec) * b[:, :, k], axis=1)
                 sa, sb = a.sum(2), b.sum(2)
                 return (1 - r) * ind + r * np.sum((sa @ sec) * sb, axis=1)
-            mean = (q3 - w3).sum(2) @ m.mean
-        return cross(w3, q3), cross(q3, q3), mean
+        return products(w3, q3), products(q3, q3), mean
     if f.shape[1] != m.mean.size:
         return None
+    if not cross:
+        return None, None, (fq - f) @ m.mean
+    sec = m.second
     return (np.sum((f @ sec) * fq, axis=1), np.sum((fq @ sec) * fq, axis=1),
             (fq - f) @ m.mean)
 
@@ -267,14 +279,18 @@ def bias_correction(ctx: ChannelAnalysis, layer: LayerWeights, f: np.ndarray, fq
     if not cfg.scale_correction:
         err = _mean_out(dims, layer, fq - f, m)
         return err is not None and add_output_bias(ctx, layer, -err)
-    prods = _patch_products(dims, layer, f, fq, m, cfg.spatial)
+    outputs = {o.name for o in ctx.graph.output}
+    bn = follower_batchnorm(layer.node, ctx.consumers, outputs)
+    # the scale needs the products with the whole second moment (a [D, D] matmul per output
+    # channel block); without a BN to take it only the mean error is used
+    scaled = bn is not None and layer.bias(ctx.inits) is None \
+        and all(n in ctx.inits for n in bn.input[1:5])
+    prods = _patch_products(dims, layer, f, fq, m, cfg.spatial, cross=scaled)
     if prods is None:
         return False
     yyq, yqyq, err_mean = prods
-    outputs = {o.name for o in ctx.graph.output}
-    bn = follower_batchnorm(layer.node, ctx.consumers, outputs)
-    if cfg.scale_correction and bn is not None and layer.bias(ctx.inits) is None \
-            and all(n in ctx.inits for n in bn.input[1:5]):
+    if scaled:
+        assert bn is not None and yyq is not None and yqyq is not None
         scale = np.divide(yyq, yqyq, out=np.ones_like(yyq), where=yqyq > 0)
         scale = np.where((scale > 0.5) & (scale < 2.0), scale, 1.0)
         # y ~ s yq - delta, delta = E[s yq - y] = s (Wq - W) m + (s - 1) W m

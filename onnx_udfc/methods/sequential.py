@@ -155,22 +155,40 @@ class CompressedRuns:
         self._prints: dict[str, tuple[int, int]] = {}
         self._versions: dict[str, int] = {}
 
-    def _signatures(self) -> list[tuple]:
-        """Per node: its op, what it reads, and a version of each initializer it reads that
-        goes up whenever the initializer's contents change."""
-        for t in self.model.graph.initializer:
-            data = t.raw_data if t.HasField("raw_data") else t.SerializeToString()
-            mark = (len(data), zlib.crc32(data))
-            if self._prints.get(t.name) != mark:
-                self._prints[t.name] = mark
-                self._versions[t.name] = self._versions.get(t.name, 0) + 1
-        return [(n.op_type, tuple(reads), tuple(self._versions.get(r, 0) for r in reads))
-                for n in self.model.graph.node for reads in [node_reads(n)]]
+    def _signatures(self) -> Callable[[int], tuple]:
+        """Node index -> its op, what it reads, and a version of each initializer it reads
+        that goes up whenever the initializer's contents change. Computed on demand: the
+        fingerprint reads an initializer's bytes, and a probe only compares the nodes above
+        the tensors it reuses or computes."""
+        graph = self.model.graph
+        inits = {t.name: t for t in graph.initializer}
+        versions: dict[str, int] = {}
+        sigs: dict[int, tuple] = {}
+
+        def version(name: str) -> int:
+            if name not in versions:
+                t = inits.get(name)
+                if t is not None:
+                    data = t.raw_data if t.HasField("raw_data") else t.SerializeToString()
+                    mark = (len(data), zlib.crc32(data))
+                    if self._prints.get(name) != mark:
+                        self._prints[name] = mark
+                        self._versions[name] = self._versions.get(name, 0) + 1
+                versions[name] = self._versions.get(name, 0)
+            return versions[name]
+
+        def signature(i: int) -> tuple:
+            if i not in sigs:
+                reads = tuple(node_reads(graph.node[i]))
+                sigs[i] = (graph.node[i].op_type, reads, tuple(version(r) for r in reads))
+            return sigs[i]
+        return signature
 
     def __call__(self, tensors: list[str]) -> dict[str, np.ndarray]:
-        sigs = self._signatures()
+        signature = self._signatures()
         given = {name: value for name, (value, upstream) in self.cache.items()
-                 if name not in tensors and all(sigs[i] == sig for i, sig in upstream.items())}
+                 if name not in tensors
+                 and all(signature(i) == sig for i, sig in upstream.items())}
         out = run_tensors(self.model, self.feed, tensors, self.original, self.stats, given)
         # keep what this run read and wrote: the next layer's probe starts from them (older
         # tensors would be recomputed from further up, never read stale)
@@ -181,7 +199,7 @@ class CompressedRuns:
             while stack:
                 i = producer.get(stack.pop())
                 if i is not None and i not in upstream:
-                    upstream[i] = sigs[i]
+                    upstream[i] = signature(i)
                     stack += node_reads(self.model.graph.node[i])
             self.cache[name] = (value, upstream)
         return out
@@ -196,14 +214,16 @@ def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndar
 
 
 def channels_last(a: np.ndarray) -> np.ndarray:
-    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float64)
+    """``a [N, C, ...]`` as float64 rows of C channels, transposed and widened in one copy."""
+    return np.moveaxis(a, 1, -1).astype(np.float64, order="C").reshape(-1, a.shape[1])
 
 
 def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
         prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """``(B [|K|, |Z|], c [|Z|])`` with ``x[:, Z] ~ xt[:, K] B + c`` (ridge toward ``prior``)."""
-    mt, m = xt[:, kept].mean(0), x[:, targets].mean(0)
-    a = xt[:, kept] - mt
+    xk = xt[:, kept]
+    mt, m = xk.mean(0), x[:, targets].mean(0)
+    a = xk - mt
     ckk = a.T @ a / len(a)
     ckz = a.T @ (x[:, targets] - m) / len(a)
     d = float(np.mean(np.diag(ckk))) if kept.size else 0.0

@@ -30,10 +30,10 @@ class UdfcPlus(Method):
             run.moments = {}
             return
         if run.moments is None:
-            run.moments = pruning_moments(run.ctx, run.source, "compensate")
+            run.moments = pruning_moments(run.ctx, run.source, "compensate", run.removed)
         # past a depthwise Conv the channels are rebuilt after it: read there too, before
         # any layer changes (the plan's moments hold the producers' own tensors only)
-        missing = [t for t in plus.separate_tensors(run.ctx) if t not in run.moments]
+        missing = [t for t in plus.separate_tensors(run.ctx, run.removed) if t not in run.moments]
         if missing:
             run.moments = {**run.moments, **run.source.moments(
                 run.ctx.model, run.ctx.shapes, missing, stage="compensate",
@@ -63,7 +63,7 @@ class UdfcPlus(Method):
             # A refused feed fails on the first run, on the original network, before any fit
             # is written: the one-shot fit on propagated moments takes every layer instead.
             run.source.fall_back("compensate", refusal_cause(exc), failed="sequential")
-        run.moments = pruning_moments(run.ctx, run.source, "compensate")
+        run.moments = pruning_moments(run.ctx, run.source, "compensate", removed)
         return {job.producer.node.name or job.producer.tensor: _one_shot(run, job)
                 for job in deferred}
 

@@ -80,19 +80,34 @@ def measure(model: onnx.ModelProto, source: Any, tensors: list[str],
             x = _rows(a)
             acc = sums.setdefault(t, [0, 0.0, 0.0, int(np.prod(a.shape[2:]))])
             acc[0] += x.shape[0]
-            acc[1] = acc[1] + x.sum(0, dtype=np.float64)
-            # products in float32 (BLAS speed), centred first so no large mean cancels
-            shift = acc[4] if len(acc) > 4 else x.mean(0, dtype=np.float64)
+            batch_sum = x.sum(0, dtype=np.float64)
+            # products in float32 (BLAS speed), centred first so no large mean cancels; the
+            # first batch's mean (``x.mean``'s own sum and division) is the shift
             if len(acc) == 4:
-                acc.append(shift)
+                acc.append(batch_sum / x.shape[0])
+            shift = acc[4]
+            acc[1] = _accumulate(acc[1], batch_sum)
             xc = (x - shift.astype(x.dtype)).astype(np.float32, copy=False)
-            acc[2] = acc[2] + (xc.T @ xc).astype(np.float64)
+            acc[2] = _accumulate(acc[2], (xc.T @ xc).astype(np.float64))
     out = {}
     for t, (cnt, s1, s2, hw, shift) in sums.items():
         mean = s1 / cnt
         d = mean - shift.reshape(-1)  # s2 holds the products about ``shift``
-        out[t] = TensorMoments(mean, s2 / cnt - np.outer(d, d), hw)
+        cov = np.divide(s2, cnt, out=s2)
+        if d.any():  # exactly zero when one batch gave both the shift and the mean
+            cov -= np.outer(d, d)
+        out[t] = TensorMoments(mean, cov, hw)
     return out
+
+
+def _accumulate(total: np.ndarray | float, part: np.ndarray) -> np.ndarray:
+    """``total + part``, into ``part`` (a fresh array) on the first batch, into ``total``
+    after: no new [C, C] array per batch."""
+    if isinstance(total, np.ndarray):
+        total += part
+        return total
+    part += total
+    return part
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

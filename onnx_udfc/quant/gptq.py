@@ -123,22 +123,31 @@ def gptq_round(filters: np.ndarray, hessian: np.ndarray,
     u[:, dead] = 0.0
     u[dead, dead] = diag_dead
 
-    q = np.empty_like(w)
+    # The block is worked on transposed (one contiguous row per column of ``w``), and the
+    # rank-1 updates go through one scratch buffer: the same products and differences as
+    # updating ``w``'s columns in place, element by element, without strided reads or a new
+    # temporary per column.
+    q_t = np.empty((dim, n_out))
+    scratch = np.empty((min(block, dim), n_out))
     for start in range(0, dim, block):
         stop = min(start + block, dim)
-        w_block = w[:, start:stop].copy()
-        err_block = np.zeros_like(w_block)
+        w_t = np.ascontiguousarray(w[:, start:stop].T)
         u_block = u[start:stop, start:stop]
         for i in range(stop - start):
-            column = w_block[:, i]
+            column = w_t[i]
             q_col = _grid_column(grid, column, start + i)
-            q[:, start + i] = q_col
-            err = (column - q_col) / u_block[i, i]
-            w_block[:, i + 1:] -= err[:, None] * u_block[i, i + 1:][None, :]
-            err_block[:, i] = err
-        # Columns after the block only see the block's accumulated error, in one matmul.
+            q_t[start + i] = q_col
+            err = np.subtract(column, q_col, out=column)
+            err /= u_block[i, i]
+            rest = w_t[i + 1:]
+            product = np.multiply(u_block[i, i + 1:, None], err[None, :],
+                                  out=scratch[:len(rest)])
+            rest -= product
+        # Columns after the block only see the block's accumulated error (left in ``w_t``'s
+        # rows), in one matmul.
+        err_block = np.ascontiguousarray(w_t.T)
         w[:, stop:] -= err_block @ u[start:stop, stop:]
-    return q
+    return np.ascontiguousarray(q_t.T)
 
 
 def kron_hessian(channel_second: np.ndarray, tap_correlation: np.ndarray) -> np.ndarray:

@@ -152,8 +152,9 @@ def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None,
     # A zero range would give scale 0; 1.0 keeps codes at 0 and the scale storable.
     scale = _storable(np.where(m > 0, m / qmax, 1.0), scale_dtype)
     sb = _bshape(scale, x, axis)
-    q = np.clip(np.round(x / sb), -qmax, qmax).astype(np.int8)
-    deq = q.astype(np.float64) * sb
+    steps = np.divide(x, sb, out=x)  # x is _prepare's own copy; rounded in place
+    q = np.clip(np.round(steps, out=steps), -qmax, qmax, out=steps).astype(np.int8)
+    deq = np.multiply(q, sb, dtype=np.float64)
     zp = np.zeros(np.shape(scale), dtype=np.int8)
     return QuantResult(deq.astype(out_dtype), q, np.asarray(scale), zp, axis, b, "symmetric")
 
