@@ -41,7 +41,7 @@ RANGES: dict[str, tuple[float, float]] = {  # name -> (mean, std) of an input ch
 DEFAULT_RANGE = "standardised"
 assert INPUT_RANGES == ("auto", *RANGES)
 MARGIN = math.log(2.0)  # another range must be this much closer to 1 than the default
-PROBE_IMAGES = 8
+PROBE_IMAGES = 4
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _spreads(model: onnx.ModelProto, tensor: str, image: str, dims: Sequence[int
     spreads = {}
     for name, (mean, std) in RANGES.items():
         out = run(runner, {image: (standardised * std + mean).astype(dtype)})[0]
-        spread = out.reshape(out.shape[0], out.shape[1], -1).astype(np.float64).std(axis=(0, 2))
+        spread = out.reshape(out.shape[0], out.shape[1], -1).std(axis=(0, 2), dtype=np.float64)
         spread = spread[spread > 0]
         if len(spread):
             spreads[name] = float(np.median(spread))
