@@ -222,10 +222,13 @@ def approx_size(model: onnx.ModelProto) -> int:
     """Serialized size estimate from tensor dims alone.
 
     ``ModelProto.ByteSize()`` serialises the whole message internally with the upb backend,
-    doubling peak memory on a large model; the weights dominate the size anyway.
+    doubling peak memory on a large model; the weights dominate the size anyway. Weights held
+    by Constant nodes (paddle2onnx exports every weight that way) count too.
     """
     total = 0
-    for t in model.graph.initializer:
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant"
+                 for a in n.attribute if a.name == "value"]
+    for t in [*model.graph.initializer, *constants]:
         numel = int(np.prod(t.dims)) if len(t.dims) else 1
         if t.data_type in _PACKED_4BIT:  # two values per byte on disk
             total += (numel + 1) // 2 + 64
