@@ -163,16 +163,19 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
     plans = backoff_plans(config) if config.check.max_error is not None else [config]
     feeds: dict[str, dict[str, np.ndarray] | None] = {"data": None}
     attempts: list[dict] = []
+    input_range = None  # resolved once: every plan reads the same model
     for plan in plans:
         model = io.load_model(source)
         shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))
+        if input_range is None:
+            input_range = resolve_input_range(model, config.graph.input_range, shapes)
         if not attempts and config.check.verify and not config.check.data:
-            feeds = dict(guard_feeds(model, shapes, input_range=resolve_input_range(
-                model, config.graph.input_range, shapes)))
+            feeds = dict(guard_feeds(model, shapes, input_range=input_range))
         if not attempts:
             check_data(model, config)
         try:
-            model, report = pipeline.run(plan, model, progress, check=False, copy=False)
+            model, report = pipeline.run(plan, model, progress, check=False, copy=False,
+                                         input_range=input_range)
         except BudgetUnreachable as exc:  # less pruning can leave a size budget out of reach
             if not attempts:
                 raise

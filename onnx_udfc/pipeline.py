@@ -124,8 +124,9 @@ def _load(state: RunState) -> None:
     refuse_quantized(state.model)
     state.size_before = io.approx_size(state.model)
     state.input_shapes = working_input_shapes(state.model, state.config.graph.input_shapes)
-    state.input_range = resolve_input_range(state.model, state.config.graph.input_range,
-                                            state.working_shapes)
+    if state.input_range is None:
+        state.input_range = resolve_input_range(state.model, state.config.graph.input_range,
+                                                state.working_shapes)
 
 
 def _normalise(state: RunState) -> None:
@@ -295,15 +296,18 @@ def stage_names(config: CompressConfig, with_outputs: bool = False) -> list[str]
 
 
 def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None = None,
-        check: bool = True, copy: bool = True) -> tuple[onnx.ModelProto, Report]:
+        check: bool = True, copy: bool = True, input_range: InputRange | None = None
+        ) -> tuple[onnx.ModelProto, Report]:
     """Run every stage that applies; returns the compressed model and its report.
 
     ``config`` must be validated. A ``ModelProto`` argument is copied, never modified.
     ``check=False`` skips the in-memory checker (the command line checks the written file);
-    ``copy=False`` works on a given ``ModelProto`` in place (a model loaded for this run)."""
+    ``copy=False`` works on a given ``ModelProto`` in place (a model loaded for this run).
+    ``input_range``: the model's, when the caller has resolved it already (the guard's)."""
     if isinstance(model, onnx.ModelProto) and copy:
         model = compact(model)
-    state = RunState(config, model, progress or (lambda _name: None))  # type: ignore[arg-type]
+    state = RunState(config, model, progress or (lambda _name: None),  # type: ignore[arg-type]
+                     input_range=input_range)
     with single_blas_thread():  # every method's many mid-sized products (see core.blas)
         for stage in STAGES:
             if not stage.applies(config) or (stage.name == "check" and not check):

@@ -11,6 +11,7 @@ import pytest
 
 from onnx_udfc import api
 from onnx_udfc.cli import main
+from onnx_udfc.config import INPUT_RANGES
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.moments import proxy
 from onnx_udfc.moments.input_range import PHOTO_MEAN, PHOTO_STD, RANGES, resolve_input_range
@@ -49,6 +50,10 @@ def test_given_range_and_models_without_one_image_input():
     b.output(b.gemm(b.input("x", ["N", 16]), 16, 4, name="fc"))
     found = resolve_input_range(b.build(), "auto")
     assert (found.name, found.origin) == ("standardised", "no single image input")
+
+
+def test_every_range_the_option_offers_is_defined():
+    assert INPUT_RANGES == ("auto", *RANGES)
 
 
 def test_photo_constants_match_the_proxy_photographs():

@@ -68,3 +68,8 @@ def test_db_boxes_keep_confident_regions():
     boxes = metrics.db_boxes(probability)
     # the 2x2 dilation grows the region by one pixel at its far sides
     assert boxes.tolist() == [[10.0, 5.0, 41.0, 16.0]]
+
+
+def test_f1_of_recall_and_precision():
+    assert metrics.f1(1.0, 0.5) == pytest.approx(2 / 3)
+    assert metrics.f1(0.0, 0.0) == 0.0

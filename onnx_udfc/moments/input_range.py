@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_udfc.config import INPUT_RANGES
 from onnx_udfc.core.input_shapes import pin_inputs
 from onnx_udfc.core.ort import run, session
 from onnx_udfc.moments import proxy
@@ -38,8 +37,7 @@ RANGES: dict[str, tuple[float, float]] = {  # name -> (mean, std) of an input ch
     "0-1": (PHOTO_MEAN, PHOTO_STD),
     "0-255": (255.0 * PHOTO_MEAN, 255.0 * PHOTO_STD),
 }
-DEFAULT_RANGE = "standardised"
-assert INPUT_RANGES == ("auto", *RANGES)
+DEFAULT_RANGE = "standardised"  # RANGES names every choice of config.INPUT_RANGES but auto
 MARGIN = math.log(2.0)  # another range must be this much closer to 1 than the default
 PROBE_IMAGES = 4
 

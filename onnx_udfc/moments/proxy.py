@@ -139,8 +139,8 @@ def proxy_batch(n: int, channels: int, height: int, width: int,
                      for _ in range(n)])
 
 
-def standardise(x: np.ndarray, input_mean: tuple[float, ...] | None,
-                input_std: tuple[float, ...] | None) -> np.ndarray:
+def standardise(x: np.ndarray, input_mean: float | Sequence[float] | None,
+                input_std: float | Sequence[float] | None) -> np.ndarray:
     """Every channel of the batch to mean 0, variance 1, then scaled by ``input_std`` and
     shifted by ``input_mean`` when given."""
     x = (x - x.mean((0, 2, 3), keepdims=True)) / (x.std((0, 2, 3), keepdims=True) + 1e-12)

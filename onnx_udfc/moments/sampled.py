@@ -64,8 +64,8 @@ def sample_count(dims: list[int], samples: int = SAMPLES, positions: int = POSIT
     return int(max(8, min(samples, positions // max(pixels, 1))))
 
 
-def in_range(x: np.ndarray, input_mean: Sequence[float] | None,
-             input_std: Sequence[float] | None) -> np.ndarray:
+def in_range(x: np.ndarray, input_mean: float | Sequence[float] | None,
+             input_std: float | Sequence[float] | None) -> np.ndarray:
     """Standardised images ``(N, C, ...)`` moved to a channel ``input_mean`` and spread
     ``input_std`` (one value, or one per channel; :mod:`onnx_udfc.moments.input_range`)."""
     if input_mean is None and input_std is None:

@@ -74,7 +74,8 @@ def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
 def convert_opset(model: onnx.ModelProto, target: int, why: str
                   ) -> tuple[onnx.ModelProto, list[dict[str, str]]]:
     """``model`` at opset ``target`` via ``onnx.version_converter``, full-checked, and the
-    graph outputs whose declared shape had to be corrected (:func:`_declare_computed_outputs`).
+    graph outputs whose declared shape had to be corrected
+    (:func:`_convert_declaring_computed_outputs`).
 
     The converter and the checker see a skeleton whose large initializers are typed graph
     inputs (no data): converting a 100 MiB model costs milliseconds and models above

@@ -86,6 +86,11 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def f1(recall: float, precision: float) -> float:
+    """The harmonic mean of recall and precision (0 when both are 0)."""
+    return 2 * recall * precision / max(1e-12, recall + precision)
+
+
 def db_boxes(probability: np.ndarray, mask_threshold: float = 0.3,
              box_threshold: float = 0.5, min_side: int = 3) -> np.ndarray:
     """DBNet's boxes of a ``[H, W]`` text probability map, as PaddleOCR's DBPostProcess in

@@ -172,8 +172,7 @@ class Detector:
                 "boxes": found / len(prediction.boxes)}
 
     def drop(self, scores: dict, reference_scores: dict) -> float:
-        recall, precision = scores["recall"], scores["precision"]
-        return 1.0 - 2 * recall * precision / max(1e-12, recall + precision)
+        return 1.0 - metrics.f1(scores["recall"], scores["precision"])
 
 
 @dataclass
@@ -234,8 +233,7 @@ class TextDetector:
                 "mask_f1": 2 * both / max(1, either), "boxes": found / len(prediction)}
 
     def drop(self, scores: dict, reference_scores: dict) -> float:
-        recall, precision = scores["recall"], scores["precision"]
-        return 1.0 - 2 * recall * precision / max(1e-12, recall + precision)
+        return 1.0 - metrics.f1(scores["recall"], scores["precision"])
 
 
 @dataclass
