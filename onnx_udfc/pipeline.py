@@ -93,7 +93,7 @@ class RunState:
     params_after: int = 0
     input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
     input_range: InputRange | None = None
-    mixed: Any = None  # methods.mixed.MixedPlan under --budget-size
+    mixed: Any = None  # methods.mixed.MixedPlan under --budget-size or --float-share
     flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
 
     @property
@@ -215,13 +215,18 @@ def _quantize(state: RunState) -> None:
     assert cfg is not None and state.source is not None
     exclude = list(state.config.prune.exclude) + list(q.exclude)
     bits_for = None
-    if q.budget_size is not None:
-        from onnx_udfc.methods.mixed import allocate_bits
+    if q.budget_size is not None or q.float_share > 0:
+        from onnx_udfc.methods.mixed import allocate_bits, allocate_float_share
 
         detail = getattr(state.progress, "detail", None)
-        state.mixed = allocate_bits(
-            state.model, q, q.budget_size, state.size_before, state.source, exclude,
-            progress=None if detail is None else lambda i, n: detail(f"sensitivity {i}/{n}"))
+        tick = None if detail is None else lambda i, n: detail(f"sensitivity {i}/{n}")
+        if q.budget_size is not None:
+            state.mixed = allocate_bits(state.model, q, q.budget_size, state.size_before,
+                                        state.source, exclude, progress=tick)
+        else:
+            state.mixed = allocate_float_share(state.model, q, q.float_share,
+                                               state.size_before, state.source, exclude,
+                                               progress=tick)
         bits_for = state.mixed.bits
     state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
                                         state.bn_stats, exclude, state.kept, state.source,
@@ -267,7 +272,8 @@ STAGES: list[Stage] = [
     Stage("rewrite", "remove the planned channels physically from every node that holds them",
           _rewrite),
     Stage("quantize", "round every weight layer to --bits (or to the bits --budget-size "
-          "allocates by measured sensitivity), with the method's compensation",
+          "allocates by measured sensitivity; --float-share keeps the most sensitive layers "
+          "in float), with the method's compensation",
           _quantize, lambda c: c.quant.bits is not None),
     Stage("store", "write quantized weights as integers read by DequantizeLinear",
           _store, lambda c: c.storage.format == "qdq"),

@@ -114,3 +114,56 @@ def test_guard_backs_off_to_8_bits_without_the_budget():
     assert [p.quant.budget_size for p in plans][:-1] == [0.2] * (len(plans) - 1)
     assert plans[-1].quant.budget_size is None and plans[-1].quant.bits == 8 \
         and plans[-1].prune.ratio == 0.0
+
+
+# -- --float-share: one integer width, the most sensitive layers kept in float --------------------
+def test_float_share_keeps_the_sensitive_layer_in_float():
+    # One float copy (3 bytes more per weight than int8: 0.37x the original) fits 0.4x.
+    out, report = api.compress(twin_layers(), float_share=0.4, method="prune")
+    plan = report.mixed_precision
+    assert plan["float_share"] == 0.4 and plan["budget_size"] is None
+    assert plan["layers"]["sharp"]["bits"] is None and plan["layers"]["plain"]["bits"] == 8
+    assert [f["node"] for f in report.float_layers] == ["sharp"]
+    assert "--float-share" in report.float_layers[0]["reason"]
+    assert "float   1 layer(s) kept in float" in report.summary()
+    assert report.size_after <= plan["predicted_size"] * 1.05
+    x = np.random.default_rng(0).standard_normal((4, 128, 4, 4)).astype(np.float32)
+    reference = run(twin_layers(), {"x": x})[0]
+    rounded, _ = api.compress(twin_layers(), float_share=0.0, method="prune")
+    # Keeping the outlier layer in float is what makes the output closer.
+    assert np.abs(run(out, {"x": x})[0] - reference).mean() < \
+        np.abs(run(rounded, {"x": x})[0] - reference).mean()
+
+
+def test_a_share_no_layer_fits_measures_nothing_and_changes_nothing():
+    # 3 % of the file is less than either layer's float copy: both at 8 bits, as without it.
+    out, report = api.compress(twin_layers(), float_share=0.03, method="prune")
+    plan = report.mixed_precision
+    assert plan["counts"] == {"8-bit": 2}
+    assert plan["sensitivity"].startswith("not measured")
+    assert all(layer["error_at_4_bits"] is None for layer in plan["layers"].values())
+    plain, _ = api.compress(twin_layers(), float_share=0.0, method="prune")
+    assert [onnx.numpy_helper.to_array(t).tobytes() for t in out.graph.initializer] == \
+        [onnx.numpy_helper.to_array(t).tobytes() for t in plain.graph.initializer]
+
+
+@pytest.mark.parametrize("preset,target,share", [
+    ("balanced", "int8", 0.03), ("balanced", "int4", 0.03), ("best", "int8", 0.03),
+    ("fast", "int8", 0.0), ("paper", None, 0.0), ("balanced", "fake", 0.0)])
+def test_recommended_presets_keep_a_float_share_of_integer_targets(preset, target, share):
+    from onnx_udfc.config import FLOAT_SHARE
+
+    config = CompressConfig.resolve(preset, target)
+    assert config.quant.float_share == (FLOAT_SHARE if share else 0.0)
+    assert CompressConfig.resolve(preset, target, budget_size=0.2).quant.float_share == 0.0 \
+        or target in ("fake", None)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--float-share", "1"], "must be in [0, 1)"),
+    (["--float-share", "-0.1"], "must be in [0, 1)"),
+    (["--float-share", "0.1", "--target", "fake"], "counts integer storage"),
+    (["--float-share", "0.1", "--budget-size", "0.3"], "drop --float-share"),
+])
+def test_bad_float_share_refused(capfd, tmp_path, digits_model, args, needle):
+    assert_refused(capfd, tmp_path / "o.onnx", needle, "compress", str(digits_model), *args)

@@ -75,7 +75,8 @@ def _session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSes
 
 
 def _models(path, mode: str):
-    kw = dict(MODES[mode], quantizer="symmetric", check=False)
+    # The fake twin has no integer storage, so no --float-share: neither has float layers.
+    kw = dict(MODES[mode], quantizer="symmetric", check=False, float_share=0.0)
     fake, _ = api.compress(str(path), format="fake", **kw)
     qdq, report = api.compress(str(path), format="qdq", **kw)
     return fake, qdq, report

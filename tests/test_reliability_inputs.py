@@ -137,7 +137,7 @@ def test_verify_uses_the_input_shape_for_dynamic_dims(capfd, tmp_path):
 
 # -- 4. already-quantized models -------------------------------------------------------------
 def _own_qdq(folder: Path) -> onnx.ModelProto:
-    model, _ = api.compress(classifier(), target="int8")
+    model, _ = api.compress(classifier(), target="int8", float_share=0.0)  # every layer
     return model
 
 

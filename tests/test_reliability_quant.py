@@ -44,7 +44,7 @@ def _onnx_udfc(*args: str) -> subprocess.CompletedProcess:
 # -- item 3: every weight layer is quantized, or listed with why not -----------------------------
 def test_every_float_weight_layer_is_listed_with_its_reason():
     _, report = api.compress(float_corner_layers(), method="udfc", quant_exclude=["^c3$"],
-                             input_shapes=V_SHAPE)
+                             input_shapes=V_SHAPE, float_share=0.0)
     reasons = {f["node"]: f["reason"] for f in report.float_layers}
     assert reasons == {
         "branch_conv": "inside the then_branch of the If 'if1': subgraphs are not quantized",
@@ -75,7 +75,7 @@ def test_weight_fed_as_graph_input_is_listed():
 
 
 def test_no_float_line_when_every_weight_layer_is_quantized(digits_model):
-    _, report = api.compress(digits_model, method="udfc", bits=8)
+    _, report = api.compress(digits_model, method="udfc", bits=8, float_share=0.0)
     assert report.float_layers == []
     assert not any(x.startswith("float") for x in report.summary().splitlines())
 

@@ -49,7 +49,9 @@ CONFIGS: dict[str, list[str] | None] = {
     "default": [],
     "int4": ["--target", "int4"],
     "fast": ["--preset", "fast"],
-    "int8-rounded": ["--method", "prune"],  # int8 weights rounded to nearest, no compensation
+    "default-no-float": ["--float-share", "0"],  # every layer int8
+    "int4-no-float": ["--target", "int4", "--float-share", "0"],
+    "int8-rounded": ["--method", "prune", "--float-share", "0"],  # nearest, no compensation
     **{name: ["--target", "int8", *options] for name, options in PRUNED.items()},
     **{f"{name}-guard": ["--target", "int8", *options, "--max-error", "0.5"]
        for name, options in PRUNED.items()},

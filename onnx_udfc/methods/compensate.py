@@ -172,7 +172,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                for node in list(model.graph.node)]
     recurrent = [r for node in model.graph.node
                  for r in recurrent_weights(node, ctx.inits, inputs, patterns)]
-    total = sum(layer is not None for _, layer, _ in checked)
+    total = sum(layer is not None and plan.get(node.name or node.output[0], grid.bits)
+                is not None for node, layer, _ in checked)
     for node, layer, reason in checked:
         name = node.name or node.output[0]
         if layer is not None and plan.get(name, grid.bits) is None:
@@ -206,8 +207,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     return out
 
 
-BUDGET_FLOAT = ("kept in float by --budget-size: the file fits without rounding it, and it "
-                "costs the most output drift per byte saved")
+BUDGET_FLOAT = ("kept in float by --budget-size or --float-share: its rounding costs the most "
+                "output drift per byte saved, and the file fits without rounding it")
 
 
 def _grid_values(ctx: ChannelAnalysis, layer: Any, filters: np.ndarray, grid: QuantOptions,

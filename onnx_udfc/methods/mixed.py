@@ -12,6 +12,12 @@ layer suffices. A greedy walk then starts from float everywhere and takes, one a
 step (float -> 8 bits, or 8 -> 4 bits) with the least added drift per byte saved, until the
 file fits ``S x`` the original's size. Layers left in float are the ones the budget could
 afford to spare; a budget that 4 bits everywhere cannot meet is refused in one line.
+
+``--float-share S`` (the recommended presets' int8/int4 targets) is the same walk with one
+integer width, ``--bits``: every layer at that width, plus up to ``S x`` the original's size
+spent on keeping in float the layers whose rounding moves the outputs most per byte. On a
+compact detector a few small layers (the first convolution, the heads) carry most of the
+rounding's effect on the outputs.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Candidate:
     shape: tuple[int, ...]
     itemsize: int
     error4: float = 0.0  # output drift with this weight alone at 4 bits
+    measured: bool = False  # --float-share measures only the layers that could stay float
 
     @property
     def numel(self) -> int:
@@ -86,13 +93,16 @@ class MixedPlan:
     predicted_size: int
     sensitivity: str  # "measured on <source> samples" or the weight-error fallback, named
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    float_share: float | None = None  # --float-share: the share of the original kept in float
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for b in self.bits.values():
             label = "float" if b is None else f"{b}-bit"
             counts[label] = counts.get(label, 0) + 1
-        return {"budget_size": self.budget, "predicted_size": self.predicted_size,
+        return {"budget_size": None if self.float_share is not None else self.budget,
+                "float_share": self.float_share,
+                "predicted_size": self.predicted_size,
                 "predicted_ratio": self.predicted_size / self.size_before,
                 "sensitivity": self.sensitivity, "counts": counts,
                 "predicted_error": sum(v["error"] for v in self.layers.values()),
@@ -125,14 +135,51 @@ def allocate_bits(model: onnx.ModelProto, quant: QuantOptions, budget: float,
     """Bits per weight layer so that the stored file is at most ``budget x size_before``."""
     cands = candidates(model, exclude)
     sensitivity = measure_sensitivity(model, cands, quant, source, progress)
+    bits, size = _greedy(model, cands, quant, WIDTHS, int(budget * size_before))
+    if size > budget * size_before:
+        raise BudgetUnreachable(
+            f"--budget-size {budget:g} cannot be met by quantization alone: every weight at 4 "
+            f"bits gives {size / size_before:.3f}x the original; prune too (--prune R or "
+            "--budget-flops B) or raise the budget")
+    return MixedPlan(bits, budget, size_before, size, sensitivity, _layers(cands, bits, quant))
+
+
+def allocate_float_share(model: onnx.ModelProto, quant: QuantOptions, share: float,
+                         size_before: int, source: MomentSource, exclude: list[str],
+                         progress: Callable[[int, int], None] | None = None) -> MixedPlan:
+    """Every weight layer at ``quant.bits``, except the ones kept in float: the most output
+    drift per byte first, while the float copies add at most ``share x size_before``."""
+    assert quant.bits is not None
+    cands = candidates(model, exclude)
+    allowance = int(share * size_before)
+    # A layer whose float copy alone outgrows the allowance is stored at --bits whatever its
+    # drift: only the others are measured (error 0 puts it first in the walk to --bits).
+    fits = [c for c in cands
+            if c.stored_bytes(None, quant) - c.stored_bytes(quant.bits, quant) <= allowance]
+    sensitivity = measure_sensitivity(model, fits, quant, source, progress) if fits else \
+        "not measured: no layer's float copy fits the share"
     fixed = approx_size(model) - sum(c.stored_bytes(None, quant) for c in cands)
-    target = int(budget * size_before)
+    target = fixed + sum(c.stored_bytes(quant.bits, quant) for c in cands) + allowance
+    bits, size = _greedy(model, cands, quant, (quant.bits,), target)
+    return MixedPlan(bits, target / size_before, size_before, size, sensitivity,
+                     _layers(cands, bits, quant), float_share=share)
+
+
+def _greedy(model: onnx.ModelProto, cands: list[Candidate], quant: QuantOptions,
+            widths: tuple[int, ...], target: int) -> tuple[dict[str, int | None], int]:
+    """From float everywhere, take the step (float -> ``widths[0]``, or to the next narrower
+    width) with the least added drift per byte saved, until the file fits ``target`` bytes or
+    no step is left. Returns the bits per layer and the predicted size."""
+    fixed = approx_size(model) - sum(c.stored_bytes(None, quant) for c in cands)
     bits: dict[str, int | None] = {c.key: None for c in cands}
     size = fixed + sum(c.stored_bytes(None, quant) for c in cands)
     steps: list[tuple[float, int, int | None]] = []  # (drift per byte saved, index, from)
 
+    def narrower(current: int | None) -> int | None:
+        return widths[0] if current is None else next((w for w in widths if w < current), None)
+
     def push(i: int, current: int | None) -> None:
-        nxt = WIDTHS[0] if current is None else next((w for w in WIDTHS if w < current), None)
+        nxt = narrower(current)
         if nxt is None:
             return
         c = cands[i]
@@ -144,20 +191,18 @@ def allocate_bits(model: onnx.ModelProto, quant: QuantOptions, budget: float,
         push(i, None)
     while size > target and steps:
         _, i, current = heapq.heappop(steps)
-        c = cands[i]
-        nxt = WIDTHS[0] if current is None else next(w for w in WIDTHS if w < current)
+        c, nxt = cands[i], narrower(current)
         size -= c.stored_bytes(current, quant) - c.stored_bytes(nxt, quant)
         bits[c.key] = nxt
         push(i, nxt)
-    if size > target:
-        raise BudgetUnreachable(
-            f"--budget-size {budget:g} cannot be met by quantization alone: every weight at 4 "
-            f"bits gives {size / size_before:.3f}x the original; prune too (--prune R or "
-            "--budget-flops B) or raise the budget")
-    layers = {c.key: {"bits": bits[c.key], "error": c.error(bits[c.key]),
-                      "error_at_4_bits": c.error4,
-                      "bytes": c.stored_bytes(bits[c.key], quant)} for c in cands}
-    return MixedPlan(bits, budget, size_before, size, sensitivity, layers)
+    return bits, size
+
+
+def _layers(cands: list[Candidate], bits: dict[str, int | None], quant: QuantOptions
+            ) -> dict[str, dict[str, Any]]:
+    return {c.key: {"bits": bits[c.key], "error": c.error(bits[c.key]),
+                    "error_at_4_bits": c.error4 if c.measured else None,
+                    "bytes": c.stored_bytes(bits[c.key], quant)} for c in cands}
 
 
 def measure_sensitivity(model: onnx.ModelProto, cands: list[Candidate], quant: QuantOptions,
@@ -173,6 +218,7 @@ def measure_sensitivity(model: onnx.ModelProto, cands: list[Candidate], quant: Q
             c.error4 = probe.drift({c.layer.weight: rounded})
         else:
             c.error4 = float(np.sum((rounded - w) ** 2) / max(float(np.sum(w ** 2)), 1e-30))
+        c.measured = True
         if progress is not None:
             progress(i + 1, len(cands))
     if probe.available:

@@ -29,9 +29,11 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     flops_budget: {sensitivity, group_drift: {group id: drift}} | null
                                                   --budget-flops: each group's output drift when
                                                   cut off uncompensated (weights its errors)
-    mixed_precision: {budget_size, predicted_size, predicted_ratio, sensitivity, counts,
-                      predicted_error, layers: {name: {bits, error, error_at_4_bits, bytes}}}
-                                                  --budget-size: the per-layer allocation
+    mixed_precision: {budget_size, float_share, predicted_size, predicted_ratio, sensitivity,
+                      counts, predicted_error,
+                      layers: {name: {bits, error, error_at_4_bits, bytes}}}
+                                                  --budget-size or --float-share: the per-layer
+                                                  allocation (one of the two is null)
     duplicated_initializers: [{initializer, copy, nodes, shared_with, elements, reason}]
                                                   shared initializers the rewrite had to copy
     folded_batchnorm: [producer names]            when --fold-bn was used
@@ -201,8 +203,13 @@ class Report:
         if self.mixed_precision:
             mp = self.mixed_precision
             counts = ", ".join(f"{n} {k}" for k, n in sorted(mp["counts"].items()))
-            lines.append(f"budget  size <= {mp['budget_size']:g}x: {counts} (predicted "
-                         f"{mp['predicted_ratio']:.3f}x; {mp['sensitivity']})")
+            if mp.get("float_share") is not None:
+                lines.append(f"float   {mp['counts'].get('float', 0)} layer(s) kept in float, "
+                             f"the most output drift per byte (--float-share "
+                             f"{mp['float_share']:g}; {mp['sensitivity']})")
+            else:
+                lines.append(f"budget  size <= {mp['budget_size']:g}x: {counts} (predicted "
+                             f"{mp['predicted_ratio']:.3f}x; {mp['sensitivity']})")
         if self.float_layers:
             lines.append(_float_note(self.float_layers))
         if self.duplicated_initializers:
