@@ -104,6 +104,9 @@ class MethodOptions:
                           choices=MOMENT_SOURCES)
     sequential: bool = option(False, "udfc+: fit each layer on the compressed-so-far network, "
                               "then refit the next Conv on patches of the kept channels")
+    select: bool = option(False, "udfc+ with pruning: also run udfc (and the one-shot udfc+ "
+                          "when --sequential) and keep the result whose outputs drift least "
+                          "from the original's on pink-noise inputs", flag="--select-method")
     calibration: Any = option(None, "udfc+: measure the moments on these preprocessed inputs "
                               "(.npz; in Python also an array or a dict)", metavar="FILE.npz")
     seed: int = option(0, "udfc+: seed of the synthetic samples and the inversion's start",
@@ -192,17 +195,17 @@ FLOAT_SHARE = 0.03
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"method.name": "udfc"},
     "balanced": {"method.name": "udfc+", "quant.float_share": FLOAT_SHARE},
-    "best": {"method.name": "udfc+", "method.sequential": True,
+    "best": {"method.name": "udfc+", "method.sequential": True, "method.select": True,
              "quant.float_share": FLOAT_SHARE},
     "max": {"method.name": "udfc+", "method.sequential": True, "method.moments": "inverted",
-            "quant.float_share": FLOAT_SHARE},
+            "method.select": True, "quant.float_share": FLOAT_SHARE},
     "paper": {"method.name": "udfc", "target": "fake"},
 }
 PRESET_HELP = {
     "fast": "udfc closed form (seconds)",
     "balanced": "udfc+ on sampled moments: the most accurate within 10 s on ResNet-50",
-    "best": "udfc+ --sequential (about 5x balanced's time)",
-    "max": "udfc+ --sequential on inverted images (minutes)",
+    "best": "udfc+ --sequential; with pruning also udfc+ and udfc, the least drift kept",
+    "max": "best on inverted images (minutes)",
     "paper": "the faithful reproduction: udfc, the paper's grid, fake quantization",
 }
 DEFAULT_PRESET = "balanced"
@@ -265,7 +268,7 @@ class CompressConfig:
             explicit.append(dotted)
         config.explicit = sorted(explicit)
         if config.method.name != "udfc+":  # the preset's udfc+ settings do not apply
-            for key in ("method.sequential", "method.moments"):
+            for key in ("method.sequential", "method.moments", "method.select"):
                 if key not in explicit:
                     config.set(key, getattr(MethodOptions(), key.split(".")[1]))
         if "quant.bits" not in config.explicit and target == "fake":
@@ -319,6 +322,8 @@ class CompressConfig:
         _check_choice("moments source", m.moments, MOMENT_SOURCES)
         if m.sequential and m.name != "udfc+":
             raise UdfcError("--sequential applies to --method udfc+ only")
+        if m.select and m.name != "udfc+":
+            raise UdfcError("--select-method applies to --method udfc+ only")
         if isinstance(m.seed, bool) or not isinstance(m.seed, int | np.integer) or m.seed < 0:
             raise UdfcError(f"seed must be a non-negative integer, got {m.seed!r}")
         for name in ("alpha1", "alpha2"):

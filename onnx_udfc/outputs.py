@@ -21,14 +21,12 @@ from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
-from onnx_udfc.core.io import graph_inputs
 from onnx_udfc.core.ort import PROVIDERS, check_feed, make_inputs
 from onnx_udfc.methods.mixed import BudgetUnreachable
-from onnx_udfc.moments.input_range import InputRange, resolve_input_range
+from onnx_udfc.moments.comparison import guard_feeds
+from onnx_udfc.moments.input_range import resolve_input_range
 from onnx_udfc.report.fidelity import default_limit, verdict
 from onnx_udfc.report.report import Progress, Report
-
-GUARD_BATCH = 32  # data-free comparison images
 
 
 @dataclass
@@ -260,51 +258,6 @@ def _variant(config: CompressConfig, ratio: float, budget: float | None,
     variant.prune.ratio, variant.prune.budget_flops, variant.quant.bits = ratio, budget, bits
     variant.quant.budget_size = size_budget
     return variant
-
-
-def guard_feeds(model: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                seed: int = 0, input_range: InputRange | None = None
-                ) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """Data-free inputs for the guard, by kind: :data:`GUARD_BATCH` samples of the model's
-    input shape, the run's working shapes (:mod:`onnx_udfc.core.input_shapes`) for dynamic
-    sizes (run in the model's own batch when it fixes one). ``synthetic``: pink-noise images
-    (natural images' spectrum) or Gaussian vectors; they catch a classifier's lost decisions.
-    ``photos``, for a model with an image input: crops of the built-in photographs
-    (:mod:`onnx_udfc.moments.proxy`); they catch a dense output's collapsed channel (a
-    detector's objectness), which noise hides. Images take the values of ``input_range``
-    (:mod:`onnx_udfc.moments.input_range`; standardised when None)."""
-    from onnx_udfc.moments import proxy
-    from onnx_udfc.moments.feeds import fixed_inputs, fixed_value
-    from onnx_udfc.moments.sampled import in_range, pink_noise
-
-    rng = np.random.default_rng(seed)
-    fixed = fixed_inputs(model)
-    mean, std = (input_range.mean, input_range.std) if input_range is not None else (0.0, 1.0)
-    feed = {}
-    for inp in graph_inputs(model):
-        tt = inp.type.tensor_type
-        dims = list(input_shapes.get(inp.name) or [
-            d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim])
-        if inp.name in fixed:
-            feed[inp.name] = fixed_value([d or 1 for d in dims], tt.elem_type, rng)
-            continue
-        if dims and (dims[0] == 0 or GUARD_BATCH % dims[0] == 0):
-            dims[0] = GUARD_BATCH  # a fixed batch runs in chunks of its own size
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        image = len(dims) >= 3 and min(dims[2:]) >= 4
-        x = in_range(pink_noise(tuple(dims), rng), mean, std) if image \
-            else rng.standard_normal(dims)
-        feed[inp.name] = x.astype(dtype)
-    kinds = [("synthetic", feed)]
-    images = proxy.image_inputs(model, input_shapes)
-    if images:
-        photos = dict(feed)
-        for name, dims in images.items():
-            x = proxy.standardise(proxy.proxy_batch(len(feed[name]), *dims[1:], rng), mean, std)
-            photos[name] = x.astype(feed[name].dtype)
-        kinds.append(("photos", photos))
-    return kinds
-
 
 
 def _timed(report: Report, name: str, progress: Progress, work) -> None:

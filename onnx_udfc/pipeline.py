@@ -26,6 +26,7 @@ from onnx_udfc.config import CompressConfig
 from onnx_udfc.core import io, normalize
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.input_shapes import WorkingShape, shape_lists, working_input_shapes
+from onnx_udfc.methods import select
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.input_range import InputRange, resolve_input_range
@@ -298,7 +299,10 @@ def stage_names(config: CompressConfig, with_outputs: bool = False) -> list[str]
         stages = [s for s in STAGES if s.name != "check"] + OUTPUT_STAGES
     else:
         stages = STAGES
-    return [s.name for s in stages if s.applies(config)]
+    names = [s.name for s in stages if s.applies(config)]
+    if select.applies(config):
+        names.insert(names.index("save") if "save" in names else len(names), "select")
+    return names
 
 
 def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None = None,
@@ -309,11 +313,21 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
     ``config`` must be validated. A ``ModelProto`` argument is copied, never modified.
     ``check=False`` skips the in-memory checker (the command line checks the written file);
     ``copy=False`` works on a given ``ModelProto`` in place (a model loaded for this run).
-    ``input_range``: the model's, when the caller has resolved it already (the guard's)."""
+    ``input_range``: the model's, when the caller has resolved it already (the guard's).
+    Under ``--select-method`` the stages run once per candidate method
+    (:mod:`onnx_udfc.methods.select`)."""
     if isinstance(model, onnx.ModelProto) and copy:
         model = compact(model)
-    state = RunState(config, model, progress or (lambda _name: None),  # type: ignore[arg-type]
-                     input_range=input_range)
+    shown = progress or (lambda _name: None)
+    if select.applies(config):
+        return _run_selected(config, model, shown, check, input_range)  # type: ignore[arg-type]
+    state = _run_stages(config, model, shown, check, input_range)  # type: ignore[arg-type]
+    return state.model, _report(state)
+
+
+def _run_stages(config: CompressConfig, model: io.ModelSource, progress: Progress,
+                check: bool, input_range: InputRange | None) -> RunState:
+    state = RunState(config, model, progress, input_range=input_range)  # type: ignore[arg-type]
     with single_blas_thread():  # every method's many mid-sized products (see core.blas)
         for stage in STAGES:
             if not stage.applies(config) or (stage.name == "check" and not check):
@@ -322,7 +336,57 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
             start = time.perf_counter()
             stage.run(state)
             state.timings[stage.name] = time.perf_counter() - start
-    return state.model, _report(state)
+    return state
+
+
+def _run_selected(config: CompressConfig, model: io.ModelSource, progress: Progress,
+                  check: bool, input_range: InputRange | None
+                  ) -> tuple[onnx.ModelProto, Report]:
+    """Each candidate method on its own copy of the model; the one whose outputs drift least
+    is kept (the configured one when none can be compared). Only the best so far is held."""
+    began = time.perf_counter()
+    original = io.load_model(model)
+    judge: select.Judge | None = None
+    best: tuple[float | None, int, RunState] | None = None
+    for i, candidate in enumerate(select.candidates(config)):
+        start = time.perf_counter()
+        shown = progress if i == 0 else _CandidateProgress(progress,
+                                                           select.method_label(candidate))
+        state = _run_stages(candidate, compact(original), shown, check, input_range)
+        input_range = state.input_range
+        if judge is None:
+            judge = select.Judge(original, state.working_shapes, input_range,
+                                 config.method.seed)
+        error = judge.error(state.model)
+        judge.record(candidate, error, time.perf_counter() - start)
+        if best is None or (error is not None and best[0] is not None and error < best[0]):
+            best = (error, i, state)
+        if judge.cause is not None:
+            break
+        del state
+    assert best is not None and judge is not None
+    progress("select")
+    _, chosen, state = best
+    report = _report(state)
+    report.selection = judge.summary(chosen)
+    report.timings["select"] = time.perf_counter() - began - sum(state.timings.values())
+    return state.model, report
+
+
+class _CandidateProgress:
+    """The progress bar's label for a candidate after the first: its stages do not advance
+    the bar (the command counts one run of the stages)."""
+
+    def __init__(self, parent: Progress, label: str) -> None:
+        self.parent, self.label = parent, label
+
+    def __call__(self, name: str) -> None:
+        self.detail(name)
+
+    def detail(self, text: str) -> None:
+        shown = getattr(self.parent, "detail", None)
+        if shown is not None:
+            shown(f"{self.label}: {text}")
 
 
 def _report(state: RunState) -> Report:

@@ -141,7 +141,7 @@ def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
 
 def test_guard_feeds_photographs_to_image_models_only():
     from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes
-    from onnx_udfc.outputs import GUARD_BATCH, guard_feeds
+    from onnx_udfc.moments.comparison import GUARD_BATCH, guard_feeds
 
     image_model = conv_bn_relu_model(13)
     feeds = dict(guard_feeds(image_model, shape_lists(working_input_shapes(image_model))))

@@ -14,9 +14,9 @@ from onnx_udfc.cli import main
 from onnx_udfc.config import INPUT_RANGES
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.moments import proxy
+from onnx_udfc.moments.comparison import guard_feeds
 from onnx_udfc.moments.input_range import PHOTO_MEAN, PHOTO_STD, RANGES, resolve_input_range
 from onnx_udfc.moments.sampled import synthetic_inputs
-from onnx_udfc.outputs import guard_feeds
 from tests.helpers import Builder, image
 
 

@@ -125,7 +125,7 @@ def test_float_share_keeps_the_sensitive_layer_in_float():
     assert plan["layers"]["sharp"]["bits"] is None and plan["layers"]["plain"]["bits"] == 8
     assert [f["node"] for f in report.float_layers] == ["sharp"]
     assert "--float-share" in report.float_layers[0]["reason"]
-    assert "float   1 layer(s) kept in float" in report.summary()
+    assert "share   1 layer(s) kept in float within --float-share 0.4" in report.summary()
     assert report.size_after <= plan["predicted_size"] * 1.05
     x = np.random.default_rng(0).standard_normal((4, 128, 4, 4)).astype(np.float32)
     reference = run(twin_layers(), {"x": x})[0]

@@ -25,8 +25,8 @@ import bench_udfc  # noqa: E402
 from onnx_udfc import api  # noqa: E402
 from onnx_udfc.core.input_shapes import shape_lists, working_input_shapes  # noqa: E402
 from onnx_udfc.core.ort import run, session  # noqa: E402
+from onnx_udfc.moments.comparison import guard_feeds  # noqa: E402
 from onnx_udfc.moments.input_range import resolve_input_range  # noqa: E402
-from onnx_udfc.outputs import guard_feeds  # noqa: E402
 from onnx_udfc.report.fidelity import BROKEN_AGREEMENT, BROKEN_ERROR, drift  # noqa: E402
 
 MODELS = ["resnet56_cifar10_nm_bn.onnx", "resnet20_cifar10_folded.onnx"]

@@ -26,6 +26,8 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
     unsupported: [{node, reason}]                 nodes left untouched, and why
     float_layers: [{node, reason}]                with --bits: weight layers kept in float
     other_weights: {node:W|node:R: quantization}  quantized recurrent (LSTM/GRU/RNN) weights
+    selection: {inputs, metric, candidates: [{method, error, seconds, chosen}], chosen,
+                skipped} | null                   --select-method: the methods run and kept
     flops_budget: {sensitivity, group_drift: {group id: drift}} | null
                                                   --budget-flops: each group's output drift when
                                                   cut off uncompensated (weights its errors)
@@ -98,6 +100,7 @@ class Report:
     other_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     mixed_precision: dict[str, Any] | None = None  # --budget-size: the allocation
     flops_budget: dict[str, Any] | None = None  # --budget-flops: the groups' output drift
+    selection: dict[str, Any] | None = None  # --select-method: the candidates and the choice
 
     @property
     def flops_before(self) -> int:
@@ -176,6 +179,17 @@ class Report:
                          f"loss {inv['loss_start']:.3g} -> {inv['loss_end']:.3g} "
                          f"({inv['seconds']:.1f} s)" + (
                              f"; gradient stopped at {', '.join(stopped)}" if stopped else ""))
+        if self.selection:
+            sel = self.selection
+            if sel["skipped"] and len(sel["candidates"]) == 1:
+                lines.append(f"select  kept {sel['chosen']}: the candidates could not be "
+                             f"compared ({sel['skipped']})")
+            else:
+                errors = ", ".join(
+                    f"{c['method']} {c['error']:.3g}" if c["error"] is not None
+                    else f"{c['method']} n/a" for c in sel["candidates"])
+                lines.append(f"select  kept {sel['chosen']}, the least output drift on "
+                             f"{sel['inputs']}: {errors}")
         comps = [x["compensation"] for x in self.layers if x.get("compensation")]
         method = self.config.get("method", {}).get("name")
         if comps:
@@ -204,9 +218,9 @@ class Report:
             mp = self.mixed_precision
             counts = ", ".join(f"{n} {k}" for k, n in sorted(mp["counts"].items()))
             if mp.get("float_share") is not None:
-                lines.append(f"float   {mp['counts'].get('float', 0)} layer(s) kept in float, "
-                             f"the most output drift per byte (--float-share "
-                             f"{mp['float_share']:g}; {mp['sensitivity']})")
+                lines.append(f"share   {mp['counts'].get('float', 0)} layer(s) kept in float "
+                             f"within --float-share {mp['float_share']:g}, by output drift "
+                             f"per byte ({mp['sensitivity']})")
             else:
                 lines.append(f"budget  size <= {mp['budget_size']:g}x: {counts} (predicted "
                              f"{mp['predicted_ratio']:.3f}x; {mp['sensitivity']})")
