@@ -356,7 +356,7 @@ def _run_selected(config: CompressConfig, model: io.ModelSource, progress: Progr
         input_range = state.input_range
         if judge is None:
             judge = select.Judge(original, state.working_shapes, input_range,
-                                 config.method.seed)
+                                 config.method.seed, config.method.calibration)
         error = judge.error(state.model)
         judge.record(candidate, error, time.perf_counter() - start)
         if best is None or (error is not None and best[0] is not None and error < best[0]):

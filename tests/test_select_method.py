@@ -97,3 +97,11 @@ def test_command_line_report_names_the_candidates(capfd, tmp_path, digits_model)
     report = json.loads(rep.read_text())
     assert len(report["selection"]["candidates"]) == 3
     assert "select  kept" in stdout and "guard" in stdout
+
+
+def test_calibration_inputs_are_the_comparison(digits_model, digits_data):
+    x = np.load(digits_data)
+    images = x[[k for k in x.files if k != "labels"][0]][:40]
+    _, report = api.compress(str(digits_model), preset="best", prune=0.3, calibration=images)
+    assert report.selection["inputs"] == "40 samples each of the --calibration inputs"
+    assert all(c["error"] is not None for c in report.selection["candidates"])

@@ -19,7 +19,8 @@ alone, and a candidate must hold on both. The five combinations tried are listed
 ``docs/results/realworld.md``.
 
 The comparison inputs are drawn with another seed than the fidelity guard's, so that the
-guard, run after, stays an independent check of the chosen model.
+guard, run after, stays an independent check of the chosen model. With ``--calibration`` the
+comparison runs on (up to 64 of) those inputs instead.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ from onnx_udfc.core.drift import channel_errors, squeeze_inner
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.ort import refusals, run, session
 from onnx_udfc.moments.comparison import guard_feeds
+from onnx_udfc.moments.feeds import fixed_inputs
 from onnx_udfc.moments.input_range import InputRange
+from onnx_udfc.moments.measured import load_calibration
 from onnx_udfc.moments.source import refusal_cause
 
 SEED_OFFSET = 7919  # comparison inputs: the run's seed plus this (the guard draws seed 0)
+CALIBRATION_SAMPLES = 64  # of the --calibration inputs, when given
 
 
 def applies(config: CompressConfig) -> bool:
@@ -79,15 +83,22 @@ class Judge:
     working_shapes: dict[str, list[int]]
     input_range: InputRange | None
     seed: int
+    calibration: Any = None  # --calibration: the comparison runs on these inputs instead
     cause: str | None = None  # why no candidate can be compared, when none can
     samples: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         try:
-            self.feeds = dict(guard_feeds(self.original, self.working_shapes,
-                                          self.seed + SEED_OFFSET, self.input_range))
-            first = next(iter(self.feeds["synthetic"].values()), np.zeros(0))
+            if self.calibration is not None:
+                fixed = fixed_inputs(self.original)
+                feed = load_calibration(self.calibration, self.original)
+                self.feeds = {"calibration": {k: v if k in fixed else v[:CALIBRATION_SAMPLES]
+                                              for k, v in feed.items()}}
+            else:
+                self.feeds = dict(guard_feeds(self.original, self.working_shapes,
+                                              self.seed + SEED_OFFSET, self.input_range))
+            first = next(iter(next(iter(self.feeds.values())).values()), np.zeros(0))
             self.samples = len(first)
             reference = session(self.original)
             self.reference = {kind: run(reference, feed) for kind, feed in self.feeds.items()}
@@ -124,10 +135,11 @@ class Judge:
     def summary(self, chosen: int) -> dict[str, Any]:
         for i, entry in enumerate(self.results):
             entry["chosen"] = i == chosen
-        kinds = " and ".join({"synthetic": "pink noise", "photos": "photographs"}.get(k, k)
+        kinds = " and ".join({"synthetic": "pink noise", "photos": "photographs",
+                              "calibration": "the --calibration inputs"}.get(k, k)
                              for k in getattr(self, "feeds", {"synthetic": None}))
-        return {"inputs": f"{self.samples} samples each of {kinds} (seed "
-                          f"{self.seed + SEED_OFFSET})",
+        seed = "" if self.calibration is not None else f" (seed {self.seed + SEED_OFFSET})"
+        return {"inputs": f"{self.samples} samples each of {kinds}{seed}",
                 "metric": "geometric mean over the input kinds of the mean per-channel output "
                           "error in units of the channel's spread",
                 "candidates": self.results, "chosen": self.results[chosen]["method"],
