@@ -146,7 +146,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    source: MomentSource | None = None,
                    float_layers: list[dict[str, str]] | None = None,
                    bits_for: dict[str, int | None] | None = None,
-                   detail: Callable[[str], None] | None = None) -> dict[str, dict]:
+                   detail: Callable[[str], None] | None = None,
+                   float_reason: str = "") -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn. Recurrent
     weights (LSTM/GRU/RNN ``W`` and ``R``) are rounded to nearest afterwards.
@@ -156,8 +157,9 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     ``float_layers`` every weight layer kept in float as ``{node, reason}`` (see
     :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
     from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
-    overrides the bits per layer name; None there keeps the layer in float. ``detail``
-    receives a per-layer counter."""
+    overrides the bits per layer name; None there keeps the layer in float, listed with
+    ``float_reason`` (the plan's; the size budget's by default). ``detail`` receives a
+    per-layer counter."""
     ctx = analyse(model, infer_shapes(model, input_shapes), norms=False)
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
@@ -177,7 +179,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     for node, layer, reason in checked:
         name = node.name or node.output[0]
         if layer is not None and plan.get(name, grid.bits) is None:
-            layer, reason = None, BUDGET_FLOAT
+            layer, reason = None, float_reason or BUDGET_FLOAT
         if reason is not None:
             kept_float.append({"node": name, "reason": reason})
         if layer is None:
@@ -191,7 +193,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
         method.after_rounding(run, job)
     for key, layer, reason in recurrent:
         if layer is not None and plan.get(key, grid.bits) is None:
-            layer, reason = None, BUDGET_FLOAT
+            layer, reason = None, float_reason or BUDGET_FLOAT
         if layer is None:
             kept_float.append({"node": key, "reason": str(reason)})
             continue
@@ -207,8 +209,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     return out
 
 
-BUDGET_FLOAT = ("kept in float by --budget-size or --float-share: its rounding costs the most "
-                "output drift per byte saved, and the file fits without rounding it")
+BUDGET_FLOAT = "kept in float by the mixed-precision plan"  # when the plan gives no reason
 
 
 def _grid_values(ctx: ChannelAnalysis, layer: Any, filters: np.ndarray, grid: QuantOptions,

@@ -95,6 +95,15 @@ class MixedPlan:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     float_share: float | None = None  # --float-share: the share of the original kept in float
 
+    @property
+    def float_reason(self) -> str:
+        """Why a layer of this plan stays in float (the report's ``float_layers``)."""
+        if self.float_share is None:
+            return ("kept in float by --budget-size: the file fits without rounding it, and "
+                    "it costs the most output drift per byte saved")
+        return (f"kept in float by --float-share {self.float_share:g}: its rounding moves the "
+                "outputs the most per byte, and its float copy fits the share")
+
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for b in self.bits.values():
