@@ -104,9 +104,9 @@ class MethodOptions:
                           choices=MOMENT_SOURCES)
     sequential: bool = option(False, "udfc+: fit each layer on the compressed-so-far network, "
                               "then refit the next Conv on patches of the kept channels")
-    select: bool = option(False, "udfc+ with pruning: also run udfc (and the one-shot udfc+ "
-                          "when --sequential) and keep the result whose outputs drift least "
-                          "from the original's on pink-noise inputs", flag="--select-method")
+    select: bool = option(False, "udfc+ --sequential with pruning: also run the one-shot "
+                          "udfc+ and keep the result whose outputs drift least from the "
+                          "original's on pink noise and photographs", flag="--select-method")
     calibration: Any = option(None, "udfc+: measure the moments on these preprocessed inputs "
                               "(.npz; in Python also an array or a dict)", metavar="FILE.npz")
     seed: int = option(0, "udfc+: seed of the synthetic samples and the inversion's start",
@@ -204,7 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_HELP = {
     "fast": "udfc closed form (seconds)",
     "balanced": "udfc+ on sampled moments: the most accurate within 10 s on ResNet-50",
-    "best": "udfc+ --sequential; with pruning also udfc+ and udfc, the least drift kept",
+    "best": "udfc+ --sequential; with pruning also the one-shot udfc+, the least drift kept",
     "max": "best on inverted images (minutes)",
     "paper": "the faithful reproduction: udfc, the paper's grid, fake quantization",
 }
@@ -271,6 +271,8 @@ class CompressConfig:
             for key in ("method.sequential", "method.moments", "method.select"):
                 if key not in explicit:
                     config.set(key, getattr(MethodOptions(), key.split(".")[1]))
+        if not config.method.sequential and "method.select" not in explicit:
+            config.method.select = False  # it compares the sequential fit with the one-shot
         if "quant.bits" not in config.explicit and target == "fake":
             config.quant.bits = None
         if "quant.float_share" not in explicit and (
@@ -322,8 +324,9 @@ class CompressConfig:
         _check_choice("moments source", m.moments, MOMENT_SOURCES)
         if m.sequential and m.name != "udfc+":
             raise UdfcError("--sequential applies to --method udfc+ only")
-        if m.select and m.name != "udfc+":
-            raise UdfcError("--select-method applies to --method udfc+ only")
+        if m.select and (m.name != "udfc+" or not m.sequential):
+            raise UdfcError("--select-method compares --sequential with the one-shot fit: "
+                            "give --method udfc+ --sequential")
         if isinstance(m.seed, bool) or not isinstance(m.seed, int | np.integer) or m.seed < 0:
             raise UdfcError(f"seed must be a non-negative integer, got {m.seed!r}")
         for name in ("alpha1", "alpha2"):

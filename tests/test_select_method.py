@@ -1,6 +1,6 @@
-"""--select-method (the best and max presets): with pruning, the configured udfc+ run and the
-cheaper methods beside it each compress the model, and the one whose outputs drift least on
-pink noise is kept (onnx_udfc.methods.select)."""
+"""--select-method (the best and max presets): with pruning, the sequential udfc+ fit and the
+one-shot one each compress the model, and the one whose outputs drift least on pink noise and
+photographs is kept (onnx_udfc.methods.select)."""
 
 from __future__ import annotations
 
@@ -24,32 +24,32 @@ def _weights(model: onnx.ModelProto) -> list[bytes]:
 def test_best_runs_each_candidate_and_keeps_the_least_drift(digits_model):
     out, report = api.compress(str(digits_model), preset="best", prune=0.3)
     sel = report.selection
-    assert [c["method"] for c in sel["candidates"]] == ["udfc+ --sequential", "udfc+", "udfc"]
+    assert [c["method"] for c in sel["candidates"]] == ["udfc+ --sequential", "udfc+"]
     errors = [c["error"] for c in sel["candidates"]]
     chosen = int(np.argmin(errors))
     assert sel["chosen"] == sel["candidates"][chosen]["method"]
-    assert [c["chosen"] for c in sel["candidates"]] == [i == chosen for i in range(3)]
+    assert [c["chosen"] for c in sel["candidates"]] == [i == chosen for i in range(2)]
     assert sel["skipped"] is None and "pink noise and photographs" in sel["inputs"]
     assert f"select  kept {sel['chosen']}, the least output drift" in report.summary()
     assert report.timings["select"] > 0
     # The kept model is the chosen method's own result, option for option.
-    method = sel["chosen"].split()[0]
     alone, _ = api.compress(str(digits_model), preset="best", prune=0.3, select=False,
-                            method=method, sequential="--sequential" in sel["chosen"])
+                            sequential="--sequential" in sel["chosen"])
     assert _weights(out) == _weights(alone)
 
 
 def test_the_kept_model_follows_the_comparison(monkeypatch, digits_model):
-    # Scripted errors: udfc drifts least, so udfc's model and report come back.
-    errors = iter([3.0, 2.0, 1.0])
+    # Scripted errors: the one-shot fit drifts least, so its model and report come back.
+    errors = iter([3.0, 2.0])
     monkeypatch.setattr(select.Judge, "error", lambda self, model: next(errors))
     out, report = api.compress(str(digits_model), preset="best", prune=0.3)
-    assert report.selection["chosen"] == "udfc"
-    udfc, udfc_report = api.compress(str(digits_model), preset="best", prune=0.3,
-                                     method="udfc")
-    assert _weights(out) == _weights(udfc)
+    assert report.selection["chosen"] == "udfc+"
+    one_shot, one_shot_report = api.compress(str(digits_model), preset="best", prune=0.3,
+                                             sequential=False)
+    assert one_shot_report.selection is None
+    assert _weights(out) == _weights(one_shot)
     assert [x.get("compensation") for x in report.layers] == \
-        [x.get("compensation") for x in udfc_report.layers]
+        [x.get("compensation") for x in one_shot_report.layers]
 
 
 def test_no_comparison_keeps_the_configured_run_and_says_why(monkeypatch, digits_model):
@@ -76,17 +76,18 @@ def test_without_pruning_nothing_is_selected(digits_model):
         pipeline.stage_names(config, with_outputs=True).index("save")
 
 
-@pytest.mark.parametrize("preset,method,expected", [
-    ("best", None, True), ("max", None, True), ("balanced", None, False),
-    ("best", "udfc", False), ("fast", None, False)])
-def test_presets_select_for_udfc_plus_only(preset, method, expected):
-    options = {"method": method} if method else {}
+@pytest.mark.parametrize("preset,options,expected", [
+    ("best", {}, True), ("max", {}, True), ("balanced", {}, False),
+    ("best", {"method": "udfc"}, False), ("best", {"sequential": False}, False),
+    ("fast", {}, False)])
+def test_presets_select_for_the_sequential_fit_only(preset, options, expected):
     assert CompressConfig.resolve(preset, **options).method.select is expected
 
 
-def test_select_with_another_method_is_refused(capfd, tmp_path, digits_model):
-    assert_refused(capfd, tmp_path / "o.onnx", "--select-method applies to --method udfc+",
-                   "compress", str(digits_model), "--method", "udfc", "--select-method")
+@pytest.mark.parametrize("args", [["--method", "udfc"], ["--method", "udfc+"]])
+def test_select_without_the_sequential_fit_is_refused(capfd, tmp_path, digits_model, args):
+    assert_refused(capfd, tmp_path / "o.onnx", "give --method udfc+ --sequential",
+                   "compress", str(digits_model), *args, "--select-method")
 
 
 def test_command_line_report_names_the_candidates(capfd, tmp_path, digits_model):
@@ -95,7 +96,7 @@ def test_command_line_report_names_the_candidates(capfd, tmp_path, digits_model)
                             "best", "--prune", "0.2", "--report", str(rep))
     assert code == 0, err
     report = json.loads(rep.read_text())
-    assert len(report["selection"]["candidates"]) == 3
+    assert len(report["selection"]["candidates"]) == 2
     assert "select  kept" in stdout and "guard" in stdout
 
 
