@@ -312,3 +312,26 @@ def test_quiet_prints_nothing_and_pipes_get_no_progress(capfd, tmp_path, digits_
     assert code == 0 and stdout == "" and err == ""
     _, stdout, err = cli(capfd, *args)
     assert "[#" not in err and "params" in stdout
+
+
+def test_models_over_the_protobuf_limit_run_in_onnx_runtime_from_a_file(
+        capfd, tmp_path, monkeypatch, digits_model, digits_data):
+    # Every in-memory session (the float share's sensitivity, the method selection, the
+    # moments) of a model protobuf cannot serialise goes through a file with external data.
+    from onnx_udfc.core import ort as udfc_ort
+
+    monkeypatch.setattr(udfc_io, "PROTOBUF_LIMIT", 1000)
+    saved = []
+    real_save = udfc_io.save_model
+
+    def spy(model, path, **kwargs):
+        saved.append(kwargs.get("external_data"))
+        return real_save(model, path, **kwargs)
+    monkeypatch.setattr(udfc_io, "save_model", spy)
+    out = tmp_path / "o.onnx"
+    code, stdout, err = cli(capfd, "compress", str(digits_model), "-o", str(out), "--preset",
+                            "best", "--prune", "0.2", "--data", str(digits_data))
+    assert code == 0, err
+    assert "select  kept" in stdout and "share   " in stdout and "guard   ok" in stdout
+    assert saved.count(True) >= 3  # sessions from files, and the output itself
+    assert udfc_ort.session(onnx.load(str(digits_model))) is not None

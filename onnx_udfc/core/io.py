@@ -187,7 +187,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             except Exception as exc:
                 raise UdfcError(f"output model fails onnx.checker: {_first_line(exc)}") \
                     from None
-        if external_data:
+        if external_data and (tmpdir / data_name).exists():  # none when every tensor is small
             os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, out)
     except UdfcError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from onnx_udfc.core import io
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import check_input_shapes, graph_inputs
 
@@ -51,6 +53,11 @@ def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
         options.add_session_config_entry(key, value)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, onnx.ModelProto) and io.approx_size(model) > io.PROTOBUF_LIMIT:
+        # Protobuf cannot serialise it: ONNX Runtime reads it from a file with external data.
+        with tempfile.TemporaryDirectory(prefix="udfc-session-") as folder:
+            path = io.save_model(model, Path(folder) / "model.onnx", external_data=True)
+            return session(path, provider, optimize, threads, config, exact_int4)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=[wanted])
