@@ -203,7 +203,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESET_HELP = {
     "fast": "udfc closed form (seconds)",
-    "balanced": "udfc+ on sampled moments: the most accurate within 10 s on ResNet-50",
+    "balanced": "udfc+ on sampled moments, the most sensitive layers kept in float "
+                "(--float-share): the default",
     "best": "udfc+ --sequential; with pruning also the one-shot udfc+, the least drift kept",
     "max": "best on inverted images (minutes)",
     "paper": "the faithful reproduction: udfc, the paper's grid, fake quantization",
