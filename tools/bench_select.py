@@ -71,7 +71,8 @@ class CifarTask:
     def __init__(self, name: str, shared: Path) -> None:
         self.key = name
         self.model = shared / "models" / f"{name}.onnx"
-        self.x, self.labels, _ = load_data(shared, manifest_entry(load_manifest(shared), name))
+        entry = manifest_entry(load_manifest(shared), f"{name}.onnx")
+        self.x, self.labels, _ = load_data(shared, entry)
         self.compress_args: tuple[str, ...] = ()
 
     def metric(self, path: Path) -> float:
@@ -193,8 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     parser.add_argument("--cache", type=Path, default=ROOT / "bench_out" / "cache")
     parser.add_argument("--md", type=Path, default=ROOT / "docs" / "results" / "select.md")
+    parser.add_argument("--append", type=Path, default=None,
+                        help="rows of an earlier run (its .json, or its printed JSON lines) to "
+                        "put first in the table")
     args = parser.parse_args(argv)
     rows = []
+    if args.append is not None:
+        text = args.append.read_text()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.startswith("{")]
     for key in args.models.split(","):
         ratios = args.ratios.split(",") if args.ratios else (
             ["0.3", "0.5"] if key in CIFAR else ["0.1", "0.2", "flops0.85"])
