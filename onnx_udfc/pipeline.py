@@ -229,10 +229,10 @@ def _quantize(state: RunState) -> None:
                                                state.size_before, state.source, exclude,
                                                progress=tick)
         bits_for = state.mixed.bits
+    reason = {"float_reason": state.mixed.float_reason} if state.mixed else {}
     state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
                                         state.bn_stats, exclude, state.kept, state.source,
-                                        state.float_layers, bits_for, _detail(state),
-                                        state.mixed.float_reason if state.mixed else "")
+                                        state.float_layers, bits_for, _detail(state), **reason)
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 

@@ -147,7 +147,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    float_layers: list[dict[str, str]] | None = None,
                    bits_for: dict[str, int | None] | None = None,
                    detail: Callable[[str], None] | None = None,
-                   float_reason: str = "") -> dict[str, dict]:
+                   float_reason: str = "kept in float by the mixed-precision plan"
+                   ) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn. Recurrent
     weights (LSTM/GRU/RNN ``W`` and ``R``) are rounded to nearest afterwards.
@@ -158,7 +159,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     :mod:`onnx_udfc.methods.coverage`). udfc+ reads its moments from ``source`` (the run's; one
     from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
     overrides the bits per layer name; None there keeps the layer in float, listed with
-    ``float_reason`` (the plan's; the size budget's by default). ``detail`` receives a
+    ``float_reason`` (the plan's own, ``MixedPlan.float_reason``). ``detail`` receives a
     per-layer counter."""
     ctx = analyse(model, infer_shapes(model, input_shapes), norms=False)
     method, grid = get_method(cfg.method), cfg.quant
@@ -179,7 +180,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     for node, layer, reason in checked:
         name = node.name or node.output[0]
         if layer is not None and plan.get(name, grid.bits) is None:
-            layer, reason = None, float_reason or BUDGET_FLOAT
+            layer, reason = None, float_reason
         if reason is not None:
             kept_float.append({"node": name, "reason": reason})
         if layer is None:
@@ -193,7 +194,7 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
         method.after_rounding(run, job)
     for key, layer, reason in recurrent:
         if layer is not None and plan.get(key, grid.bits) is None:
-            layer, reason = None, float_reason or BUDGET_FLOAT
+            layer, reason = None, float_reason
         if layer is None:
             kept_float.append({"node": key, "reason": str(reason)})
             continue
@@ -207,9 +208,6 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     if float_layers is not None:
         float_layers.extend(kept_float + subgraph_weight_layers(model))
     return out
-
-
-BUDGET_FLOAT = "kept in float by the mixed-precision plan"  # when the plan gives no reason
 
 
 def _grid_values(ctx: ChannelAnalysis, layer: Any, filters: np.ndarray, grid: QuantOptions,
