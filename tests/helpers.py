@@ -600,22 +600,42 @@ def long_named_chain(layers: int = 30, name_length: int = 5000) -> onnx.ModelPro
     return b.build()
 
 
-def depthwise_block(shared_weight: bool = False) -> onnx.ModelProto:
+def exported_hardswish(b: Builder, x: str, name: str) -> str:
+    """HardSwish as Paddle exports it: ``x * clip(x + 3, 0, 6) / 6``, then PP-LCNet's learnable
+    ``a * h + b`` (scalars); ``name`` is the last op's output."""
+    gate = b.op("Clip", [b.op("Add", [x, b.const(np.float32(3.0))]), b.const(np.float32(0.0)),
+                         b.const(np.float32(6.0))])
+    h = b.op("Div", [b.op("Mul", [x, gate]), b.const(np.float32(6.0))])
+    return b.op("Add", [b.op("Mul", [b.const(np.float32(0.8)), h]), b.const(np.float32(-0.05))],
+                name)
+
+
+def depthwise_block(shared_weight: bool = False, activation: str = "relu",
+                    side: bool = False) -> onnx.ModelProto:
     """The MobileNet block: ``x [N, 3, 12, 12]`` -> Conv ``p`` (3->8) -> BN -> Relu ->
     depthwise Conv ``dw`` (8 channels, 3x3) -> BN -> Relu -> Conv ``c`` (8->6, 1x1) -> ``y``.
     ``p``'s filters mix 4 shared ones and ``dw``'s kernels are scaled copies of one, so the
     depthwise outputs are redundant, as in a trained network. ``shared_weight``: a second
-    branch (Conv ``p2`` -> Relu -> depthwise ``dw2`` -> ``y2``) reads ``dw``'s weight too."""
+    branch (Conv ``p2`` -> Relu -> depthwise ``dw2`` -> ``y2``) reads ``dw``'s weight too.
+    ``activation="hardswish"``: both activations are :func:`exported_hardswish` (outputs
+    ``p_act``, ``dw_act``). ``side``: a 1x1 Conv ``s`` (8->5) also reads ``p``'s activation
+    (an FPN lateral), output ``y_side``."""
     b = Builder(seed=3)
+
+    def act(t: str, name: str) -> str:
+        return exported_hardswish(b, t, name) if activation == "hardswish" else b.relu(t)
+
     x = image(b, hw=12)
-    h = b.relu(b.bn(b.conv(x, 3, 8, name="p"), 8))
-    h = b.relu(b.bn(b.conv(h, 8, 8, group=8, name="dw"), 8))
+    a = act(b.bn(b.conv(x, 3, 8, name="p"), 8), "p_act")
+    h = act(b.bn(b.conv(a, 8, 8, group=8, name="dw"), 8), "dw_act")
     basis = b.arrays["p.weight"][:4].reshape(4, -1)
     mixed = b.rng.uniform(0, 1, (8, 4)) @ basis / 2
     b.arrays["p.weight"] = mixed.reshape(8, 3, 3, 3).astype(np.float32)
     scales = b.rng.uniform(0.5, 1.5, (8, 1, 1, 1))
     b.arrays["dw.weight"] = (b.arrays["dw.weight"][:1] * scales).astype(np.float32)
     b.output(b.conv(h, 8, 6, k=1, name="c"))
+    if side:
+        b.output(b.conv(a, 8, 5, k=1, name="y_side"))
     if shared_weight:
         h2 = b.relu(b.conv(x, 3, 8, name="p2"))
         b.output(b.op("Conv", [h2, "dw.weight"], "dw2", kernel_shape=[3, 3], pads=[1] * 4,

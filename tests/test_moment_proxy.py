@@ -12,10 +12,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import api
+from onnx_udfc.channels.select import resolve_criterion
 from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.moments import proxy
-from onnx_udfc.moments.source import MomentSource, resolve
-from tests.helpers import bn_chain
+from onnx_udfc.moments.source import MomentSource, folded_export, resolve
+from tests.helpers import Builder, bn_chain, image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,25 @@ def test_auto_picks_proxy_for_image_convnets_without_batchnorm():
     assert resolve(_conv_on([1, 2, 16, 16]), "auto") == "sampled"  # 2 channels: no image
     assert resolve(_conv_on([1, 3, 64]), "auto") == "sampled"  # 1-D signal
     assert resolve(bn_chain(), "proxy") == "proxy"
+
+
+def _one_batchnorm_in_four_convs(batchnorms: int) -> onnx.ModelProto:
+    b = Builder(seed=0)
+    h = image(b, hw=8)
+    for i, cin in enumerate([3, 4, 4, 4]):
+        h = b.conv(h, cin, 4)
+        h = b.relu(b.bn(h, 4) if i < batchnorms else h)
+    b.output(h)
+    return b.build()
+
+
+def test_an_export_that_folded_most_batchnorms_counts_as_folded():
+    """PP-OCRv4's detector keeps 3 BatchNorms for 64 Convs: too few to re-anchor the
+    sampled activations, so ``auto`` reads photographs and ranks channels by reconstruction."""
+    few, half = _one_batchnorm_in_four_convs(1), _one_batchnorm_in_four_convs(2)
+    assert folded_export(few) and not folded_export(half)
+    assert resolve(few, "auto") == "proxy" and resolve(half, "auto") == "sampled"
+    assert resolve_criterion("auto", "udfc+", "proxy", few) == "recon"
 
 
 def test_proxy_reanchors_batchnorm_like_the_pink_noise():

@@ -71,7 +71,9 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
     ``cross_channel``: the correction mixes channels (pruning), which a depthwise Conv cannot
     take; a per-channel scale (quantization) it can. ``through_channel_separate`` (udfc+): a
     depthwise Conv that keeps each channel on its own (:func:`.activations.channel_separate`)
-    is crossed to its absorbers, which record it in ``via_depthwise`` (the same for all).
+    is crossed to its absorbers, which record it in ``via_depthwise``; absorbers reached by
+    different routes (around a depthwise Conv and through it) each get the reconstruction of
+    their own input, see :func:`routes`.
 
     Between the layer and its absorbers the channels may pass a following BatchNormalization or
     bias ``Add`` (part of the layer), channel-separate ops (pooling, layout, Concat/Split/...),
@@ -223,8 +225,6 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
         return [], f"its channels feed {_label(pending[0])}"
     if not found:
         return [], "no layer reads its channels"
-    if len({tuple(n.output[0] for n in a.via_depthwise) for a in found}) > 1:
-        return [], "its channels reach layers both through and around a depthwise Conv"
     curved = sorted({op for a in found for op in a.nonlinear})
     if curved and not cross_channel and bn is not None:
         into_bn = _batchnorm_absorbers(bn, node, ctx)
@@ -238,6 +238,16 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
         return [], (f"the {what} would pass through an activation that is not positively "
                     f"homogeneous ({', '.join(curved)})")
     return found, None
+
+
+def routes(found: list[Absorber]) -> list[tuple[tuple[onnx.NodeProto, ...], list[Absorber]]]:
+    """``found`` grouped by the depthwise Convs crossed to reach them, in order of first
+    appearance: one reconstruction per group, fitted where its absorbers read."""
+    out: dict[tuple[str, ...], tuple[tuple[onnx.NodeProto, ...], list[Absorber]]] = {}
+    for a in found:
+        key = tuple(n.output[0] for n in a.via_depthwise)
+        out.setdefault(key, (a.via_depthwise, []))[1].append(a)
+    return list(out.values())
 
 
 def _through_depthwise(conv: onnx.NodeProto, t: str, origin: str, ctx: ChannelAnalysis

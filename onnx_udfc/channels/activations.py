@@ -1,5 +1,8 @@
 """Where a producer's channels are read for their moments: after its BN/activation chain, or,
-when udfc+ reconstructs them past a depthwise Conv, after that conv's own chain."""
+when udfc+ reconstructs them past a depthwise Conv, after that conv's own chain. The chain
+includes activations that exporters write as several elementwise ops (``x * sigmoid(x)``,
+``x * clip(x + 3, 0, 6) / 6``, a learnable ``a * x + b`` after them): the reconstruction is
+then fitted to what the next layer reads, not to the activation's input."""
 
 from __future__ import annotations
 
@@ -22,10 +25,50 @@ def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis,
     t = (through[-1] if through else node).output[0]
     while True:
         readers = ctx.consumers.get(t, [])
-        if len(readers) != 1 or Trait.LAYER_TAIL not in op_spec(readers[0].op_type).traits \
-                or readers[0].input[0] != t:
+        if len(readers) == 1 and Trait.LAYER_TAIL in op_spec(readers[0].op_type).traits \
+                and readers[0].input[0] == t:
+            t = readers[0].output[0]
+            continue
+        end = elementwise_pattern_end(ctx, t)
+        if end is None:
             return t
-        t = readers[0].output[0]
+        t = end
+
+
+# An exported activation spans a handful of ops (HardSwish as Add, Clip, Mul, Div); the bound
+# keeps the walk local.
+PATTERN_NODES = 12
+
+
+def elementwise_pattern_end(ctx: ChannelAnalysis, start: str) -> str | None:
+    """The output of the elementwise function of ``start`` alone (and constants) that its
+    readers build, when exactly one tensor of that function is read by anything else (or is a
+    graph output) and it holds ``start``'s channels; else None. A reader that mixes ``start``
+    with another computed tensor (a residual Add, a squeeze-excite gate) or changes its layout
+    leaves ``start`` read outside the pattern, so the walk stops there."""
+    inside, taken = {start}, set()
+    outputs = {o.name for o in ctx.graph.output}
+    grew = True
+    while grew and len(taken) < PATTERN_NODES:
+        grew = False
+        for t in list(inside):
+            for c in ctx.consumers.get(t, []):
+                if id(c) in taken or not c.output or not _elementwise(c) or \
+                        not all(not n or n in inside or ctx.const(n) is not None
+                                for n in c.input) or \
+                        not same_classes(ctx, start, c.output[0]):
+                    continue
+                taken.add(id(c))
+                inside.add(c.output[0])
+                grew = True
+    ends = [t for t in inside if t in outputs or
+            any(id(c) not in taken for c in ctx.consumers.get(t, []))]
+    return ends[0] if len(ends) == 1 and ends[0] != start else None
+
+
+def _elementwise(node: onnx.NodeProto) -> bool:
+    traits = op_spec(node.op_type).traits
+    return bool(traits & (Trait.BINARY | Trait.UNARY | Trait.LAYER_TAIL))
 
 
 def same_classes(ctx: ChannelAnalysis, a: str, b: str) -> bool:

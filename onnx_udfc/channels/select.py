@@ -34,22 +34,23 @@ from onnx_udfc.core.io import tensor_array
 from onnx_udfc.moments import proxy
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.reconstruction import RIDGE
+from onnx_udfc.moments.source import folded_export
 
 
 def resolve_criterion(requested: str, method: str, moments_kind: str,
                       model: onnx.ModelProto,
                       input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """The criterion ``requested`` stands for: ``auto`` is ``recon`` when udfc+ (``method``)
-    takes its moments from the proxy photographs (``moments_kind``) of a graph without
-    BatchNormalization that reads an image (a folded export: l1 sees BN-scaled filters there,
-    while the reconstruction error reads activations and the next layers' columns, which
-    folding leaves alone; ``docs/results/data_free.md``), else ``l1``."""
+    takes its moments from the proxy photographs (``moments_kind``) of a graph that reads an
+    image and folded its BatchNorms (:func:`~onnx_udfc.moments.source.folded_export`: l1
+    sees BN-scaled filters there, while the reconstruction error reads activations and the
+    next layers' columns, which folding leaves alone; ``docs/results/data_free.md``), else
+    ``l1``."""
     if requested != "auto":
         return requested
     proxied = method == "udfc+" and moments_kind == "proxy" \
         and proxy.not_image_cause(model, input_shapes) is None
-    bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
-    return "recon" if proxied and not bn else "l1"
+    return "recon" if proxied and folded_export(model) else "l1"
 
 
 def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE

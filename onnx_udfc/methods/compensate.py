@@ -104,8 +104,8 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
         if job is None:
             entry["reason"] = reason or f"method {method.name}: no compensation"
             continue
-        if via := job.absorbers[0].via_depthwise:
-            entry["through"] = [n.name or n.output[0] for n in via]
+        if via := {id(n): n for a in job.absorbers for n in a.via_depthwise}:
+            entry["through"] = [n.name or n.output[0] for n in via.values()]
         if not method.reconstruct(run, job, entry):
             deferred.append(job)
     if deferred:

@@ -30,6 +30,7 @@ from onnx_udfc.channels.absorbers import (
     absorbers,
     apply_reconstruction,
     channel_positions,
+    routes,
 )
 from onnx_udfc.channels.activations import activation_tensor, channel_axes, pruned_producers
 from onnx_udfc.channels.analysis import ChannelAnalysis
@@ -187,36 +188,61 @@ def tap_coverage(ctx: ChannelAnalysis, ab: Absorber) -> np.ndarray | None:
 def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.ndarray,
                  kept: np.ndarray, pruned: np.ndarray, moments: dict[str, TensorMoments],
                  cfg: PlusConfig | None = None) -> dict[str, Any]:
-    """Reconstruct producer ``p``'s pruned channels (original indices) from its kept ones."""
+    """Reconstruct producer ``p``'s pruned channels (original indices) from its kept ones,
+    once per route to the absorbers (:func:`~onnx_udfc.channels.absorbers.routes`)."""
     cfg = cfg or DEFAULT
-    t = activation_tensor(p.node, ctx, found[0].via_depthwise if found else ())
-    m = moments.get(t)
-    n = len(p.slots)
-    if m is None or m.mean.size != n:
-        return {"compensated": False, "reason": f"no moments for '{t}'"}
-    coef, const, rel = reconstruction(m, kept, pruned, cfg.lam)
-    skipped = apply_reconstruction(ctx, found, cls[kept], cls[pruned], coef)
-    entry: dict[str, Any] = {"compensated": not skipped, "stats": "moments",
-                             "predicted_error": float(np.mean(np.sqrt(rel))),
-                             "absorbers": [a.layer.node.name for a in found], "degenerate": []}
-    if cfg.absorb_constant and not skipped:
-        missed = absorb_constants(ctx, found, cls[pruned], cfg.const_scale * const)
-        if missed:
-            entry["constant_skipped"] = missed
-    if skipped:
-        entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
-    return entry
+    entries = []
+    for via, group in routes(found):
+        t = activation_tensor(p.node, ctx, via)
+        m = moments.get(t)
+        if m is None or m.mean.size != len(p.slots):
+            entries.append({"compensated": False, "reason": f"no moments for '{t}'"})
+            continue
+        coef, const, rel = reconstruction(m, kept, pruned, cfg.lam)
+        skipped = apply_reconstruction(ctx, group, cls[kept], cls[pruned], coef)
+        entry: dict[str, Any] = {"compensated": not skipped, "stats": "moments",
+                                 "predicted_error": float(np.mean(np.sqrt(rel))),
+                                 "absorbers": [a.layer.node.name for a in group],
+                                 "degenerate": []}
+        if cfg.absorb_constant and not skipped:
+            missed = absorb_constants(ctx, group, cls[pruned], cfg.const_scale * const)
+            if missed:
+                entry["constant_skipped"] = missed
+        if skipped:
+            entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
+        entries.append(entry)
+    return merge_routes(entries)
+
+
+def merge_routes(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report entry for a producer rebuilt once per route: compensated when every route
+    was, the mean predicted error, every absorber, the first reason of a route that failed."""
+    if len(entries) == 1:
+        return entries[0]
+    out: dict[str, Any] = dict(entries[0])
+    out["compensated"] = all(e["compensated"] for e in entries)
+    errors = [e["predicted_error"] for e in entries if "predicted_error" in e]
+    if errors:
+        out["predicted_error"] = float(np.mean(errors))
+    for key in ("absorbers", "degenerate", "constant_skipped", "output_refit"):
+        merged = [x for e in entries for x in e.get(key, [])]
+        if merged or key in out:
+            out[key] = merged
+    reasons = [e["reason"] for e in entries if "reason" in e]
+    if reasons:
+        out["reason"] = reasons[0]
+    return out
 
 
 def separate_tensors(ctx: ChannelAnalysis, removed: np.ndarray | None = None) -> list[str]:
-    """The tensors udfc+ reconstructs at past a depthwise Conv (one per producer whose
-    channels reach their absorbers through one, see :func:`absorbers`; with ``removed``, per
-    channel class, only of the producers that lose a channel)."""
+    """The tensors udfc+ reconstructs at past a depthwise Conv (one per route through one,
+    see :func:`~onnx_udfc.channels.absorbers.routes`; with ``removed``, per channel class,
+    only of the producers that lose a channel)."""
     out = []
     for p in pruned_producers(ctx, removed):
         found, reason = absorbers(p.node, ctx, cross_channel=True, through_channel_separate=True)
-        if reason is None and found[0].via_depthwise:
-            out.append(activation_tensor(p.node, ctx, found[0].via_depthwise))
+        if reason is None:
+            out += [activation_tensor(p.node, ctx, via) for via, _ in routes(found) if via]
     return out
 
 

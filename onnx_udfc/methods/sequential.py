@@ -36,7 +36,7 @@ from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.graph_edit import node_reads, with_outputs
 from onnx_udfc.core.io import tensor_array
 from onnx_udfc.core.ort import session, typed_feed
-from onnx_udfc.methods.plus import absorb_constants
+from onnx_udfc.methods.plus import absorb_constants, merge_routes
 
 
 def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -267,9 +267,10 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
                        output_fit: bool = True, detail: Callable[[str], None] | None = None
                        ) -> dict[str, dict[str, Any]]:
     """Visit ``todo`` = [(producer, absorbers, classes, kept, pruned)] in order (see module
-    docstring); with ``output_fit`` each plain Conv absorber is then refitted on patches
-    (:mod:`onnx_udfc.methods.output_fit`). ``detail`` receives a per-layer counter. Returns
-    per producer name its report entry."""
+    docstring; the absorbers of one item share one route, see
+    :func:`~onnx_udfc.channels.absorbers.routes`); with ``output_fit`` each plain Conv
+    absorber is then refitted on patches (:mod:`onnx_udfc.methods.output_fit`). ``detail``
+    receives a per-layer counter. Returns per producer name its report entry."""
     from onnx_udfc.methods.output_fit import output_target, refit_output
 
     original = onnx.ModelProto()
@@ -326,13 +327,16 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
         resid = x[:, pruned] - (xt[:, kept] @ b[:, kept.size:] + c[kept.size:])
         var = x[:, pruned].var(0)
         rel = np.divide(resid.var(0), var, out=np.zeros_like(var), where=var > 0)
-        out[name] = {"compensated": ok, "stats": "sequential",
-                     "predicted_error": float(np.mean(np.sqrt(np.clip(rel, 0, None)))),
-                     "absorbers": [a.layer.node.name for a in found], "degenerate": []}
+        entry: dict[str, Any] = {
+            "compensated": ok, "stats": "sequential",
+            "predicted_error": float(np.mean(np.sqrt(np.clip(rel, 0, None)))),
+            "absorbers": [a.layer.node.name for a in found], "degenerate": []}
         if missed:
-            out[name]["constant_skipped"] = missed
+            entry["constant_skipped"] = missed
         if refitted:
-            out[name]["output_refit"] = refitted
+            entry["output_refit"] = refitted
         if not ok:
-            out[name]["reason"] = "an absorber reads only part of the channels"
+            entry["reason"] = "an absorber reads only part of the channels"
+        # a producer read around and through a depthwise Conv comes once per route
+        out[name] = merge_routes([out[name], entry]) if name in out else entry
     return out

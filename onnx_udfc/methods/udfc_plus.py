@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from onnx_udfc.channels.absorbers import routes
 from onnx_udfc.channels.activations import channel_axes, pruning_moments
 from onnx_udfc.core.ort import refusals
 from onnx_udfc.methods import plus
@@ -50,7 +51,8 @@ class UdfcPlus(Method):
         from onnx_udfc.methods.sequential import sequential_pruning
 
         cfg = run.config.plus
-        todo = [(j.producer, j.absorbers, j.classes, j.kept, j.pruned) for j in deferred]
+        todo = [(j.producer, group, j.classes, j.kept, j.pruned) for j in deferred
+                for _, group in routes(j.absorbers)]
         try:
             feed = run.source.sample_feed(run.ctx.model, cfg.seq_limit)
             # with real inputs every channel is refitted; on synthetic ones only the pruned

@@ -13,9 +13,10 @@ The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted
 * ``inverted``: the same measurement on the model-inversion batch (:mod:`~.inverted`);
 * ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
 * ``auto``: ``sampled`` for a network with BatchNorm, ``proxy`` for a convolutional network
-  without BatchNorm (a folded export) that reads an image, ``sampled`` for other convolutional
-  ones, ``propagated`` for a plain MLP (measured on the NM ResNet-56, ResNet-20 and
-  LeNet-300-100, see README and ``docs/results/data_free.md``).
+  that reads an image and has no BatchNorm or fewer than half as many as Convs (a folded
+  export), ``sampled`` for other convolutional ones, ``propagated`` for a plain MLP (measured
+  on the NM ResNet-56, ResNet-20 and LeNet-300-100, see README and
+  ``docs/results/data_free.md``; PP-OCRv4's detector for the share).
 
 Sampling runs the network in ONNX Runtime on a batch, which a graph with a fixed batch size baked
 into a constant refuses. The source then falls back to the propagation, records the cause, and
@@ -24,6 +25,7 @@ stays there for the rest of the run: every later stage reads the same kind.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +43,7 @@ from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
 
 SAMPLING = ("sampled", "proxy", "inverted")  # the kinds that run the network on a batch
 CONV_LIKE = {"BatchNormalization", "Conv", "ConvTranspose"}  # what makes ``auto`` sample
+BN_SHARE = 0.5  # BatchNorms per Conv below which ``auto`` treats the export as folded
 
 
 def check_request(requested: str) -> None:
@@ -56,13 +59,21 @@ def resolve(model: onnx.ModelProto, requested: str,
     ``input_shapes``: the run's working shapes of dynamic inputs)."""
     if requested != "auto":
         return requested
-    ops = {n.op_type for n in model.graph.node}
-    if not ops & CONV_LIKE:
+    if not {n.op_type for n in model.graph.node} & CONV_LIKE:
         return "propagated"
     # without a BatchNorm to re-anchor them, pink-noise activations drift: photographs do not
-    if "BatchNormalization" not in ops and proxy.not_image_cause(model, input_shapes) is None:
+    if folded_export(model) and proxy.not_image_cause(model, input_shapes) is None:
         return "proxy"
     return "sampled"
+
+
+def folded_export(model: onnx.ModelProto) -> bool:
+    """Whether the export folded its BatchNorms into the Convs: none left, or fewer than
+    :data:`BN_SHARE` per Conv (PP-OCRv4's detector keeps 3 for 64 Convs, too few to re-anchor
+    the sampled activations)."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    convs = counts["Conv"] + counts["ConvTranspose"]
+    return counts["BatchNormalization"] < BN_SHARE * max(convs, 1)
 
 
 class MomentSource:
