@@ -95,6 +95,7 @@ class RunState:
     input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
     input_range: InputRange | None = None
     mixed: Any = None  # methods.mixed.MixedPlan under --budget-size or --float-share
+    sensitivities: Any = None  # methods.mixed.Sensitivities shared by --select-method's runs
     flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
 
     @property
@@ -223,11 +224,11 @@ def _quantize(state: RunState) -> None:
         tick = None if detail is None else lambda i, n: detail(f"sensitivity {i}/{n}")
         if q.budget_size is not None:
             state.mixed = allocate_bits(state.model, q, q.budget_size, state.size_before,
-                                        state.source, exclude, progress=tick)
+                                        state.source, exclude, tick, state.sensitivities)
         else:
             state.mixed = allocate_float_share(state.model, q, q.float_share,
                                                state.size_before, state.source, exclude,
-                                               progress=tick)
+                                               tick, state.sensitivities)
         bits_for = state.mixed.bits
     reason = {"float_reason": state.mixed.float_reason} if state.mixed else {}
     state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
@@ -327,8 +328,10 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
 
 
 def _run_stages(config: CompressConfig, model: io.ModelSource, progress: Progress,
-                check: bool, input_range: InputRange | None) -> RunState:
-    state = RunState(config, model, progress, input_range=input_range)  # type: ignore[arg-type]
+                check: bool, input_range: InputRange | None,
+                sensitivities: Any = None) -> RunState:
+    state = RunState(config, model, progress, input_range=input_range,  # type: ignore[arg-type]
+                     sensitivities=sensitivities)
     with single_blas_thread():  # every method's many mid-sized products (see core.blas)
         for stage in STAGES:
             if not stage.applies(config) or (stage.name == "check" and not check):
@@ -349,11 +352,14 @@ def _run_selected(config: CompressConfig, model: io.ModelSource, progress: Progr
     original = io.load_model(model)
     judge: select.Judge | None = None
     best: tuple[float | None, int, RunState] | None = None
+    from onnx_udfc.methods.mixed import Sensitivities
+
+    shared = Sensitivities()  # both fits prune the same channels: one drift measurement
     for i, candidate in enumerate(select.candidates(config)):
         start = time.perf_counter()
         shown = progress if i == 0 else _CandidateProgress(progress,
                                                            select.method_label(candidate))
-        state = _run_stages(candidate, compact(original), shown, check, input_range)
+        state = _run_stages(candidate, compact(original), shown, check, input_range, shared)
         input_range = state.input_range
         if judge is None:
             judge = select.Judge(original, state.working_shapes, input_range,

@@ -106,3 +106,26 @@ def test_calibration_inputs_are_the_comparison(digits_model, digits_data):
     _, report = api.compress(str(digits_model), preset="best", prune=0.3, calibration=images)
     assert report.selection["inputs"] == "40 samples each of the --calibration inputs"
     assert all(c["error"] is not None for c in report.selection["candidates"])
+
+
+def test_the_candidates_share_one_float_share_measurement(monkeypatch, digits_model):
+    """Both fits prune the same channels: the layers' drifts are measured once, for the first
+    candidate, and the second reads them (the report says so)."""
+    from onnx_udfc.methods import mixed
+
+    measured: list[int] = []
+    real = mixed.DriftProbe
+
+    def probe(model, weights, source):
+        weights = list(weights)
+        measured.append(len(weights))
+        return real(model, weights, source)
+
+    monkeypatch.setattr(mixed, "DriftProbe", probe)
+    errors = iter([3.0, 2.0])  # the second candidate is kept: its report is the one read
+    monkeypatch.setattr(select.Judge, "error", lambda self, model: next(errors))
+    _, report = api.compress(str(digits_model), preset="best", prune=0.3)
+    assert report.config["quant"]["float_share"] > 0
+    assert len(measured) == 1 and measured[0] > 0
+    sensitivity = report.mixed_precision["sensitivity"]
+    assert f"{measured[0]} of {measured[0]} layers' drifts reused" in sensitivity, sensitivity

@@ -118,6 +118,24 @@ class MixedPlan:
                 "layers": self.layers}
 
 
+@dataclass
+class Sensitivities:
+    """Measured 4-bit drifts by layer key, kept across the candidates of ``--select-method``:
+    they prune the same channels and differ only in the fitted weights, so the first one's
+    measurement serves the next (a layer of another shape is measured again)."""
+
+    errors: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)
+    described: str = ""
+
+    def reuse(self, c: Candidate) -> bool:
+        """Fill ``c`` from an earlier measurement of the same weight shape, if there is one."""
+        known = self.errors.get(c.key)
+        if known is None or known[0] != c.shape:
+            return False
+        c.error4, c.measured = known[1], True
+        return True
+
+
 def candidates(model: onnx.ModelProto, exclude: list[str]) -> list[Candidate]:
     """The weights the quantize loop would take, in graph order (same rules, same keys)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -140,10 +158,12 @@ def candidates(model: onnx.ModelProto, exclude: list[str]) -> list[Candidate]:
 
 def allocate_bits(model: onnx.ModelProto, quant: QuantOptions, budget: float,
                   size_before: int, source: MomentSource, exclude: list[str],
-                  progress: Callable[[int, int], None] | None = None) -> MixedPlan:
-    """Bits per weight layer so that the stored file is at most ``budget x size_before``."""
+                  progress: Callable[[int, int], None] | None = None,
+                  known: Sensitivities | None = None) -> MixedPlan:
+    """Bits per weight layer so that the stored file is at most ``budget x size_before``
+    (``known``: drifts measured earlier in the command, reused and added to)."""
     cands = candidates(model, exclude)
-    sensitivity = measure_sensitivity(model, cands, quant, source, progress)
+    sensitivity = measure_sensitivity(model, cands, quant, source, progress, known)
     bits, size = _greedy(model, cands, quant, WIDTHS, int(budget * size_before))
     if size > budget * size_before:
         raise BudgetUnreachable(
@@ -155,9 +175,11 @@ def allocate_bits(model: onnx.ModelProto, quant: QuantOptions, budget: float,
 
 def allocate_float_share(model: onnx.ModelProto, quant: QuantOptions, share: float,
                          size_before: int, source: MomentSource, exclude: list[str],
-                         progress: Callable[[int, int], None] | None = None) -> MixedPlan:
+                         progress: Callable[[int, int], None] | None = None,
+                         known: Sensitivities | None = None) -> MixedPlan:
     """Every weight layer at ``quant.bits``, except the ones kept in float: the most output
-    drift per byte first, while the float copies add at most ``share x size_before``."""
+    drift per byte first, while the float copies add at most ``share x size_before``
+    (``known`` as in :func:`allocate_bits`)."""
     assert quant.bits is not None
     cands = candidates(model, exclude)
     allowance = int(share * size_before)
@@ -165,7 +187,7 @@ def allocate_float_share(model: onnx.ModelProto, quant: QuantOptions, share: flo
     # drift: only the others are measured (error 0 puts it first in the walk to --bits).
     fits = [c for c in cands
             if c.stored_bytes(None, quant) - c.stored_bytes(quant.bits, quant) <= allowance]
-    sensitivity = measure_sensitivity(model, fits, quant, source, progress) if fits else \
+    sensitivity = measure_sensitivity(model, fits, quant, source, progress, known) if fits else \
         "not measured: no layer's float copy fits the share"
     fixed = approx_size(model) - sum(c.stored_bytes(None, quant) for c in cands)
     target = fixed + sum(c.stored_bytes(quant.bits, quant) for c in cands) + allowance
@@ -216,9 +238,25 @@ def _layers(cands: list[Candidate], bits: dict[str, int | None], quant: QuantOpt
 
 def measure_sensitivity(model: onnx.ModelProto, cands: list[Candidate], quant: QuantOptions,
                         source: MomentSource,
-                        progress: Callable[[int, int], None] | None = None) -> str:
+                        progress: Callable[[int, int], None] | None = None,
+                        known: Sensitivities | None = None) -> str:
     """Fill each candidate's ``error4``; returns how it was measured. When the network cannot
-    be run on samples, the weight's own relative rounding error stands in (named)."""
+    be run on samples, the weight's own relative rounding error stands in (named). With
+    ``known``, layers measured before are taken from it and the new ones added."""
+    todo = [c for c in cands if known is None or not known.reuse(c)]
+    described = known.described if known is not None else ""
+    if todo:
+        described = _measure(model, todo, quant, source, progress)
+        if known is not None:
+            known.errors.update({c.key: (c.shape, c.error4) for c in todo})
+            known.described = known.described or described
+    reused = len(cands) - len(todo)
+    return described + (f"; {reused} of {len(cands)} layers' drifts reused from the first "
+                        "candidate's measurement" if reused else "")
+
+
+def _measure(model: onnx.ModelProto, cands: list[Candidate], quant: QuantOptions,
+             source: MomentSource, progress: Callable[[int, int], None] | None) -> str:
     probe = DriftProbe(model, [c.layer.weight for c in cands], source)
     for i, c in enumerate(cands):
         w = probe.weights[c.layer.weight]
