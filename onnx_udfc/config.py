@@ -280,6 +280,12 @@ class CompressConfig:
                 target == "fake" or config.storage.format != "qdq"
                 or config.quant.budget_size is not None):
             config.quant.float_share = 0.0  # research files, or the budget's float layers
+        if "quant.quantizer" not in explicit and config.quant.budget_size is not None \
+                and config.storage.format == "qdq":
+            # Most of a size budget's layers go to 4 bits, where a symmetric grid leaves half
+            # its 16 levels unused on a skewed channel (a BN-folded 3x3 depthwise kernel); a
+            # zero point costs a byte per channel (docs/results/realworld.md, budget rows).
+            config.quant.quantizer = "asymmetric"
         return config
 
     def set(self, dotted: str, value: Any) -> None:

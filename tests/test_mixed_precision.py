@@ -159,6 +159,19 @@ def test_recommended_presets_keep_a_float_share_of_integer_targets(preset, targe
         or target in ("fake", None)
 
 
+@pytest.mark.parametrize("target", ["int8", "int4"])
+def test_a_size_budget_rounds_on_a_grid_with_a_zero_point(target):
+    """Most of a budget's layers go to 4 bits, where a symmetric grid wastes half its levels
+    on a skewed channel: the budget uses the asymmetric grid unless --quantizer is given."""
+    assert CompressConfig.resolve(target=target).quant.quantizer == "symmetric"
+    assert CompressConfig.resolve(target=target, budget_size=0.2).quant.quantizer == \
+        "asymmetric"
+    assert CompressConfig.resolve(target=target, budget_size=0.2,
+                                  quantizer="symmetric").quant.quantizer == "symmetric"
+    _, report = api.compress(twin_layers(), target=target, budget_size=0.5, method="prune")
+    assert report.config["quant"]["quantizer"] == "asymmetric"
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--float-share", "1"], "must be in [0, 1)"),
     (["--float-share", "-0.1"], "must be in [0, 1)"),

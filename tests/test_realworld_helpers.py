@@ -4,6 +4,7 @@ box IoU, NMS and matching, CTC collapse, CER. No model is loaded."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -73,3 +74,24 @@ def test_db_boxes_keep_confident_regions():
 def test_f1_of_recall_and_precision():
     assert metrics.f1(1.0, 0.5) == pytest.approx(2 / 3)
     assert metrics.f1(0.0, 0.0) == 0.0
+
+
+def test_update_replaces_rows_of_the_same_model_and_config(tmp_path):
+    from tests.helpers import tool_module
+
+    bench = tool_module("bench_realworld")
+    earlier = {"command": "python tools/bench_realworld.py", "minutes": 80.0, "rows": [
+        {"model": "a", "config": "original", "drop": 0.0},
+        {"model": "a", "config": "default", "drop": 0.5},
+        {"model": "b", "config": "original", "drop": 0.0},
+        {"model": "b", "config": "default", "drop": 0.7}]}
+    path = tmp_path / "realworld.json"
+    path.write_text(json.dumps(earlier))
+    measured = [{"model": "a", "config": "default", "drop": 0.1},
+                {"model": "a", "config": "budget", "drop": 0.2}]
+    rows, command, minutes = bench.updated(path, measured, "python tools/x.py --update", 5.0)
+    assert [(r["model"], r["config"], r["drop"]) for r in rows] == [
+        ("a", "original", 0.0), ("a", "default", 0.1), ("a", "budget", 0.2),
+        ("b", "original", 0.0), ("b", "default", 0.7)]
+    assert command == "python tools/bench_realworld.py`, then `python tools/x.py --update"
+    assert minutes == 85.0

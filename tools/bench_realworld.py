@@ -184,6 +184,20 @@ def select(names: str, choices: list[str], what: str) -> list[str]:
     return [c for c in choices if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
 
 
+def updated(path: Path, measured: list[dict], command: str, minutes: float
+            ) -> tuple[list[dict], str, float]:
+    """The earlier run's rows at ``path`` with ``measured`` in place of the rows of the same
+    model and config (new ones after their model's rows), both commands and their minutes."""
+    earlier = json.loads(path.read_text())
+    fresh = {(r["model"], r["config"]): r for r in measured}
+    rows = [fresh.pop((r["model"], r["config"]), r) for r in earlier["rows"]]
+    for row in fresh.values():
+        last = max((i for i, r in enumerate(rows) if r["model"] == row["model"]), default=None)
+        rows.insert(len(rows) if last is None else last + 1, row)
+    return (rows, f"{earlier['command']}`, then `{command}",
+            float(earlier["minutes"]) + minutes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(TASKS),
@@ -199,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the ddddocr and scikit-image wheels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--md", type=Path, default=ROOT / "docs" / "results" / "realworld.md")
+    parser.add_argument("--update", action="store_true",
+                        help="put the measured rows into the earlier run's JSON beside --md, "
+                             "replacing the rows of the same model and config (the tables "
+                             "then name both commands)")
     args = parser.parse_args(argv)
     models = select(args.models, list(TASKS), "model")
     configs = select(args.configs, list(CONFIGS), "config")
@@ -210,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         count = COUNTS[key] // (QUICK_SHARE if args.quick else 1)
         wanted = [c for c in configs if not skipped(key, c, args.skip.split(","))]
         rows += run_model(TASKS[key](), wanted, args.cache, count, args.seed)
+    command = shlex.join(["python", "tools/bench_realworld.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    minutes = (time.perf_counter() - start) / 60
+    if args.update:
+        rows, command, minutes = updated(args.md.with_suffix(".json"), rows, command, minutes)
     rho = correlations(rows)
     for name, value in rho.items():
         print(f"Spearman rho(guard error, task drop), {name}: {value['rho']} "
               f"over {value['rows']} rows")
-    command = shlex.join(["python", "tools/bench_realworld.py",
-                          *(argv if argv is not None else sys.argv[1:])])
-    minutes = (time.perf_counter() - start) / 60
     write_markdown(args.md, rows, rho, command.strip(), minutes)
     args.md.with_suffix(".json").write_text(json.dumps(
         {"command": command.strip(), "minutes": minutes, "rows": rows, "correlation": rho},
