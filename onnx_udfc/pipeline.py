@@ -28,6 +28,7 @@ from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.input_shapes import WorkingShape, shape_lists, working_input_shapes
 from onnx_udfc.methods import select
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning, quantize_model
+from onnx_udfc.methods.mixed import Sensitivities, allocate_bits, allocate_float_share
 from onnx_udfc.methods.plus import moment_source
 from onnx_udfc.moments.input_range import InputRange, resolve_input_range
 from onnx_udfc.moments.source import MomentSource
@@ -95,7 +96,7 @@ class RunState:
     input_shapes: dict[str, WorkingShape] = field(default_factory=dict)
     input_range: InputRange | None = None
     mixed: Any = None  # methods.mixed.MixedPlan under --budget-size or --float-share
-    sensitivities: Any = None  # methods.mixed.Sensitivities shared by --select-method's runs
+    sensitivities: Sensitivities | None = None  # shared by --select-method's candidate runs
     flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
 
     @property
@@ -218,8 +219,6 @@ def _quantize(state: RunState) -> None:
     exclude = list(state.config.prune.exclude) + list(q.exclude)
     bits_for = None
     if q.budget_size is not None or q.float_share > 0:
-        from onnx_udfc.methods.mixed import allocate_bits, allocate_float_share
-
         detail = getattr(state.progress, "detail", None)
         tick = None if detail is None else lambda i, n: detail(f"sensitivity {i}/{n}")
         if q.budget_size is not None:
@@ -329,7 +328,7 @@ def run(config: CompressConfig, model: io.ModelSource, progress: Progress | None
 
 def _run_stages(config: CompressConfig, model: io.ModelSource, progress: Progress,
                 check: bool, input_range: InputRange | None,
-                sensitivities: Any = None) -> RunState:
+                sensitivities: Sensitivities | None = None) -> RunState:
     state = RunState(config, model, progress, input_range=input_range,  # type: ignore[arg-type]
                      sensitivities=sensitivities)
     with single_blas_thread():  # every method's many mid-sized products (see core.blas)
@@ -352,8 +351,6 @@ def _run_selected(config: CompressConfig, model: io.ModelSource, progress: Progr
     original = io.load_model(model)
     judge: select.Judge | None = None
     best: tuple[float | None, int, RunState] | None = None
-    from onnx_udfc.methods.mixed import Sensitivities
-
     shared = Sensitivities()  # both fits prune the same channels: one drift measurement
     for i, candidate in enumerate(select.candidates(config)):
         start = time.perf_counter()

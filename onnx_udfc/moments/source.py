@@ -16,7 +16,7 @@ The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted
   that reads an image and has no BatchNorm or fewer than half as many as Convs (a folded
   export), ``sampled`` for other convolutional ones, ``propagated`` for a plain MLP (measured
   on the NM ResNet-56, ResNet-20 and LeNet-300-100, see README and
-  ``docs/results/data_free.md``; PP-OCRv4's detector for the share).
+  ``docs/results/data_free.md``; the share on PP-OCRv4's detector, see :func:`folded_export`).
 
 Sampling runs the network in ONNX Runtime on a batch, which a graph with a fixed batch size baked
 into a constant refuses. The source then falls back to the propagation, records the cause, and
