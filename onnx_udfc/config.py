@@ -98,9 +98,10 @@ class MethodOptions:
                        "and bias correction", flag="--method", choices=METHODS)
     moments: str = option("auto", "udfc+ without --calibration: sampled (synthetic images, BN "
                           "re-anchored), proxy (crops of built-in photographs), inverted "
-                          "(model inversion: minutes), propagated (analytic); auto: sampled "
-                          "for nets with BN, proxy for image convnets without BN, sampled for "
-                          "other convnets, else propagated",
+                          "(model inversion: minutes), propagated (analytic); auto: proxy "
+                          "for image convnets without BN, sampled for other convnets (with "
+                          "a 10-step inversion when --sequential prunes a BN-kept net) and "
+                          "token models, else propagated",
                           choices=MOMENT_SOURCES)
     sequential: bool = option(False, "udfc+: fit each layer on the compressed-so-far network, "
                               "then refit the next Conv on patches of the kept channels")

@@ -286,6 +286,38 @@ def test_linear_bias_add_is_part_of_the_layer(act):
     assert max_diff(model, a.model) < 1e-3
 
 
+def _token_error(model: onnx.ModelProto, compressed: onnx.ModelProto) -> float:
+    """RMS output error relative to the output's spread, on 256 Gaussian token batches."""
+    x = np.random.default_rng(7).standard_normal((256, 4, 16)).astype(np.float32)
+    ref, out = run(model, {"x": x})[0], run(compressed, {"x": x})[0]
+    return float(np.sqrt(np.mean((out - ref) ** 2)) / ref.std())
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_token_mlps_are_sampled_and_their_mean_lands_in_the_bias_add(sequential, monkeypatch):
+    """A MatMul over tokens ``[N, T, C]`` has its channels last: ``auto`` samples it (the
+    propagation models channels on axis 1 and had no moments for it), the sequential fit
+    reads the channels on that axis (it indexed T before), and the pruned neurons' mean goes
+    into the constant of the Add the exporter wrote the bias as (it was dropped)."""
+    from onnx_udfc.methods import plus
+
+    model = mlp_tokens("erf")
+    plain, _ = api.compress(model, prune=0.5, method="prune", target="fake")
+    out, rep = api.compress(model, prune=0.5, method="udfc+", sequential=sequential,
+                            target="fake")
+    onnx.checker.check_model(out, full_check=True)
+    assert rep.moments["used"] == "sampled"
+    comp = compensations(rep)["fc1"]
+    assert comp["compensated"] and not comp.get("constant_skipped"), comp
+    error = _token_error(model, out)
+    assert error < 0.85 * _token_error(model, plain)
+    monkeypatch.setattr(plus, "follower_bias", lambda *args: None)  # the mean dropped, as before
+    dropped, rep = api.compress(model, prune=0.5, method="udfc+", sequential=sequential,
+                                target="fake")
+    assert compensations(rep)["fc1"]["constant_skipped"] == ["fc2"]
+    assert error < 0.9 * _token_error(model, dropped)
+
+
 RELU_LIKE = [("erf", ["Add", "Erf", "Mul"]), ("silu", ["Mul", "Sigmoid"]), ("Gelu", ["Gelu"]),
              ("gelu_tanh", ["Add", "Mul", "Pow", "Tanh"]),
              ("HardSwish", ["HardSwish"]), ("Elu", ["Elu"]),

@@ -1,7 +1,8 @@
 """Data-free statistics on BN-folded graphs (issue 16): the ``recon`` criterion ranks channels
 the same with BatchNorm kept or folded (l1 does not), ``--criterion auto`` picks it where udfc+
 reads the proxy photographs of a graph without BN, and the short class prior moves the crops
-towards their classes."""
+towards their classes. The crops of a BN-kept graph take a short model inversion instead
+(``tests/test_moment_proxy.py``)."""
 
 from __future__ import annotations
 
@@ -106,14 +107,16 @@ def _cross_entropy(model: onnx.ModelProto, x: np.ndarray) -> float:
 def test_class_prior_moves_the_crops_towards_their_classes_and_stays_near_them():
     model = bn_chain(with_bn=False)
     crops = proxy.proxy_inputs(model, seed=0)
-    fitted = proxy.class_prior_inputs(model, crops, seed=0)
+    fitted, fit = proxy.fitted_inputs(model, crops, seed=0)
     before, after = crops["x"], fitted["x"]
     assert after.shape == before.shape and after.dtype == np.float32
     assert _cross_entropy(model, after) < 0.75 * _cross_entropy(model, before)
     assert 0 < np.linalg.norm(after - before) < 0.5 * np.linalg.norm(before)
+    assert fit is not None and (fit["steps"], fit["batchnorms"], fit["class_prior"]) == \
+        (proxy.PRIOR_STEPS, 0, True)
     not_classifier = _conv_map()
     feed = proxy.proxy_inputs(not_classifier, seed=0)
-    assert proxy.class_prior_inputs(not_classifier, feed, seed=0) is feed
+    assert proxy.fitted_inputs(not_classifier, feed, seed=0) == (feed, None)
 
 
 def test_proxy_moments_of_a_folded_classifier_come_from_the_fitted_crops():
@@ -121,7 +124,4 @@ def test_proxy_moments_of_a_folded_classifier_come_from_the_fitted_crops():
     source = MomentSource(model, "proxy")
     drawn = source.sample_feed(model, 128)["x"]
     assert not np.allclose(drawn, proxy.proxy_inputs(model, seed=0)["x"])
-    assert source.fallbacks == []
-    kept = bn_chain()
-    assert np.array_equal(MomentSource(kept, "proxy").sample_feed(kept, 128)["x"],
-                          proxy.proxy_inputs(kept, seed=0)["x"])  # BN re-anchors: crops
+    assert source.fallbacks == [] and source.to_dict()["fit"]["class_prior"]

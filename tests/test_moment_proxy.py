@@ -107,6 +107,67 @@ def test_an_export_that_folded_most_batchnorms_counts_as_folded():
     assert resolve_criterion("auto", "udfc+", "proxy", few) == "recon"
 
 
+def test_auto_fits_the_pink_noise_to_the_batchnorms_when_the_sequential_fit_prunes():
+    """With BatchNorm kept, the sequential pruning repair reads pink noise moved a few steps of
+    model inversion towards the BN statistics (issue 16: docs/results/data_free.md); plain
+    pink noise stays for quantization alone, the one-shot fit and an explicit
+    ``--moments sampled``."""
+    kept = bn_chain()
+    assert resolve(kept, "auto") == "sampled"
+    assert MomentSource(kept, "auto", sequential_pruning=True).fit_noise
+    assert not MomentSource(kept, "auto").fit_noise
+    assert not MomentSource(kept, "sampled", sequential_pruning=True).fit_noise
+    assert not MomentSource(bn_chain(with_bn=False), "auto", sequential_pruning=True).fit_noise
+    model, report = api.compress(kept, prune=0.3, method="udfc+", bits=8, sequential=True,
+                                 target="fake")
+    onnx.checker.check_model(model, full_check=True)
+    moments = report.to_dict()["moments"]
+    assert (moments["used"], moments["fallbacks"]) == ("sampled", [])
+    fit = moments["fit"]
+    assert (fit["steps"], fit["batchnorms"]) == (proxy.BN_FIT_STEPS, 1)
+    assert fit["loss_end"] < fit["loss_start"]  # the BN's batch statistics moved towards its own
+    assert f"moments sampled (fitted: model inversion, {proxy.BN_FIT_STEPS} steps)" in \
+        report.summary()
+    for plain_noise in ({"prune": 0.3}, {"prune": 0.0, "sequential": True},
+                        {"prune": 0.3, "sequential": True, "moments": "sampled"}):
+        _, report = api.compress(kept, method="udfc+", bits=8, target="fake", **plain_noise)
+        assert report.moments["used"] == "sampled" and "fit" not in report.moments
+
+
+def test_proxy_crops_of_a_batchnorm_network_take_the_same_short_inversion():
+    kept = bn_chain()
+    source = MomentSource(kept, "proxy")
+    drawn = source.sample_feed(kept, 128)["x"]
+    assert not np.allclose(drawn, proxy.proxy_inputs(kept, seed=0)["x"])
+    fit = source.to_dict()["fit"]
+    assert fit["batchnorms"] == 1 and fit["loss_end"] < fit["loss_start"]
+
+
+def test_a_few_batchnorms_left_by_a_folded_export_take_no_fitting_step():
+    few = _one_batchnorm_in_four_convs(1)
+    feed = proxy.proxy_inputs(few, seed=0)
+    assert proxy.fitted_inputs(few, feed, seed=0, batchnorm=False) == (feed, None)
+    source = MomentSource(few, "auto")
+    assert np.array_equal(source.sample_feed(few, 128)["x"], feed["x"])
+    assert source.to_dict() == {"requested": "auto", "used": "proxy", "fallbacks": []}
+
+
+def test_a_failed_inversion_of_the_crops_falls_back_to_the_crops_and_says_so(monkeypatch):
+    from onnx_udfc.core.errors import UdfcError
+    from onnx_udfc.moments import inverted
+
+    def refuse(*args, **kwargs):
+        raise UdfcError("model inversion runs a batch of 128 images, which ONNX Runtime refused")
+    monkeypatch.setattr(inverted, "inverted_inputs", refuse)
+    kept = bn_chain()
+    source = MomentSource(kept, "proxy")
+    assert np.array_equal(source.sample_feed(kept, 128)["x"],
+                          proxy.proxy_inputs(kept, seed=0)["x"])
+    [fallback] = source.to_dict()["fallbacks"]
+    assert (fallback["from"], fallback["to"]) == ("proxy with model inversion", "proxy")
+    assert "refused" in fallback["cause"] and "fit" not in source.to_dict()
+
+
 def test_proxy_reanchors_batchnorm_like_the_pink_noise():
     model = bn_chain()
     moments = MomentSource(model, "proxy").moments(model, infer_shapes(model), ["n1"],
@@ -128,5 +189,7 @@ def test_a_model_without_an_image_input_falls_back_to_sampled_and_says_so():
 def test_folded_convnet_compresses_on_proxy_moments_by_default():
     model, report = api.compress(bn_chain(with_bn=False), prune=0.3, method="udfc+", bits=8,
                                  sequential=True, target="fake")
+    fit = report.moments.pop("fit")
     assert report.moments == {"requested": "auto", "used": "proxy", "fallbacks": []}
+    assert (fit["batchnorms"], fit["class_prior"]) == (0, True)  # the class prior, no BN
     onnx.checker.check_model(model)

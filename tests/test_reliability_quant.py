@@ -196,7 +196,9 @@ def test_udfc_plus_with_an_if_branch_runs_and_reports(tmp_path):
 
 def test_refused_sequential_fit_falls_back_to_the_one_shot_fit():
     _, report = api.compress(_baked_batch(), prune=0.3, sequential=True)
-    [fallback] = report.moments["fallbacks"]
+    # auto fits the pink noise to the BN first (a batch of 128, refused too), then the fit's run
+    fitting, fallback = report.moments["fallbacks"]
+    assert (fitting["from"], fitting["to"]) == ("sampled with model inversion", "sampled")
     assert fallback["from"] == "sequential" and fallback["stage"] == "compensate"
     assert "Reshape" in fallback["cause"]
     comps = compensations(report)

@@ -40,10 +40,10 @@ def _perturbed(model: onnx.ModelProto, name: str, delta: float) -> onnx.ModelPro
 
 
 # -- float16 models ------------------------------------------------------------------------------
-@pytest.mark.parametrize("options,used", [(["--sequential"], "sampled"),
-                                          (["--moments", "inverted"], "inverted"),
-                                          (["--moments", "sampled"], "sampled")])
-def test_float16_model_compresses_without_falling_back(capfd, tmp_path, options, used):
+@pytest.mark.parametrize("options,used,fit", [(["--sequential"], "sampled", True),
+                                              (["--moments", "inverted"], "inverted", False),
+                                              (["--moments", "sampled"], "sampled", False)])
+def test_float16_model_compresses_without_falling_back(capfd, tmp_path, options, used, fit):
     src = _save(tmp_path / "m.onnx", float16_conv_bn())
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, err = cli(capfd, "compress", src, "-o", str(out), "--target", "fake",
@@ -51,6 +51,7 @@ def test_float16_model_compresses_without_falling_back(capfd, tmp_path, options,
     assert code == 0, err
     moments = json.loads(rep.read_text())["moments"]
     assert moments["fallbacks"] == [] and moments["used"] == used
+    assert ("fit" in moments) == fit  # auto's short inversion of the noise ran in float32
     model = onnx.load(str(out))
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float16)

@@ -39,10 +39,15 @@ from onnx_udfc.moments import proxy  # noqa: E402
 # column -> (compress() options, proxy module settings for the run); "oracle" reads images
 SOURCES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sampled": ({"moments": "sampled"}, {}),
+    # auto: on a BN-kept graph the pink noise takes a short model inversion (sampled + fit)
+    "auto": ({"moments": "auto"}, {}),
+    "auto-fit-30": ({"moments": "auto"}, {"BN_FIT_STEPS": 30}),
     "proxy": ({"moments": "proxy"}, {}),
     # the parts of proxy on a graph without BN: crops alone (the first proxy), class prior, recon
-    "proxy-crops": ({"moments": "proxy", "criterion": "l1"}, {"PRIOR_STEPS": 0}),
-    "proxy-crops-recon": ({"moments": "proxy"}, {"PRIOR_STEPS": 0}),
+    "proxy-crops": ({"moments": "proxy", "criterion": "l1"}, {"PRIOR_STEPS": 0,
+                                                                "BN_FIT_STEPS": 0}),
+    "proxy-crops-recon": ({"moments": "proxy"}, {"PRIOR_STEPS": 0, "BN_FIT_STEPS": 0}),
+    "proxy-recon": ({"moments": "proxy", "criterion": "recon"}, {}),
     "proxy-prior-l1": ({"moments": "proxy", "criterion": "l1"}, {}),
     "proxy-prior-30": ({"moments": "proxy"}, {"PRIOR_STEPS": 30}),
     "proxy-prior-lr05": ({"moments": "proxy"}, {"PRIOR_LEARNING_RATE": 0.05}),
@@ -87,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="images for the oracle; the rest are evaluated")
     ap.add_argument("--json", type=Path, default=ROOT / "bench_out" / "data_free.json")
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--one-shot", action="store_true",
+                    help="the one-shot udfc+ fit instead of --sequential (the balanced preset)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="an earlier run's --json (repeatable): its points of this run's "
+                         "models and ratios, for sources this run does not measure, join the "
+                         "tables after this run's columns, and its command is listed")
     args = ap.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
     unknown = [s for s in args.sources if s not in SOURCES]
@@ -98,13 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_point(path: Path, source: str, ratio: float, bits: int, seed: int,
-              calibration: np.ndarray, x: np.ndarray, y: np.ndarray, name: str
-              ) -> dict[str, Any]:
+              calibration: np.ndarray, x: np.ndarray, y: np.ndarray, name: str,
+              sequential: bool = True) -> dict[str, Any]:
     options, settings = SOURCES[source]
     t = time.perf_counter()
     with proxy_settings(settings):
         model, report = api.compress(
-            str(path), target="fake", prune=ratio, method="udfc+", sequential=True,
+            str(path), target="fake", prune=ratio, method="udfc+", sequential=sequential,
             bits=bits, check=False, seed=seed,
             calibration=calibration if source == "oracle" else None,
             **{"criterion": "auto", **options})
@@ -129,7 +140,7 @@ def bench_model(args: argparse.Namespace, manifest: dict, file: str, log) -> dic
         for source in args.sources:
             for seed in (args.seeds if source in DATA_FREE else [0]):
                 p = run_point(path, source, ratio, args.bits, seed, calibration, x_eval,
-                              y_eval, name)
+                              y_eval, name, not args.one_shot)
                 used = p["moments"]["used"] if p["moments"] else "-"
                 log(f"  {ratio:.1f} {source:12s} seed {seed}: {p['top1']:6.2f}%  "
                     f"{p['compress_s']:6.1f}s  (moments {used}, {p['criterion']})")
@@ -151,13 +162,16 @@ def markdown(result: dict[str, Any]) -> str:
     sources = cfg["sources"]
     lines = [
         "# Data-free moment sources against real data (issue 16)", "",
-        "`udfc+ --sequential`, `--criterion auto` (l1; recon where udfc+ reads proxy moments "
+        f"`udfc+{' --sequential' if cfg.get('sequential', True) else ' (one-shot)'}`, "
+        "`--criterion auto` (l1; recon where udfc+ reads proxy moments "
         f"of a graph without BN) unless the column says otherwise, {cfg['bits']}-bit weights "
         "(fake-quant). Top-1 (%) on the "
         f"shared CIFAR-10 images after the first {cfg['calibration']} (held out from the "
         f"oracle, which is fed those {cfg['calibration']} through `--calibration`). "
         f"Data-free columns: mean ± sd over seeds {cfg['seeds']}.", "",
-        f"Command: `python tools/bench_proxy.py {' '.join(cfg['argv'])}`", "",
+        f"Command: `python tools/bench_proxy.py {' '.join(cfg['argv'])}`"
+        + "".join(f", with the points of `python tools/bench_proxy.py {' '.join(a)}`"
+                  for a in cfg.get("merged", [])), "",
         "| model | BN | ratio | original | " + " | ".join(sources) + " |",
         "|---|---|---|---|" + "---|" * len(sources),
     ]
@@ -178,15 +192,36 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(result: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    """``result`` with the points of ``earlier`` runs of its models and ratios added, their
+    sources appended to the columns and their commands recorded (``config["merged"]``)."""
+    cfg = result["config"]
+    by_file = {m["file"]: m for m in result["models"]}
+    measured = set(cfg["sources"])  # this run's own columns are not mixed with earlier ones
+    for run in earlier:
+        cfg.setdefault("merged", []).append(run["config"]["argv"])
+        for model in run["models"]:
+            if model["file"] not in by_file:
+                continue
+            points = [p for p in model["points"]
+                      if p["ratio"] in cfg["ratios"] and p["source"] not in measured]
+            by_file[model["file"]]["points"] += points
+            cfg["sources"] += [s for s in dict.fromkeys(p["source"] for p in points)
+                               if s not in cfg["sources"]]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     manifest = bench_udfc.load_manifest(args.shared.resolve())
     models = [bench_model(args, manifest, m, lambda s: print(s, flush=True))
               for m in args.model]
     config = {"models": args.model, "sources": args.sources, "ratios": args.ratios,
+              "sequential": not args.one_shot,
               "bits": args.bits, "seeds": args.seeds, "calibration": args.calibration,
               "argv": sys.argv[1:] if argv is None else argv}
-    result = {"config": config, "versions": bench_udfc.versions(), "models": models}
+    result = merged({"config": config, "versions": bench_udfc.versions(), "models": models},
+                    [json.loads(path.read_text()) for path in args.merge])
     bench_udfc._write(args.json, json.dumps(result, indent=1) + "\n")
     if args.md:
         notes = args.md.read_text().partition(NOTES)[2] if args.md.is_file() else ""

@@ -91,7 +91,8 @@ BATCH = 256
 # bench-only method names -> (library method, compress() options, uses the images)
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "udfc+prop": ("udfc+", {"moments": "propagated"}, False),
-    "udfc+seq": ("udfc+", {"sequential": True}, False),
+    "udfc+seq": ("udfc+", {"sequential": True, "moments": "sampled"}, False),
+    "udfc+auto+seq": ("udfc+", {"sequential": True}, False),  # auto: fitted photographs on BN
     "udfc+inv": ("udfc+", {"moments": "inverted"}, False),
     "udfc+inv+seq": ("udfc+", {"moments": "inverted", "sequential": True}, False),
     "oracle": ("udfc+", {}, True),
@@ -186,7 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", type=_choices((*METHODS, *VARIANTS)),
                     default=["prune", "nm", "udfc"],
                     help="udfc+prop = udfc+ with analytically propagated moments; "
-                         "udfc+seq = udfc+ --sequential (data-free); udfc+inv(+seq) = "
+                         "udfc+seq = udfc+ --sequential on sampled moments (data-free); "
+                         "udfc+auto+seq = the same with --moments auto; udfc+inv(+seq) = "
                          "udfc+ --moments inverted (with --sequential); oracle = udfc+ fed with "
                          "moments measured on the evaluation images (data-driven upper bound); "
                          "oracle+seq = the same with --sequential")

@@ -34,7 +34,7 @@ from onnx_udfc.channels.absorbers import (
 )
 from onnx_udfc.channels.activations import activation_tensor, channel_axes, pruned_producers
 from onnx_udfc.channels.analysis import ChannelAnalysis
-from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, weight_layer
+from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, follower_bias, weight_layer
 from onnx_udfc.core.blas import single_blas_thread
 from onnx_udfc.core.io import set_tensor_array, tensor_array
 from onnx_udfc.moments.propagated import TensorMoments
@@ -73,13 +73,17 @@ DEFAULT = PlusConfig()
 
 
 def moment_source(model: onnx.ModelProto, cfg: PlusConfig, calibration: Any = None,
-                  input_shapes: dict[str, list[int]] | None = None) -> MomentSource:
+                  input_shapes: dict[str, list[int]] | None = None,
+                  sequential_pruning: bool = False) -> MomentSource:
     """The run's moment source with udfc+'s settings (measured on ``calibration`` if given;
-    ``input_shapes``: the run's working shapes of dynamic inputs)."""
+    ``input_shapes``: the run's working shapes of dynamic inputs; ``sequential_pruning``: whether
+    the run removes channels and repairs them with the sequential fit, which ``auto``
+    reads)."""
     return MomentSource(model, cfg.moments, calibration=calibration, seed=cfg.seed,
                         samples=cfg.samples, input_mean=cfg.input_mean,
                         input_std=cfg.input_std, spatial=cfg.spatial,
-                        fit_spatial=cfg.fit_spatial, input_shapes=input_shapes)
+                        fit_spatial=cfg.fit_spatial, input_shapes=input_shapes,
+                        sequential_pruning=sequential_pruning)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,8 +107,9 @@ def plus_threads(cfg_arg: str) -> Callable[[F], F]:
 
 
 def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray) -> bool:
-    """Add ``delta`` (per output channel) to the layer's output, before any BN; False if
-    impossible (MatMul without bias)."""
+    """Add ``delta`` (per output channel) to the layer's output, before any BN: to its bias, a
+    following BN's mean, or the constant of the Add a MatMul exports its bias as (when nothing
+    else reads it); False if impossible (MatMul without bias)."""
     node, inits = layer.node, ctx.inits
     if layer.bias(inits) is not None:
         init = inits[node.input[2]]
@@ -118,6 +123,16 @@ def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray
         mu = tensor_array(init)
         set_tensor_array(init, (mu.astype(np.float64) - delta).astype(mu.dtype))
         return True
+    added = follower_bias(node, ctx.consumers, inits, outputs)
+    if added is not None:  # MatMul + Add: the Add's constant is the layer's bias
+        add = added[0]
+        name = next(n for n in add.input if n != node.output[0])
+        if all(r is add for r in ctx.consumers.get(name, [])):
+            init = inits[name]
+            c = tensor_array(init)
+            step = -delta if add.op_type == "Sub" else delta
+            set_tensor_array(init, (c.astype(np.float64) + step.reshape(c.shape)).astype(c.dtype))
+            return True
     if node.op_type not in ("Conv", "Gemm"):
         return False
     dtype = tensor_array(inits[layer.weight]).dtype

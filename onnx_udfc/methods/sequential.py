@@ -31,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.channels.absorbers import Absorber, ColumnView, channel_positions, channels_present
-from onnx_udfc.channels.activations import activation_tensor
+from onnx_udfc.channels.activations import activation_tensor, channel_axes
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.graph_edit import node_reads, with_outputs
 from onnx_udfc.core.io import tensor_array
@@ -213,9 +213,10 @@ def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndar
     return dict(zip(names, sess.run(names, typed_feed(sess, feed)), strict=True))
 
 
-def channels_last(a: np.ndarray) -> np.ndarray:
-    """``a [N, C, ...]`` as float64 rows of C channels, transposed and widened in one copy."""
-    return np.moveaxis(a, 1, -1).astype(np.float64, order="C").reshape(-1, a.shape[1])
+def channels_last(a: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``a`` with its channels on ``axis`` (``[N, C, ...]`` by default; ``[N, T, C]`` token
+    rows have them last) as float64 rows of C channels, transposed and widened in one copy."""
+    return np.moveaxis(a, axis, -1).astype(np.float64, order="C").reshape(-1, a.shape[axis])
 
 
 def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
@@ -295,7 +296,8 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
         shortcuts = [tg.shortcut for tg in tgs if tg.shortcut]
         now = compressed([t, *shortcuts])
         current = now[t]
-        xt, x = channels_last(current), channels_last(reference[t])
+        axis = channel_axes(ctx, [t]).get(t, 1)
+        xt, x = channels_last(current, axis), channels_last(reference[t], axis)
         targets = np.concatenate([kept, pruned])
         prior = np.zeros((kept.size, targets.size))
         prior[np.arange(kept.size), np.arange(kept.size)] = 1.0

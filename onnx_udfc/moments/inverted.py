@@ -182,7 +182,7 @@ def inversion_model(model: onnx.ModelProto, batch: int, group_size: int = GROUP_
     """``model`` with the batch fixed to ``batch`` and two more outputs: the BN-statistics
     loss (``udfc_inversion_loss``) and its gradient with respect to the first float input.
     ``class_only``: a graph without BatchNorm statistics is fitted to the class prior alone
-    (:func:`onnx_udfc.moments.proxy.class_prior_inputs`). Returns (model, input name, number
+    (:func:`onnx_udfc.moments.proxy.fitted_inputs`). Returns (model, input name, number
     of BatchNorms in the loss, op types that stopped the gradient)."""
     fixed, shapes = _static_shapes(model, batch, input_shapes)
     inits = {t.name: t for t in fixed.graph.initializer}

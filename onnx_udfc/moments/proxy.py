@@ -16,18 +16,30 @@ images close to that (``input_mean``/``input_std`` then shift and scale it, as f
 noise). An input that is not an image (rank 4, 1 or 3 channels, sides >= 8) gets what
 :func:`~.sampled.synthetic_inputs` gives it.
 
-On a graph without BatchNorm nothing re-anchors what the crops do inside the network. There the
-crops of a classifier are first moved :data:`PRIOR_STEPS` Adam steps towards DeepInversion's
-class prior alone (cross-entropy to class ``i mod K`` for sample ``i``, the gradient from
-:mod:`~.inverted`): :func:`class_prior_inputs`. A few small steps make the crops look like the
-training classes to the network without leaving the photographs; more or larger steps fit the
-prior too well (measured in ``docs/results/data_free.md``).
+The crops are then fitted a few Adam steps towards what the network remembers of its training
+data (:func:`fitted_inputs`, the gradient from :mod:`~.inverted`):
+
+* without BatchNorm nothing re-anchors what the crops do inside the network; a classifier's
+  crops take :data:`PRIOR_STEPS` steps of :data:`PRIOR_LEARNING_RATE` towards DeepInversion's
+  class prior alone (cross-entropy to class ``i mod K`` for sample ``i``). A few small steps
+  make the crops look like the training classes to the network without leaving the
+  photographs; more or larger steps fit the prior too well;
+* an export that folded most of its BatchNorms but kept a few (PP-OCRv4's detector) takes no
+  step: too few BNs to invert against, and no class prior measured there;
+* with BatchNorm the crops take :data:`BN_FIT_STEPS` steps of :data:`BN_FIT_LEARNING_RATE`
+  of model inversion (every BN's batch mean and variance towards its running statistics, plus
+  the class prior on a classifier): the full inversion's loss (:mod:`~.inverted`, 300 steps)
+  for a few steps. ``auto`` runs the same short inversion on the pink noise of
+  :mod:`~.sampled` when the sequential fit prunes a BN-kept network: the photographs are out
+  of domain for some tasks (rendered text), the network's own statistics are not.
+
+Both measured in ``docs/results/data_free.md``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +63,8 @@ ANCHOR_BN = True  # BatchNorms re-anchored to each proxy batch, as for the pink 
 REFIT_KEPT = False  # the sequential fit refits the pruned channels only, as for the pink noise
 PRIOR_STEPS = 10  # class-prior steps on the crops of a graph without BatchNorm (0: none)
 PRIOR_LEARNING_RATE = 0.02  # Adam step of those, on standardised pixels
+BN_FIT_STEPS = 10  # model-inversion steps on the crops of a graph with BatchNorm (0: none)
+BN_FIT_LEARNING_RATE = 0.1  # Adam step of those, on standardised pixels
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,24 +178,39 @@ def proxy_inputs(model: onnx.ModelProto, seed: int = 0,
     return feed
 
 
-def class_prior_inputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], seed: int = 0,
-                       input_shapes: Mapping[str, Sequence[int]] | None = None
-                       ) -> dict[str, np.ndarray]:
-    """``feed`` (:func:`proxy_inputs`) with its image input moved :data:`PRIOR_STEPS` Adam
-    steps of :data:`PRIOR_LEARNING_RATE` towards the class prior (module docstring); as it is
-    when the model has no ``[N, K]`` class output (not a classifier: no prior to fit).
-    :class:`~onnx_udfc.core.errors.UdfcError` when its first float input is not an image or
-    ONNX Runtime refuses the batch."""
+def has_batchnorm(model: onnx.ModelProto) -> bool:
+    """Whether any BatchNormalization is left in ``model``'s graph."""
+    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def fitted_inputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], seed: int = 0,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  batchnorm: bool = False,
+                  progress: Callable[[int, int, float], None] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict | None]:
+    """``feed`` (:func:`proxy_inputs`, or the pink noise of
+    :func:`~.sampled.synthetic_inputs`) with its first float input fitted as the module
+    docstring says, and the fit's :meth:`~.inverted.Inversion.summary`. ``batchnorm``: the
+    graph keeps its BatchNorms (model inversion); else a graph without any BatchNorm takes the
+    class prior, and one that kept a few (a folded export) is left as it is, as is one without a
+    ``[N, K]`` class output: ``(feed, None)``, as when the steps are set to 0.
+    ``progress(step, steps, loss)`` is called after every step.
+    :class:`~onnx_udfc.core.errors.UdfcError` when the first float input has no samples in
+    ``feed`` or ONNX Runtime refuses the batch."""
+    from onnx_udfc.core.precision import float32_copy
     from onnx_udfc.moments.inverted import has_class_output, inverted_inputs
 
+    model = float32_copy(model)  # a float16 model is fitted in float32, as the inversion does
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
-    if not has_class_output(model, shapes):
-        return feed
-    images = image_inputs(model, input_shapes)
+    steps, rate = (BN_FIT_STEPS, BN_FIT_LEARNING_RATE) if batchnorm \
+        else (PRIOR_STEPS, PRIOR_LEARNING_RATE)
+    if not steps or not batchnorm and (has_batchnorm(model)
+                                       or not has_class_output(model, shapes)):
+        return feed, None
     first = next((i.name for i in graph_inputs(model)
                   if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT), None)
-    if first not in images:
-        raise UdfcError("the class prior fits the first float input, which is not an image")
-    fitted = inverted_inputs(model, PRIOR_STEPS, seed, PRIOR_LEARNING_RATE, start=feed[first],
-                             input_shapes=shapes, class_only=True)
-    return {**feed, first: fitted.feed[first].astype(feed[first].dtype)}
+    if first not in feed:
+        raise UdfcError("the fit moves the first float input, which has no drawn samples")
+    fitted = inverted_inputs(model, steps, seed, rate, progress, start=feed[first],
+                             input_shapes=shapes, class_only=not batchnorm)
+    return {**feed, first: fitted.feed[first].astype(feed[first].dtype)}, fitted.summary()

@@ -6,16 +6,19 @@ The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted
 * ``measured`` when calibration inputs are given (:mod:`~.measured`), whatever was asked;
 * ``sampled``: synthetic images through the network, BatchNorms re-anchored (:mod:`~.sampled`);
 * ``proxy``: the same measurement on crops of the built-in photographs (:mod:`~.proxy`); a
-  model with no image input falls back to ``sampled`` (recorded); on a classifier without
-  BatchNorm the crops first take a few steps towards the class prior
-  (:func:`~.proxy.class_prior_inputs`; a failure is recorded and the crops are used as
-  they are);
+  model with no image input falls back to ``sampled`` (recorded); the crops first take a few
+  steps of model inversion with BatchNorm, or towards the class prior on a classifier without
+  it (:func:`~.proxy.fitted_inputs`, recorded as ``fit``; a failure is recorded and the crops
+  are used as they are);
 * ``inverted``: the same measurement on the model-inversion batch (:mod:`~.inverted`);
 * ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
-* ``auto``: ``sampled`` for a network with BatchNorm, ``proxy`` for a convolutional network
-  that reads an image and has no BatchNorm or fewer than half as many as Convs (a folded
-  export), ``sampled`` for other convolutional ones, ``propagated`` for a plain MLP (measured
-  on the NM ResNet-56, ResNet-20 and LeNet-300-100, see README and
+* ``auto``: ``proxy`` for a convolutional network that reads an image and has no BatchNorm or
+  fewer than half as many as Convs (a folded export), ``sampled`` for the other convolutional
+  ones (when the sequential fit prunes a BN-kept network, the pink noise first takes a few
+  steps of model inversion, recorded as ``fit``: a BN-kept network that is only quantized
+  loses nothing to plain pink noise, and the one-shot fit gains too little for the time),
+  ``sampled`` for a graph without Conv whose MatMuls read token sequences, ``propagated``
+  for a plain MLP (measured on the NM ResNet-56, ResNet-20 and LeNet-300-100, see README and
   ``docs/results/data_free.md``; the share on PP-OCRv4's detector, see :func:`folded_export`).
 
 Sampling runs the network in ONNX Runtime on a batch, which a graph with a fixed batch size baked
@@ -26,7 +29,7 @@ stays there for the rest of the run: every later stage reads the same kind.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ import onnx
 
 from onnx_udfc.config import MOMENT_SOURCES
 from onnx_udfc.core.errors import UdfcError
+from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.core.ort import refusals
 from onnx_udfc.moments import proxy
 from onnx_udfc.moments.feeds import fixed_inputs, undrawn_input_cause
@@ -60,11 +64,26 @@ def resolve(model: onnx.ModelProto, requested: str,
     if requested != "auto":
         return requested
     if not {n.op_type for n in model.graph.node} & CONV_LIKE:
-        return "propagated"
+        return "propagated" if feature_rows(model, input_shapes) else "sampled"
     # without a BatchNorm to re-anchor them, pink-noise activations drift: photographs do not
     if folded_export(model) and proxy.not_image_cause(model, input_shapes) is None:
         return "proxy"
     return "sampled"
+
+
+def feature_rows(model: onnx.ModelProto,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> bool:
+    """Whether every MatMul reads rows of features (rank 2, or a rank it cannot infer), the
+    layout the propagation models with channels on axis 1: a plain MLP. A token sequence
+    ``[N, T, C]`` (a transformer) is not one; the propagation has no moments for it."""
+    matmuls = [n.input[0] for n in model.graph.node if n.op_type == "MatMul"]
+    if not matmuls:
+        return True
+    try:
+        shapes = infer_shapes(model, input_shapes, require_static=False)
+    except UdfcError:  # no shapes: the propagation decides what it can follow
+        return True
+    return all(len(shapes.get(name) or (0, 0)) == 2 for name in matmuls)
 
 
 def folded_export(model: onnx.ModelProto) -> bool:
@@ -92,7 +111,8 @@ class MomentSource:
                  input_mean: tuple[float, ...] | None = None,
                  input_std: tuple[float, ...] | None = None,
                  spatial: float = 0.5, fit_spatial: bool = False,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+                 input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 sequential_pruning: bool = False) -> None:
         check_request(requested)
         self.requested = requested
         self.calibration = calibration
@@ -101,9 +121,15 @@ class MomentSource:
         self.input_mean, self.input_std = input_mean, input_std
         self.spatial, self.fit_spatial = spatial, fit_spatial
         self.input_shapes = dict(input_shapes or {})  # the run's working shapes
-        self.kind = "measured" if calibration is not None else resolve(model, requested,
-                                                                        self.input_shapes)
+        self.kind = "measured" if calibration is not None else resolve(
+            model, requested, self.input_shapes)
         self.fallbacks: list[dict[str, str]] = []
+        # auto, a BN-kept network, a sequential pruning repair: the pink noise takes a short
+        # model inversion first (docs/results/data_free.md)
+        self.fit_noise = requested == "auto" and sequential_pruning and \
+            self.kind == "sampled" and proxy.has_batchnorm(model) and not folded_export(model)
+        self.fit: dict[str, Any] | None = None  # how the drawn samples were fitted, if they were
+        self.progress: Callable[[str], None] | None = None  # a progress bar's counter label
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
@@ -152,8 +178,11 @@ class MomentSource:
 
     def to_dict(self) -> dict[str, Any]:
         """For the report: what was asked, what is used, and why it changed."""
-        return {"requested": self.requested, "used": self.kind,
-                "fallbacks": [dict(f) for f in self.fallbacks]}
+        described: dict[str, Any] = {"requested": self.requested, "used": self.kind,
+                                     "fallbacks": [dict(f) for f in self.fallbacks]}
+        if self.fit is not None and self.kind in ("proxy", "sampled"):
+            described["fit"] = dict(self.fit)
+        return described
 
     def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
                 stage: str, axes: Mapping[str, int] | None = None
@@ -190,24 +219,33 @@ class MomentSource:
             if self.kind == "proxy":
                 feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std,
                                           self.input_shapes)
-                if proxy.PRIOR_STEPS and not any(n.op_type == "BatchNormalization"
-                                                 for n in model.graph.node):
-                    feed = self._class_prior(model, feed, stage)
+                feed = self._fitted(model, feed, stage)
             else:
                 feed = synthetic_inputs(model, self.seed, self.input_mean, self.input_std,
                                         self.input_shapes)
+                if self.fit_noise and self.kind == "sampled":
+                    feed = self._fitted(model, feed, stage)
             self._drawn = (key, feed)
         feed = self._drawn[1]
         return feed, undrawn_input_cause(model, feed)
 
-    def _class_prior(self, model: onnx.ModelProto, feed: dict[str, np.ndarray],
-                     stage: str) -> dict[str, np.ndarray]:
-        """The proxy crops of a graph without BatchNorm moved towards the class prior
-        (:func:`~.proxy.class_prior_inputs`), else as they are, the cause recorded."""
+    def _fitted(self, model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                stage: str) -> dict[str, np.ndarray]:
+        """The drawn samples (proxy crops, or pink noise under :attr:`fit_noise`) fitted to
+        the network (:func:`~.proxy.fitted_inputs`, recorded in :attr:`fit`), else as they
+        are, the cause recorded."""
         try:
-            return proxy.class_prior_inputs(model, feed, self.seed, self.input_shapes)
+            label = self.progress
+            tick = None if label is None else \
+                lambda step, steps, loss: label(f"fit samples {step}/{steps}")
+            fitted, self.fit = proxy.fitted_inputs(model, feed, self.seed, self.input_shapes,
+                                                   batchnorm=not folded_export(model),
+                                                   progress=tick)
+            return fitted
         except UdfcError as exc:
-            self.fallbacks.append({"from": "proxy with class prior", "to": "proxy",
+            self.fit_noise = False  # one refusal is enough: later draws take the noise as is
+            what = "class prior" if folded_export(model) else "model inversion"
+            self.fallbacks.append({"from": f"{self.kind} with {what}", "to": self.kind,
                                    "cause": str(exc), "stage": stage})
             return feed
 

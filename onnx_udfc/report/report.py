@@ -291,10 +291,15 @@ def _duplicated_note(copies: list[dict[str, Any]]) -> str:
 
 
 def _moments_note(moments: dict[str, Any]) -> str:
-    """`sampled`, or `propagated (fallback in plan: sampled failed: <cause>)`."""
-    falls = "; ".join(f"fallback in {f['stage']}: {f['from']} failed: {_clip(f['cause'])}"
-                      for f in moments["fallbacks"])
-    return moments["used"] + (f" ({falls})" if falls else "")
+    """`sampled`, `proxy (fitted: model inversion, 10 steps)`, or
+    `propagated (fallback in plan: sampled failed: <cause>)`."""
+    notes = [f"fallback in {f['stage']}: {f['from']} failed: {_clip(f['cause'])}"
+             for f in moments["fallbacks"]]
+    fit = moments.get("fit")
+    if fit:
+        what = "model inversion" if fit["batchnorms"] else "class prior"
+        notes.insert(0, f"fitted: {what}, {fit['steps']} steps")
+    return moments["used"] + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _clip(text: str, width: int = 160) -> str:
