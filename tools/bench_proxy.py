@@ -42,6 +42,7 @@ SOURCES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # auto: on a BN-kept graph the pink noise takes a short model inversion (sampled + fit)
     "auto": ({"moments": "auto"}, {}),
     "auto-fit-30": ({"moments": "auto"}, {"BN_FIT_STEPS": 30}),
+    "auto-recon": ({"moments": "auto", "criterion": "recon"}, {}),
     "proxy": ({"moments": "proxy"}, {}),
     # the parts of proxy on a graph without BN: crops alone (the first proxy), class prior, recon
     "proxy-crops": ({"moments": "proxy", "criterion": "l1"}, {"PRIOR_STEPS": 0,
