@@ -1,6 +1,8 @@
 """``--moments proxy`` (onnx_udfc.moments.proxy): the shipped photographs and their licenses,
 the augmented crops, the standardised feed, ``auto`` choosing it for image convnets without
-BatchNorm, and the recorded fallback for a model that reads no image."""
+BatchNorm, and the recorded fallback for a model that reads no image; the short model
+inversion of the drawn samples (crops, or ``auto``'s pink noise for a sequential pruning fit of
+a BN-kept network) and its recorded fallbacks."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import api
@@ -152,20 +155,27 @@ def test_a_few_batchnorms_left_by_a_folded_export_take_no_fitting_step():
     assert source.to_dict() == {"requested": "auto", "used": "proxy", "fallbacks": []}
 
 
-def test_a_failed_inversion_of_the_crops_falls_back_to_the_crops_and_says_so(monkeypatch):
+@pytest.mark.parametrize("kind,error,cause", [
+    ("proxy", "refused", "refused"),  # ONNX Runtime refuses the batch
+    ("auto", "no rule", "KeyError: 'no rule'"),  # the gradient graph cannot be built
+])
+def test_a_failed_fit_falls_back_to_the_samples_as_drawn_and_says_so(monkeypatch, kind, error,
+                                                                      cause):
     from onnx_udfc.core.errors import UdfcError
     from onnx_udfc.moments import inverted
+    from onnx_udfc.moments.sampled import synthetic_inputs
 
     def refuse(*args, **kwargs):
-        raise UdfcError("model inversion runs a batch of 128 images, which ONNX Runtime refused")
+        raise UdfcError(error) if error == "refused" else KeyError(error)
     monkeypatch.setattr(inverted, "inverted_inputs", refuse)
     kept = bn_chain()
-    source = MomentSource(kept, "proxy")
-    assert np.array_equal(source.sample_feed(kept, 128)["x"],
-                          proxy.proxy_inputs(kept, seed=0)["x"])
+    source = MomentSource(kept, kind, sequential_pruning=True)
+    drawn = proxy.proxy_inputs(kept, seed=0) if kind == "proxy" else synthetic_inputs(kept, 0)
+    assert np.array_equal(source.sample_feed(kept, 128)["x"], drawn["x"])
+    used = source.kind
     [fallback] = source.to_dict()["fallbacks"]
-    assert (fallback["from"], fallback["to"]) == ("proxy with model inversion", "proxy")
-    assert "refused" in fallback["cause"] and "fit" not in source.to_dict()
+    assert (fallback["from"], fallback["to"]) == (f"{used} with model inversion", used)
+    assert fallback["cause"] == cause and "fit" not in source.to_dict()
 
 
 def test_proxy_reanchors_batchnorm_like_the_pink_noise():

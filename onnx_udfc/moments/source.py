@@ -242,11 +242,14 @@ class MomentSource:
                                                    batchnorm=not folded_export(model),
                                                    progress=tick)
             return fitted
-        except UdfcError as exc:
+        except Exception as exc:  # noqa: BLE001 - an optional refinement: any failure of the
+            # fit (a refused batch, a graph the gradient cannot be built for) leaves the drawn
+            # samples as they are, named in the report and the summary
             self.fit_noise = False  # one refusal is enough: later draws take the noise as is
             what = "class prior" if folded_export(model) else "model inversion"
+            cause = str(exc) if isinstance(exc, UdfcError) else refusal_cause(exc)
             self.fallbacks.append({"from": f"{self.kind} with {what}", "to": self.kind,
-                                   "cause": str(exc), "stage": stage})
+                                   "cause": cause, "stage": stage})
             return feed
 
     def fall_back(self, stage: str, cause: str, failed: str | None = None) -> None:
