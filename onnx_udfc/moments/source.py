@@ -242,9 +242,7 @@ class MomentSource:
                                                    batchnorm=not folded_export(model),
                                                    progress=tick)
             return fitted
-        except Exception as exc:  # noqa: BLE001 - an optional refinement: any failure of the
-            # fit (a refused batch, a graph the gradient cannot be built for) leaves the drawn
-            # samples as they are, named in the report and the summary
+        except refusals() as exc:  # a refused batch or gradient graph: the samples as drawn
             self.fit_noise = False  # one refusal is enough: later draws take the noise as is
             what = "class prior" if folded_export(model) else "model inversion"
             cause = str(exc) if isinstance(exc, UdfcError) else refusal_cause(exc)
