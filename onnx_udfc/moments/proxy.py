@@ -63,7 +63,7 @@ ANCHOR_BN = True  # BatchNorms re-anchored to each proxy batch, as for the pink 
 REFIT_KEPT = False  # the sequential fit refits the pruned channels only, as for the pink noise
 PRIOR_STEPS = 10  # class-prior steps on the crops of a graph without BatchNorm (0: none)
 PRIOR_LEARNING_RATE = 0.02  # Adam step of those, on standardised pixels
-BN_FIT_STEPS = 10  # model-inversion steps on the crops of a graph with BatchNorm (0: none)
+BN_FIT_STEPS = 10  # inversion steps on the crops (and auto's pink noise) of a BN graph (0: none)
 BN_FIT_LEARNING_RATE = 0.1  # Adam step of those, on standardised pixels
 
 
