@@ -127,7 +127,7 @@ class MomentSource:
         # auto, a BN-kept network, a sequential pruning repair: the pink noise takes a short
         # model inversion first (docs/results/data_free.md)
         self.fit_noise = requested == "auto" and sequential_pruning and \
-            self.kind == "sampled" and proxy.has_batchnorm(model) and not folded_export(model)
+            self.kind == "sampled" and not folded_export(model)  # (not folded: BNs are left)
         self.fit: dict[str, Any] | None = None  # how the drawn samples were fitted, if they were
         self.progress: Callable[[str], None] | None = None  # a progress bar's counter label
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
