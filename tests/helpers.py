@@ -641,3 +641,54 @@ def depthwise_block(shared_weight: bool = False, activation: str = "relu",
         b.output(b.op("Conv", [h2, "dw.weight"], "dw2", kernel_shape=[3, 3], pads=[1] * 4,
                       group=8))
     return b.build("depthwise_block")
+
+
+def _redundant(b: Builder, name: str, basis: int) -> None:
+    """Make Conv ``name``'s filters positive mixtures of ``basis`` of them: its outputs are
+    redundant, as a trained network's are."""
+    w = b.arrays[f"{name}.weight"]
+    flat = w[:basis].reshape(basis, -1)
+    mixed = b.rng.uniform(0, 1, (w.shape[0], basis)) @ flat / 2
+    b.arrays[f"{name}.weight"] = mixed.reshape(w.shape).astype(np.float32)
+
+
+def dense_block() -> onnx.ModelProto:
+    """DenseNet's pattern: ``x [N, 3, 12, 12]`` -> Conv ``a`` (3->8) -> Concat [x, a] -> BN
+    ``n1`` -> Relu -> Conv ``r1`` (11->6, 1x1); Concat [x, a, r1] -> BN ``n2`` -> Relu -> Conv
+    ``y`` (17->5, 1x1) -> ``y``. ``a``'s and ``r1``'s channels reach their next layers only
+    through BatchNorms that normalise them with other layers' channels; both have redundant
+    filters."""
+    b = Builder(seed=4)
+    x = image(b, hw=12)
+    a = b.conv(x, 3, 8, name="a")
+    h1 = b.relu(b.bn(b.op("Concat", [x, a], axis=1), 11, name="n1"))
+    r1 = b.conv(h1, 11, 6, k=1, name="r1")
+    h2 = b.relu(b.bn(b.op("Concat", [x, a, r1], axis=1), 17, name="n2"))
+    b.output(b.conv(h2, 17, 5, k=1, name="y"))
+    _redundant(b, "a", 4)
+    _redundant(b, "r1", 3)
+    return b.build("dense_block")
+
+
+def grouped_block() -> onnx.ModelProto:
+    """AlexNet's pattern: ``x [N, 3, 12, 12]`` -> Conv ``p`` (3->8) -> Relu -> Conv ``g`` (8->6,
+    3x3, 2 groups) -> ``y``; ``p``'s filters are redundant."""
+    b = Builder(seed=5)
+    x = image(b, hw=12)
+    h = b.relu(b.conv(x, 3, 8, name="p"))
+    b.output(b.conv(h, 8, 6, group=2, name="g"))
+    _redundant(b, "p", 3)
+    return b.build("grouped_block")
+
+
+def output_errors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[float]:
+    """RMS error of each output of ``compressed`` against ``original`` on 16 random inputs."""
+    feeds = random_feeds(original, batch=16, seed=5)
+    return [float(np.sqrt(np.mean((a - b) ** 2)))
+            for a, b in zip(run(original, feeds), run(compressed, feeds), strict=True)]
+
+
+def toy_calibration() -> np.ndarray:
+    """Inputs from the toys' test distribution (``x [64, 3, 12, 12]``): their BatchNorm
+    statistics are random, so only measured moments describe what their layers see."""
+    return np.random.default_rng(9).standard_normal((64, 3, 12, 12)).astype(np.float32)

@@ -5,7 +5,6 @@ the depthwise Conv and its activation) and folds it into the mixing Conv."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
@@ -16,31 +15,19 @@ from tests.helpers import (
     compensations,
     depthwise_block,
     node,
-    random_feeds,
-    run,
+    output_errors,
+    toy_calibration,
 )
 
 
-def _output_errors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[float]:
-    feeds = random_feeds(original, batch=16, seed=5)
-    return [float(np.sqrt(np.mean((a - b) ** 2)))
-            for a, b in zip(run(original, feeds), run(compressed, feeds), strict=True)]
-
-
 def _output_error(original: onnx.ModelProto, compressed: onnx.ModelProto) -> float:
-    return _output_errors(original, compressed)[0]
-
-
-def _calibration() -> np.ndarray:
-    """Inputs from the test inputs' distribution: the toy's BatchNorm statistics are random,
-    so only measured moments describe what its layers really see."""
-    return np.random.default_rng(9).standard_normal((64, 3, 12, 12)).astype(np.float32)
+    return output_errors(original, compressed)[0]
 
 
 def test_udfc_plus_compensates_through_a_depthwise_conv():
     model = depthwise_block()
     compressed, report = api.compress(model, target="fake", prune=0.5, method="udfc+",
-                                      calibration=_calibration())
+                                      calibration=toy_calibration())
     onnx.checker.check_model(compressed, full_check=True)
     entry = compensations(report)["p"]
     assert entry["compensated"] and entry["through"] == ["dw"], entry
@@ -60,7 +47,7 @@ def test_the_paper_method_still_stops_at_the_depthwise_conv():
 def test_sequential_udfc_plus_fits_after_the_depthwise_conv():
     model = depthwise_block()
     compressed, report = api.compress(model, target="fake", prune=0.5, method="udfc+",
-                                      sequential=True, calibration=_calibration())
+                                      sequential=True, calibration=toy_calibration())
     entry = compensations(report)["p"]
     assert entry["compensated"] and entry["through"] == ["dw"], entry
     plain, _ = api.compress(model, target="fake", prune=0.5, method="prune")
@@ -100,7 +87,7 @@ def test_a_tensor_also_read_outside_the_pattern_ends_the_walk():
 def test_hardswish_export_compensates_through_the_depthwise_conv():
     model = depthwise_block(activation="hardswish")
     compressed, report = api.compress(model, target="fake", prune=0.5, method="udfc+",
-                                      calibration=_calibration())
+                                      calibration=toy_calibration())
     entry = compensations(report)["p"]
     assert entry["compensated"] and entry["through"] == ["dw"], entry
     plain, _ = api.compress(model, target="fake", prune=0.5, method="prune")
@@ -113,12 +100,12 @@ def test_channels_read_around_and_through_a_depthwise_conv_are_rebuilt_for_each(
     route gets the reconstruction of what its absorber reads."""
     model = depthwise_block(side=True)
     compressed, report = api.compress(model, target="fake", prune=0.5, method="udfc+",
-                                      sequential=sequential, calibration=_calibration())
+                                      sequential=sequential, calibration=toy_calibration())
     onnx.checker.check_model(compressed, full_check=True)
     entry = compensations(report)["p"]
     assert entry["compensated"] and entry["through"] == ["dw"], entry
     assert sorted(entry["absorbers"]) == ["c", "y_side"]
     plain, _ = api.compress(model, target="fake", prune=0.5, method="prune")
-    for fitted, pruned in zip(_output_errors(model, compressed), _output_errors(model, plain),
+    for fitted, pruned in zip(output_errors(model, compressed), output_errors(model, plain),
                               strict=True):
         assert fitted < 0.5 * pruned

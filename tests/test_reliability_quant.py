@@ -194,6 +194,20 @@ def test_udfc_plus_with_an_if_branch_runs_and_reports(tmp_path):
     assert "branch_conv" in r.stdout  # the float-kept branch Conv is named in the summary
 
 
+def test_sequential_fit_runs_a_baked_batch_one_sample_at_a_time():
+    """Without BatchNorms no probe reads batch statistics: the graph that refuses a batch
+    (AlexNet's Reshape to [1, -1]) is probed one sample at a time, and the fit runs."""
+    b = Builder()
+    h = b.relu(b.conv(b.relu(b.conv(image(b, batch=1), 3, 8, name="c1")), 8, 8, name="c2"))
+    b.output(b.gemm(b.op("Reshape", [h, b.ints([1, 512])], "flat"), 512, 3, name="fc"))
+    _, report = api.compress(b.build(), prune=0.3, sequential=True, target="fake")
+    # (the class prior's fit of the photographs runs a batch: refused, named apart)
+    assert not [f for f in report.moments["fallbacks"] if f["from"] == "sequential"]
+    comps = compensations(report)
+    assert comps and all(c["compensated"] and c["stats"] == "sequential"
+                         for c in comps.values()), comps
+
+
 def test_refused_sequential_fit_falls_back_to_the_one_shot_fit():
     _, report = api.compress(_baked_batch(), prune=0.3, sequential=True)
     # auto fits the pink noise to the BN first (a batch of 128, refused too), then the fit's run

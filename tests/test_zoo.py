@@ -221,6 +221,20 @@ def test_densenet_bn_after_concat(name):
     assert len(bn_after_concat) >= 58
     m, rep = compressed(name, prune=0.5)
     assert rep.flops_after < 0.5 * rep.flops_before
+    # udfc+ rebuilds each pruned channel after every reader's BN (issue 14 item 2)
+    _, rep = compressed(name, prune=0.2, method="udfc+")
+    comp = compensations(rep)
+    assert len(comp) >= 116 and all(c["compensated"] for c in comp.values())
+    assert sum(bool(c.get("through")) for c in comp.values()) >= 58
+
+
+@pytest.mark.parametrize("name", ["light_bvlc_alexnet.onnx.gz", "light_densenet121.onnx.gz"])
+def test_udfc_plus_compensates_grouped_convs_and_caffe_batchnorm_scales(name):
+    """AlexNet's grouped Convs take a reconstruction per group; the Caffe2 DenseNet's BN ->
+    Mul -> Add after a Concat folds into one BN, which udfc+ crosses."""
+    _, rep = compressed(name, prune=0.2, method="udfc+")
+    comp = compensations(rep)
+    assert comp and all(c["compensated"] for c in comp.values()), comp
 
 
 def test_light_models_opset9():

@@ -7,7 +7,9 @@ Pad, Transpose, ...). A reconstruction ``X_j ~ sum_i s_i X_i`` of a pruned chann
 Eq. 9). Where L's channels also reach something that mixes them differently (a residual Add, a
 per-channel affine op, a graph output, a depthwise Conv for cross-channel sums) no absorber can
 take the correction: the layer is reported "not compensated" with the reason and is pruned or
-quantized plainly; udfc+ alone looks past a depthwise Conv (``through_channel_separate``).
+quantized plainly; udfc+ alone looks past a depthwise Conv, and past a BatchNormalization that
+reads the channels among others (DenseNet's BN after a Concat), with
+``through_channel_separate``.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ class Absorber:
 
     ``nonlinear`` names the ops between the layer and this absorber that are not positively
     homogeneous (GELU, SiLU = ``x * sigmoid(x)``, HardSwish, a Clip with an upper bound, ...):
-    through them the correction is an approximation (see :func:`absorbers`). ``via_depthwise``:
-    the depthwise Convs the channels crossed to get here (``through_channel_separate``)."""
+    through them the correction is an approximation (see :func:`absorbers`). ``crossed``:
+    the channel-separate layers the channels crossed to get here (depthwise Convs, a
+    BatchNormalization after a Concat; ``through_channel_separate``)."""
 
     layer: LayerWeights
     tensor: str
     nonlinear: tuple[str, ...] = ()
-    via_depthwise: tuple[onnx.NodeProto, ...] = ()
+    crossed: tuple[onnx.NodeProto, ...] = ()
 
 
 def _uniform_constant(ctx: ChannelAnalysis, name: str, axis: int | None, rank: int | None
@@ -70,10 +73,12 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
 
     ``cross_channel``: the correction mixes channels (pruning), which a depthwise Conv cannot
     take; a per-channel scale (quantization) it can. ``through_channel_separate`` (udfc+): a
-    depthwise Conv that keeps each channel on its own (:func:`.activations.channel_separate`)
-    is crossed to its absorbers, which record it in ``via_depthwise``; absorbers reached by
-    different routes (around a depthwise Conv and through it) each get the reconstruction of
-    their own input, see :func:`routes`.
+    depthwise Conv that keeps each channel on its own (:func:`.activations.channel_separate`),
+    and a BatchNormalization with constant parameters that is not the layer's own (one that
+    normalises a Concat of this layer's channels and others), are crossed to their
+    absorbers, which record them in ``crossed``; absorbers reached by different routes
+    (around a depthwise Conv and through it, through each of several BNs) each get the
+    reconstruction of their own input, see :func:`routes`.
 
     Between the layer and its absorbers the channels may pass a following BatchNormalization or
     bias ``Add`` (part of the layer), channel-separate ops (pooling, layout, Concat/Split/...),
@@ -157,6 +162,13 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
                         (added is not None and c is added[0]):
                     reach(c.output[0], path[t], c.output[0])
                     continue
+                if through_channel_separate and cross_channel and \
+                        c.op_type == "BatchNormalization" and c.input[0] == t:
+                    after, reason = _through_batchnorm(c, ctx)
+                    if reason is not None:
+                        return [], reason
+                    found.extend(after)
+                    continue
                 spec = op_spec(c.op_type)
                 if Trait.BINARY in spec.traits:
                     verdict = binary(c)
@@ -183,6 +195,12 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
                     if groups == 1 or (not cross_channel and depthwise):
                         if c.op_type == "Conv" and groups > 1:
                             layer = LayerWeights(c, c.input[1], 0, 0)
+                        found.append(Absorber(layer, t, path[t]))
+                        continue
+                    if through_channel_separate and c.op_type == "Conv" and \
+                            int(ctx.inits[c.input[1]].dims[1]) > 1:
+                        # a grouped Conv takes a reconstruction from its own group's channels
+                        # (see channel_partition)
                         found.append(Absorber(layer, t, path[t]))
                         continue
                     return [], f"its channels pass through grouped/depthwise {label}"
@@ -241,12 +259,12 @@ def absorbers(node: onnx.NodeProto, ctx: ChannelAnalysis, cross_channel: bool,
 
 
 def routes(found: list[Absorber]) -> list[tuple[tuple[onnx.NodeProto, ...], list[Absorber]]]:
-    """``found`` grouped by the depthwise Convs crossed to reach them, in order of first
-    appearance: one reconstruction per group, fitted where its absorbers read."""
+    """``found`` grouped by the channel-separate layers crossed to reach them, in order of
+    first appearance: one reconstruction per group, fitted where its absorbers read."""
     out: dict[tuple[str, ...], tuple[tuple[onnx.NodeProto, ...], list[Absorber]]] = {}
     for a in found:
-        key = tuple(n.output[0] for n in a.via_depthwise)
-        out.setdefault(key, (a.via_depthwise, []))[1].append(a)
+        key = tuple(n.output[0] for n in a.crossed)
+        out.setdefault(key, (a.crossed, []))[1].append(a)
     return list(out.values())
 
 
@@ -260,7 +278,22 @@ def _through_depthwise(conv: onnx.NodeProto, t: str, origin: str, ctx: ChannelAn
     found, reason = absorbers(conv, ctx, True, through_channel_separate=True)
     if reason is not None:
         return [], f"{reason} (after depthwise {_label(conv)})"
-    return [replace(a, via_depthwise=(conv, *a.via_depthwise)) for a in found], None
+    return [replace(a, crossed=(conv, *a.crossed)) for a in found], None
+
+
+def _through_batchnorm(bn: onnx.NodeProto, ctx: ChannelAnalysis
+                       ) -> tuple[list[Absorber], str | None]:
+    """The absorbers after a BatchNormalization that reads the channels (among others, after
+    a Concat), ``bn`` recorded as crossed; or why the reconstruction cannot move past it. Each
+    reader BN scales and shifts the channels its own way, so its absorbers get a
+    reconstruction fitted after it (and its activation), from the same producer's kept
+    channels there."""
+    if any(ctx.const(n) is None for n in bn.input[1:5]):
+        return [], f"its channels feed {_label(bn)} with parameters computed at run time"
+    found, reason = absorbers(bn, ctx, True, through_channel_separate=True)
+    if reason is not None:
+        return [], f"{reason} (after {_label(bn)})"
+    return [replace(a, crossed=(bn, *a.crossed)) for a in found], None
 
 
 def _batchnorm_absorbers(bn: onnx.NodeProto, node: onnx.NodeProto, ctx: ChannelAnalysis
@@ -326,20 +359,73 @@ def channels_present(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> 
     return np.isin(classes, ctx.roots()[info.slots])
 
 
+def conv_groups(absorber: Absorber) -> int:
+    """The groups of a grouped Conv absorber that mixes the channels of each group (1 for any
+    other layer, and for a depthwise Conv taking a per-channel scale)."""
+    node = absorber.layer.node
+    if node.op_type != "Conv" or absorber.layer.in_axis != 1:
+        return 1
+    return int(attr(node, "group", 1))
+
+
+def channel_partition(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarray
+                      ) -> np.ndarray:
+    """A label per channel of ``classes``: channels that share a label are read by the same
+    group of every grouped Conv absorber, so a reconstruction from one label's kept channels
+    stays inside each group (all labels equal when no absorber is grouped)."""
+    keys = np.zeros((len(classes), 0), dtype=np.int64)
+    for ab in found:
+        groups = conv_groups(ab)
+        if groups == 1:
+            continue
+        per_group = int(ctx.inits[ab.layer.weight].dims[1])
+        group_of = np.full(len(classes), -1, dtype=np.int64)
+        here = channels_present(ctx, ab.tensor, classes)
+        pos = channel_positions(ctx, ab.tensor, classes[here]) if here.any() else None
+        if pos is not None:
+            group_of[here] = pos[:, 0] // per_group
+        keys = np.column_stack([keys, group_of])
+    if keys.shape[1] == 0:
+        return np.zeros(len(classes), dtype=np.int64)
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+
+
 class ColumnView:
-    """An absorber's weight as ``[input positions, rest]`` in float64, written back on exit."""
+    """An absorber's weight as ``[input positions, rest]`` in float64, written back on exit.
+    A grouped Conv is viewed as the dense Conv it equals (zero weights between groups), so a
+    correction within each group is a column update like any other."""
 
     def __init__(self, ctx: ChannelAnalysis, absorber: Absorber) -> None:
         self.init = ctx.inits[absorber.layer.weight]
         w = tensor_array(self.init)
         self.dtype, self.shape = w.dtype, w.shape
         self.axis = absorber.layer.in_axis
+        self.groups = conv_groups(absorber)
         moved = np.moveaxis(w.astype(np.float64), self.axis, 0)
+        if self.groups > 1:  # [C/g, O, k...] -> block-diagonal [C, O, k...]
+            per_group, out_per_group = moved.shape[0], moved.shape[1] // self.groups
+            dense = np.zeros((per_group * self.groups, *moved.shape[1:]))
+            for g in range(self.groups):
+                outs = slice(g * out_per_group, (g + 1) * out_per_group)
+                dense[g * per_group:(g + 1) * per_group, outs] = moved[:, outs]
+            moved = dense
         self.moved_shape = moved.shape
         self.cols = moved.reshape(moved.shape[0], -1).copy()
 
+    @property
+    def by_output(self) -> np.ndarray:
+        """The weight as ``[input positions, output channels, taps]`` (a view of ``cols``)."""
+        return self.cols.reshape(self.moved_shape[0], self.moved_shape[1], -1)
+
     def write(self) -> None:
-        w = np.moveaxis(self.cols.reshape(self.moved_shape), 0, self.axis)
+        moved = self.cols.reshape(self.moved_shape)
+        if self.groups > 1:
+            per_group = moved.shape[0] // self.groups
+            out_per_group = moved.shape[1] // self.groups
+            moved = np.concatenate([moved[g * per_group:(g + 1) * per_group,
+                                          g * out_per_group:(g + 1) * out_per_group]
+                                    for g in range(self.groups)], axis=1)
+        w = np.moveaxis(moved, 0, self.axis)
         set_tensor_array(self.init, w.astype(self.dtype))
 
 

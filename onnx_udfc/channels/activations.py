@@ -1,8 +1,9 @@
 """Where a producer's channels are read for their moments: after its BN/activation chain, or,
-when udfc+ reconstructs them past a depthwise Conv, after that conv's own chain. The chain
-includes activations that exporters write as several elementwise ops (``x * sigmoid(x)``,
-``x * clip(x + 3, 0, 6) / 6``, a learnable ``a * x + b`` after them): the reconstruction is
-then fitted to what the next layer reads, not to the activation's input."""
+when udfc+ reconstructs them past a depthwise Conv or a reader's BatchNormalization, after that
+layer's own chain. The chain includes activations that exporters write as several elementwise
+ops (``x * sigmoid(x)``, ``x * clip(x + 3, 0, 6) / 6``, a learnable ``a * x + b`` after them):
+the reconstruction is then fitted to what the next layer reads, not to the activation's
+input."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from onnx_udfc.ops.registry import Trait, op_spec
 def activation_tensor(node: onnx.NodeProto, ctx: ChannelAnalysis,
                       through: Sequence[onnx.NodeProto] = ()) -> str:
     """The last tensor of the BN/activation chain after ``node`` (same channels); with
-    ``through`` (the depthwise Convs its channels cross, ``Absorber.via_depthwise``), the
-    chain after the last of them: the last channel-separate tensor before the absorbers."""
+    ``through`` (the channel-separate layers its channels cross, ``Absorber.crossed``), the
+    chain after the last of them: the last channel-separate tensor before the absorbers (after
+    a BatchNormalization that reads a Concat it holds other layers' channels too)."""
     t = (through[-1] if through else node).output[0]
     while True:
         readers = ctx.consumers.get(t, [])

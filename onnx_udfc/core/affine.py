@@ -71,14 +71,23 @@ def _fold_one(model: onnx.ModelProto) -> bool:
     return False
 
 
+# Ops whose output has the rank of their first input: a BatchNorm's input rank is found by
+# walking back through them to a Conv (DenseNet normalises a Concat of pooled Conv outputs).
+RANK_KEEPING = ("BatchNormalization", "Concat", "MaxPool", "AveragePool", "Relu", "LeakyRelu",
+                "Clip")
+
+
 def _rank(producer: onnx.NodeProto, producer_of: dict[str, onnx.NodeProto],
           inits: dict[str, onnx.TensorProto]) -> int | None:
-    """The rank of the producer's output, where its weights tell it: a Conv's weight rank, a
-    BatchNorm's input Conv's."""
-    if producer.op_type == "BatchNormalization":
-        producer = producer_of.get(producer.input[0])
-        if producer is None or producer.op_type != "Conv":
+    """The rank of the producer's output, where weights tell it: a Conv's weight rank, found
+    for a BatchNorm through the rank-keeping ops before it."""
+    while producer.op_type in RANK_KEEPING and producer.input:
+        before = producer_of.get(producer.input[0])
+        if before is None:
             return None
+        producer = before
+    if producer.op_type != "Conv":
+        return None
     weight = inits.get(producer.input[1]) if len(producer.input) > 1 else None
     return None if weight is None else len(weight.dims)
 

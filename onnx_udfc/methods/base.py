@@ -67,7 +67,8 @@ class Method:
     """Base: no compensation. Subclasses override the hooks their maths needs."""
 
     name: ClassVar[str] = ""
-    # udfc+: rebuild channels past a depthwise Conv (channels.absorbers, via_depthwise)
+    # udfc+: rebuild channels past a depthwise Conv or a reader's BN, and within the groups of
+    # a grouped Conv (channels.absorbers: crossed, channel_partition)
     through_channel_separate: ClassVar[bool] = False
 
     def prepare_pruning(self, run: RunContext) -> None:

@@ -104,7 +104,7 @@ def compensate_pruning(ctx: ChannelAnalysis, removed: np.ndarray, cfg: MethodRun
         if job is None:
             entry["reason"] = reason or f"method {method.name}: no compensation"
             continue
-        if via := {id(n): n for a in job.absorbers for n in a.via_depthwise}:
+        if via := {id(n): n for a in job.absorbers for n in a.crossed}:
             entry["through"] = [n.name or n.output[0] for n in via.values()]
         if not method.reconstruct(run, job, entry):
             deferred.append(job)

@@ -27,8 +27,10 @@ from onnx import numpy_helper
 
 from onnx_udfc.channels.absorbers import (
     Absorber,
+    ColumnView,
     absorbers,
     apply_reconstruction,
+    channel_partition,
     channel_positions,
     routes,
 )
@@ -155,11 +157,10 @@ def absorb_constants(ctx: ChannelAnalysis, found: list[Absorber], pruned_cls: np
     skipped = []
     for ab in found:
         pp = channel_positions(ctx, ab.tensor, pruned_cls)
-        w = tensor_array(ctx.inits[ab.layer.weight]).astype(np.float64)
-        w = np.moveaxis(w, (ab.layer.in_axis, ab.layer.out_axis), (0, 1))
         if pp is None:
             skipped.append(ab.layer.node.name)
             continue
+        w = ColumnView(ctx, ab).by_output
         cols = w[pp.reshape(-1)].reshape(pp.shape[0], pp.shape[1], w.shape[1], -1)
         taps = tap_coverage(ctx, ab) if cols.shape[3] > 1 else None
         if taps is not None and taps.size == cols.shape[3]:
@@ -171,13 +172,15 @@ def absorb_constants(ctx: ChannelAnalysis, found: list[Absorber], pruned_cls: np
 
 
 def tap_coverage(ctx: ChannelAnalysis, ab: Absorber) -> np.ndarray | None:
-    """For a Conv absorber: the share of output positions where each kernel tap reads a real
-    (not padded) input, flattened like the kernel; a constant input is then reproduced exactly
-    on average over the positions."""
+    """For a Conv or ConvTranspose absorber: the share of output positions each kernel tap
+    writes to from a real (not padded) input, flattened like the kernel; a constant input is
+    then reproduced exactly on average over the positions. A Conv's output position sums every
+    tap (shares near 1); a ConvTranspose spreads each input over its taps, so an output
+    position takes about ``kernel / stride`` of them (shares near ``1 / stride``)."""
     node = ab.layer.node
     shape = ctx.shapes.get(node.input[0])
     w = ctx.inits[node.input[1]]
-    if node.op_type != "Conv" or shape is None or len(shape) < 3:
+    if node.op_type not in ("Conv", "ConvTranspose") or shape is None or len(shape) < 3:
         return None
     kernel = [int(d) for d in w.dims[2:]]
     spatial = shape[2:]
@@ -190,12 +193,18 @@ def tap_coverage(ctx: ChannelAnalysis, ab: Absorber) -> np.ndarray | None:
     pads = list(a["pads"].ints) if "pads" in a else [0] * 2 * nd
     strides = list(a["strides"].ints) if "strides" in a else [1] * nd
     dil = list(a["dilations"].ints) if "dilations" in a else [1] * nd
+    extra = list(a["output_padding"].ints) if "output_padding" in a else [0] * nd
     cover = np.ones(1)
     for ax in range(nd):
         size, k, pb, st, d = spatial[ax], kernel[ax], pads[ax], strides[ax], dil[ax]
-        n_out = (size + pb + pads[ax + nd] - d * (k - 1) - 1) // st + 1
-        pos = np.arange(n_out)[:, None] * st - pb + np.arange(k)[None, :] * d
-        frac = ((pos >= 0) & (pos < size)).mean(0)
+        if node.op_type == "Conv":
+            n_out = (size + pb + pads[ax + nd] - d * (k - 1) - 1) // st + 1
+            pos = np.arange(n_out)[:, None] * st - pb + np.arange(k)[None, :] * d
+            frac = ((pos >= 0) & (pos < size)).mean(0)
+        else:  # output position of input i through tap t: i * stride - pad + t * dilation
+            n_out = (size - 1) * st - pb - pads[ax + nd] + d * (k - 1) + extra[ax] + 1
+            pos = np.arange(size)[:, None] * st - pb + np.arange(k)[None, :] * d
+            frac = ((pos >= 0) & (pos < n_out)).sum(0) / max(n_out, 1)
         cover = np.outer(cover, frac).reshape(-1)
     return cover
 
@@ -209,11 +218,12 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
     entries = []
     for via, group in routes(found):
         t = activation_tensor(p.node, ctx, via)
-        m = moments.get(t)
-        if m is None or m.mean.size != len(p.slots):
+        m = producer_block(ctx, t, cls, moments.get(t))
+        if m is None:
             entries.append({"compensated": False, "reason": f"no moments for '{t}'"})
             continue
-        coef, const, rel = reconstruction(m, kept, pruned, cfg.lam)
+        coef, const, rel = partitioned_reconstruction(
+            m, kept, pruned, cfg.lam, channel_partition(ctx, group, cls))
         skipped = apply_reconstruction(ctx, group, cls[kept], cls[pruned], coef)
         entry: dict[str, Any] = {"compensated": not skipped, "stats": "moments",
                                  "predicted_error": float(np.mean(np.sqrt(rel))),
@@ -227,6 +237,41 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
             entry["reason"] = f"channels missing from the input of {', '.join(skipped)}"
         entries.append(entry)
     return merge_routes(entries)
+
+
+def partitioned_reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.ndarray,
+                               lam: float, labels: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`~onnx_udfc.moments.reconstruction.reconstruction` within each set of channels
+    that share a label (:func:`~onnx_udfc.channels.absorbers.channel_partition`: a grouped
+    Conv absorber reads each group on its own); coefficients across labels are zero."""
+    if np.all(labels == labels[0]):
+        return reconstruction(m, kept, pruned, lam)
+    coef = np.zeros((pruned.size, kept.size))
+    const, rel = np.zeros(pruned.size), np.zeros(pruned.size)
+    for label in np.unique(labels[pruned]):
+        k, q = np.flatnonzero(labels[kept] == label), np.flatnonzero(labels[pruned] == label)
+        coef[np.ix_(q, k)], const[q], rel[q] = reconstruction(m, kept[k], pruned[q], lam)
+    return coef, const, rel
+
+
+def producer_block(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray,
+                   m: TensorMoments | None) -> TensorMoments | None:
+    """The moments of ``classes`` (a producer's channels, in its order) within ``m``, the
+    moments of ``tensor``: all of them when the tensor holds the producer's channels alone, the
+    block at their positions when it holds others too (after a Concat); None when they are not
+    there one position each."""
+    info = ctx.tensors.get(tensor)
+    if m is None or info is None or info.slots is None:
+        return m if m is not None and m.mean.size == len(classes) else None
+    if np.array_equal(ctx.roots()[info.slots], classes):
+        return m
+    pos = channel_positions(ctx, tensor, classes)
+    if pos is None or pos.shape[1] != 1 or pos.max() >= m.mean.size:
+        return None
+    idx = pos[:, 0]
+    cov = m.cov[idx] if m.diagonal else m.cov[np.ix_(idx, idx)]
+    return TensorMoments(m.mean[idx], cov, m.hw)
 
 
 def merge_routes(entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,13 +30,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_udfc.channels.absorbers import Absorber, ColumnView, channel_positions, channels_present
+from onnx_udfc.channels.absorbers import (
+    Absorber,
+    ColumnView,
+    channel_partition,
+    channel_positions,
+    channels_present,
+)
 from onnx_udfc.channels.activations import activation_tensor, channel_axes
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.core.graph_edit import node_reads, with_outputs
 from onnx_udfc.core.io import tensor_array
-from onnx_udfc.core.ort import session, typed_feed
+from onnx_udfc.core.ort import refusals, session, typed_feed
 from onnx_udfc.methods.plus import absorb_constants, merge_routes
+from onnx_udfc.moments.feeds import fixed_inputs
 
 
 def batch_statistics(model: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -136,7 +143,7 @@ def run_tensors(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: li
     free_batch(probe)
     used = {i.name for i in probe.graph.input}
     return _run_named(probe, names, {**feed, **{k: v for k, v in (given or {}).items()
-                                                 if k in used}})
+                                                 if k in used}}, per_sample=True)
 
 
 class CompressedRuns:
@@ -205,18 +212,44 @@ class CompressedRuns:
         return out
 
 
-def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]
-               ) -> dict[str, np.ndarray]:
+def _run_named(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray],
+               per_sample: bool = False) -> dict[str, np.ndarray]:
     """The tensors ``names`` of ``model`` on ``feed``, in one batch (the BN batch statistics
-    are those of the whole feed)."""
+    are those of the whole feed). ``per_sample``: a graph that bakes batch 1 into a constant
+    (a Reshape to ``[1, -1]``) and refuses the batch is run one sample at a time, the results
+    stacked; only right where no BatchNorm reads batch statistics (the probes of
+    :func:`run_tensors` run every BN on fixed statistics)."""
     sess = session(model)
-    return dict(zip(names, sess.run(names, typed_feed(sess, feed)), strict=True))
+    typed = typed_feed(sess, feed)
+    try:
+        return dict(zip(names, sess.run(names, typed), strict=True))
+    except refusals():
+        fixed = fixed_inputs(model)
+        count = next((len(v) for k, v in typed.items() if k not in fixed), 1)
+        if not per_sample or count <= 1:
+            raise
+    runs = [sess.run(names, {k: v if k in fixed else v[i:i + 1] for k, v in typed.items()})
+            for i in range(count)]
+    return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(names)}
 
 
 def channels_last(a: np.ndarray, axis: int = 1) -> np.ndarray:
     """``a`` with its channels on ``axis`` (``[N, C, ...]`` by default; ``[N, T, C]`` token
     rows have them last) as float64 rows of C channels, transposed and widened in one copy."""
     return np.moveaxis(a, axis, -1).astype(np.float64, order="C").reshape(-1, a.shape[axis])
+
+
+def producer_positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray
+                       ) -> np.ndarray | None:
+    """Where ``classes`` (a producer's channels, in its order) sit along ``tensor``'s channel
+    axis when it holds other channels too (a reader's BatchNorm after a Concat); None when it
+    holds the producer's alone, or when they are not there one position each."""
+    shape = ctx.shapes.get(tensor)
+    axis = channel_axes(ctx, [tensor]).get(tensor, 1)
+    if shape is not None and len(shape) > axis and shape[axis] == len(classes):
+        return None
+    pos = channel_positions(ctx, tensor, classes)
+    return pos[:, 0] if pos is not None and pos.shape[1] == 1 else None
 
 
 def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
@@ -231,6 +264,21 @@ def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
     r = lam * d + 1e-12 * max(d, 1e-30)
     b = np.linalg.solve(ckk + r * np.eye(kept.size), ckz + r * prior)
     return b, m - mt @ b
+
+
+def partitioned_fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
+                    prior: np.ndarray, lam: float, labels: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit` within each set of channels that share a label (a grouped Conv absorber
+    reads each group on its own, :func:`~onnx_udfc.channels.absorbers.channel_partition`);
+    coefficients across labels are zero."""
+    if np.all(labels == labels[0]):
+        return fit(xt, x, kept, targets, prior, lam)
+    b, c = np.zeros((kept.size, targets.size)), np.zeros(targets.size)
+    for label in np.unique(labels[targets]):
+        k, z = np.flatnonzero(labels[kept] == label), np.flatnonzero(labels[targets] == label)
+        b[np.ix_(k, z)], c[z] = fit(xt, x, kept[k], targets[z], prior[np.ix_(k, z)], lam)
+    return b, c
 
 
 def fit_plans(ctx: ChannelAnalysis, found: list[Absorber], kept_cls: np.ndarray,
@@ -277,7 +325,10 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
     original = onnx.ModelProto()
     original.CopyFrom(ctx.model)
     stats = batch_statistics(original, feed, ctx.shapes) if synthetic else {}
-    tensors = [activation_tensor(p.node, ctx, found[0].via_depthwise) for p, found, *_ in todo]
+    tensors = [activation_tensor(p.node, ctx, found[0].crossed) for p, found, *_ in todo]
+    # a route after a reader's BatchNorm reads a Concat: the producer's channels are a block
+    positions = [producer_positions(ctx, t, cls)
+                 for (_p, _f, cls, *_), t in zip(todo, tensors, strict=True)]
     targets_of = []
     for (_p, found, cls, *_), t in zip(todo, tensors, strict=True):
         direct = output_fit and ctx.shapes.get(t, [0, -1])[1] == len(cls)
@@ -289,22 +340,36 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
     reference = run_tensors(original, feed, tensors + extra, orig_inits, stats)
     compressed = CompressedRuns(ctx.model, feed, orig_inits, stats)
     out: dict[str, dict[str, Any]] = {}
-    for step, ((p, found, cls, kept, pruned), t, tgs) in enumerate(
-            zip(todo, tensors, targets_of, strict=True)):
+    now: dict[str, np.ndarray] = {}
+    for step, ((p, found, cls, kept, pruned), t, pos, tgs) in enumerate(
+            zip(todo, tensors, positions, targets_of, strict=True)):
         if detail is not None:
             detail(f"fit layer {step + 1}/{len(todo)}")
-        shortcuts = [tg.shortcut for tg in tgs if tg.shortcut]
-        now = compressed([t, *shortcuts])
+        if step == 0 or todo[step - 1][0] is not p:
+            # every route of a producer in one run: a route's fit changes only its own
+            # absorbers, after every route tensor of the producer
+            routes_here = [j for j in range(step, len(todo)) if todo[j][0] is p]
+            now = compressed(list(dict.fromkeys(
+                [tensors[j] for j in routes_here] +
+                [tg.shortcut for j in routes_here for tg in targets_of[j] if tg.shortcut])))
         current = now[t]
+        if pos is None and current.shape[channel_axes(ctx, [t]).get(t, 1)] != len(cls):
+            out[p.node.name or p.tensor] = {
+                "compensated": False, "stats": "sequential",
+                "reason": f"its channels are not one position each in '{t}'"}
+            continue
         axis = channel_axes(ctx, [t]).get(t, 1)
         xt, x = channels_last(current, axis), channels_last(reference[t], axis)
+        if pos is not None:
+            xt, x = xt[:, pos], x[:, pos]
         targets = np.concatenate([kept, pruned])
         prior = np.zeros((kept.size, targets.size))
         prior[np.arange(kept.size), np.arange(kept.size)] = 1.0
+        labels = channel_partition(ctx, found, cls)
         if full:
-            b, c = fit(xt, x, kept, targets, prior, lam)
+            b, c = partitioned_fit(xt, x, kept, targets, prior, lam, labels)
         else:
-            bp, cp = fit(xt, x, kept, pruned, prior[:, kept.size:], lam)
+            bp, cp = partitioned_fit(xt, x, kept, pruned, prior[:, kept.size:], lam, labels)
             b, c = np.hstack([prior[:, :kept.size], bp]), np.concatenate([np.zeros(kept.size),
                                                                            cp])
         plans = fit_plans(ctx, found, cls[kept], cls[targets])
