@@ -122,7 +122,7 @@ def test_a_collapsed_channel_reads_zero_correlation():
     assert corr.shape == (2,) and corr[0] > 0.99 and abs(corr[1]) < 1e-9
 
 
-def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
+def test_correlation_limits_apply_to_dense_outputs():
     from onnx_udfc.report.fidelity import BROKEN_CORRELATION
 
     dense = [{"output": "boxes", "channel_error": 1.2, "worst_channel": 4,
@@ -134,9 +134,17 @@ def test_correlation_limit_applies_to_dense_outputs_on_photos_only():
     # photographs: the default preset is not called broken
     assert verdict([dict(dense[0], channel_correlation=0.94, channel_error=0.34)],
                    default_limit("photos"), "photos")[0]
-    assert verdict(dense, default_limit("synthetic"), "synthetic")[0]  # noise: no such limit
+    # on pink noise only a collapse: ddddocr's pruned detector reads 0.01-0.06 there (its
+    # boxes gone, error 2.7-3.0 under the limit), PP-OCRv4's size budget 0.46 (task within 3)
+    assert verdict(dense, default_limit("synthetic"), "synthetic")[0]
+    collapsed = [dict(dense[0], channel_correlation=0.06, channel_error=2.8)]
+    holds, sentence = verdict(collapsed, default_limit("synthetic"), "synthetic")
+    assert not holds and "fell to 0.06 (limit 0.2)" in sentence
+    assert BROKEN_CORRELATION["synthetic"] < 0.46
     logits = [dict(dense[0], top1_agreement=0.9)]  # classifiers: judged by their decisions
     assert verdict(logits, default_limit("photos"), "photos")[0]
+    assert verdict([dict(logits[0], channel_correlation=0.01)], default_limit("synthetic"),
+                   "synthetic")[0]
 
 
 def test_guard_feeds_photographs_to_image_models_only():

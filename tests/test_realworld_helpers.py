@@ -95,3 +95,32 @@ def test_update_replaces_rows_of_the_same_model_and_config(tmp_path):
         ("b", "original", 0.0), ("b", "default", 0.7)]
     assert command == "python tools/bench_realworld.py`, then `python tools/x.py --update"
     assert minutes == 85.0
+
+
+def test_the_guard_is_judged_again_from_stored_reports(tmp_path):
+    """``bench_guard_realworld``: the current verdict over each row's stored fidelity, set
+    against the row's task drop; rows without a report or a drop are left out."""
+    from tests.helpers import tool_module
+
+    tool = tool_module("bench_guard_realworld")
+    dense = {"output": "y", "channel_error": 2.8, "worst_channel": 0, "top1_agreement": None}
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text("\n".join(json.dumps(r) for r in [
+        {"model": "det", "config": "pruned", "exit": 0, "fidelity": {
+            "synthetic": [dict(dense, channel_correlation=0.05)],
+            "photos": [dict(dense, channel_error=0.4, channel_correlation=0.92)]}},
+        {"model": "det", "config": "int8", "exit": 0, "fidelity": {
+            "synthetic": [dict(dense, channel_error=0.04, channel_correlation=0.999)]}},
+        {"model": "det", "config": "refused", "exit": 2},
+    ]))
+    realworld = tmp_path / "realworld.json"
+    realworld.write_text(json.dumps({"rows": [
+        {"model": "det", "config": "pruned", "drop": 0.93},
+        {"model": "det", "config": "int8", "drop": 0.01},
+        {"model": "det", "config": "refused", "drop": 0.5}]}))
+    rows = tool.judged(reports, realworld)
+    assert [(r["config"], r["flagged"]) for r in rows] == [("pruned", True), ("int8", False)]
+    assert "correlation with the original fell to 0.05" in rows[0]["why"]
+    text = tool.markdown(rows, "cmd")
+    assert "1 of the 1 that lost more than 5 task points" in text
+    assert "0 of the 1 within 2 points" in text

@@ -103,6 +103,12 @@ def summarise_report(report: dict) -> dict:
         "flops_ratio": report["flops_after"] / report["flops_before"],
         "size_ratio": report["size_after"] / report["size_before"],
         "guard_error": max(f["channel_error"] for f in report["fidelity"]),
+        # the lowest channel correlation of a dense output, per kind of guard input
+        "guard_correlation": {kind: min(corr, default=None) for kind, fidelity in (
+            ("synthetic", report["fidelity"]), *(guard.get("fidelity") or {}).items())
+            for corr in [[f["channel_correlation"] for f in fidelity
+                          if f.get("channel_correlation") is not None
+                          and f.get("top1_agreement") is None]]},
         "guard_holds": guard["holds"],
         "guard_attempts": len(attempts),
         "final_plan": {"prune": final.get("prune"), "bits": final.get("bits")},

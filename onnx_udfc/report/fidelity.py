@@ -39,8 +39,12 @@ BROKEN_AGREEMENT = {"data": 0.8, "synthetic": 0.5, "photos": 0.5}
 # reads 0.90, while PP-OCRv4's text detector at int8 (its text masks 99.5 % the same) reads
 # 0.94 on the photographs (they hold little text): no limit separates those two, and the
 # default preset must not be called broken, so the limit only catches collapse. On pink noise
-# fine plans of other models read as low as 0.32, so noise gets no such limit.
-BROKEN_CORRELATION = {"photos": 0.6}
+# (tools/bench_guard_realworld.py, docs/results/guard_realworld.md) the repaired pruned
+# detector, whose boxes are gone while its error stays at 2.7-3.0 of the spread (under the
+# limit 3), reads 0.01-0.06, PP-OCRv4's pruned text detector about 0; every deployed row
+# within 2 task points reads >= 0.91, within 3 points >= 0.46 (PP-OCRv4 under --budget-size
+# 0.2, 2.2 points), so the noise limit sits well below both.
+BROKEN_CORRELATION = {"photos": 0.6, "synthetic": 0.2}
 @dataclass
 class Drift:
     """The worst channel of one output."""
