@@ -351,6 +351,20 @@ def channel_positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) ->
     return np.stack(pos)
 
 
+def producer_block(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray
+                   ) -> np.ndarray | None:
+    """Where ``classes`` (a producer's channels, in its order) sit along ``tensor``'s channel
+    axis, when the tensor also holds other layers' channels (a reader's BatchNorm after a
+    Concat); None when it holds the producer's alone, in order, or its layout is unknown (the
+    whole tensor is the producer's). An empty array when they are not there one position
+    each."""
+    info = ctx.tensors.get(tensor)
+    if info is None or info.slots is None or np.array_equal(ctx.roots()[info.slots], classes):
+        return None
+    pos = channel_positions(ctx, tensor, classes)
+    return pos[:, 0] if pos is not None and pos.shape[1] == 1 else np.zeros(0, dtype=np.int64)
+
+
 def channels_present(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray) -> np.ndarray:
     """Which of ``classes`` the tensor holds (a Split/Slice reader sees a subset)."""
     info = ctx.tensors.get(tensor)

@@ -32,6 +32,7 @@ from onnx_udfc.channels.absorbers import (
     apply_reconstruction,
     channel_partition,
     channel_positions,
+    producer_block,
     routes,
 )
 from onnx_udfc.channels.activations import activation_tensor, channel_axes, pruned_producers
@@ -218,7 +219,7 @@ def plus_pruning(ctx: ChannelAnalysis, p: Any, found: list[Absorber], cls: np.nd
     entries = []
     for via, group in routes(found):
         t = activation_tensor(p.node, ctx, via)
-        m = producer_block(ctx, t, cls, moments.get(t))
+        m = producer_moments(ctx, t, cls, moments.get(t))
         if m is None:
             entries.append({"compensated": False, "reason": f"no moments for '{t}'"})
             continue
@@ -255,21 +256,17 @@ def partitioned_reconstruction(m: TensorMoments, kept: np.ndarray, pruned: np.nd
     return coef, const, rel
 
 
-def producer_block(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray,
-                   m: TensorMoments | None) -> TensorMoments | None:
-    """The moments of ``classes`` (a producer's channels, in its order) within ``m``, the
-    moments of ``tensor``: all of them when the tensor holds the producer's channels alone, the
-    block at their positions when it holds others too (after a Concat); None when they are not
-    there one position each."""
-    info = ctx.tensors.get(tensor)
-    if m is None or info is None or info.slots is None:
-        return m if m is not None and m.mean.size == len(classes) else None
-    if np.array_equal(ctx.roots()[info.slots], classes):
-        return m
-    pos = channel_positions(ctx, tensor, classes)
-    if pos is None or pos.shape[1] != 1 or pos.max() >= m.mean.size:
+def producer_moments(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray,
+                     m: TensorMoments | None) -> TensorMoments | None:
+    """The moments of ``classes`` within ``m``, the moments of ``tensor`` (see
+    :func:`~onnx_udfc.channels.absorbers.producer_block`); None when they are not there."""
+    if m is None:
         return None
-    idx = pos[:, 0]
+    idx = producer_block(ctx, tensor, classes)
+    if idx is None:
+        return m if m.mean.size == len(classes) else None
+    if idx.size != len(classes) or idx.max() >= m.mean.size:
+        return None
     cov = m.cov[idx] if m.diagonal else m.cov[np.ix_(idx, idx)]
     return TensorMoments(m.mean[idx], cov, m.hw)
 

@@ -36,6 +36,7 @@ from onnx_udfc.channels.absorbers import (
     channel_partition,
     channel_positions,
     channels_present,
+    producer_block,
 )
 from onnx_udfc.channels.activations import activation_tensor, channel_axes
 from onnx_udfc.channels.analysis import ChannelAnalysis
@@ -239,19 +240,6 @@ def channels_last(a: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.moveaxis(a, axis, -1).astype(np.float64, order="C").reshape(-1, a.shape[axis])
 
 
-def producer_positions(ctx: ChannelAnalysis, tensor: str, classes: np.ndarray
-                       ) -> np.ndarray | None:
-    """Where ``classes`` (a producer's channels, in its order) sit along ``tensor``'s channel
-    axis when it holds other channels too (a reader's BatchNorm after a Concat); None when it
-    holds the producer's alone, or when they are not there one position each."""
-    shape = ctx.shapes.get(tensor)
-    axis = channel_axes(ctx, [tensor]).get(tensor, 1)
-    if shape is not None and len(shape) > axis and shape[axis] == len(classes):
-        return None
-    pos = channel_positions(ctx, tensor, classes)
-    return pos[:, 0] if pos is not None and pos.shape[1] == 1 else None
-
-
 def fit(xt: np.ndarray, x: np.ndarray, kept: np.ndarray, targets: np.ndarray,
         prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """``(B [|K|, |Z|], c [|Z|])`` with ``x[:, Z] ~ xt[:, K] B + c`` (ridge toward ``prior``)."""
@@ -327,7 +315,7 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
     stats = batch_statistics(original, feed, ctx.shapes) if synthetic else {}
     tensors = [activation_tensor(p.node, ctx, found[0].crossed) for p, found, *_ in todo]
     # a route after a reader's BatchNorm reads a Concat: the producer's channels are a block
-    positions = [producer_positions(ctx, t, cls)
+    positions = [producer_block(ctx, t, cls)
                  for (_p, _f, cls, *_), t in zip(todo, tensors, strict=True)]
     targets_of = []
     for (_p, found, cls, *_), t in zip(todo, tensors, strict=True):
@@ -353,12 +341,13 @@ def sequential_pruning(ctx: ChannelAnalysis, removed: np.ndarray, todo: list[tup
                 [tensors[j] for j in routes_here] +
                 [tg.shortcut for j in routes_here for tg in targets_of[j] if tg.shortcut])))
         current = now[t]
-        if pos is None and current.shape[channel_axes(ctx, [t]).get(t, 1)] != len(cls):
+        axis = channel_axes(ctx, [t]).get(t, 1)
+        if (pos is None and current.shape[axis] != len(cls)) or \
+                (pos is not None and pos.size != len(cls)):
             out[p.node.name or p.tensor] = {
                 "compensated": False, "stats": "sequential",
                 "reason": f"its channels are not one position each in '{t}'"}
             continue
-        axis = channel_axes(ctx, [t]).get(t, 1)
         xt, x = channels_last(current, axis), channels_last(reference[t], axis)
         if pos is not None:
             xt, x = xt[:, pos], x[:, pos]
