@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import api
+from onnx_udfc.core import normalize
 from onnx_udfc.core.ort import session
 from onnx_udfc.methods import output_fit
 from onnx_udfc.methods import plus as udfc_plus
@@ -54,9 +55,10 @@ def test_patches_reproduce_onnx_conv(k, pads, stride):
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), y, atol=1e-4)
 
 
-def residual_block() -> onnx.ModelProto:
+def residual_block(folded: bool = False) -> onnx.ModelProto:
     """convA-bnA-relu (pruned, absorbed by conv0) -> conv0-bn0-relu = r0 (the shortcut) ->
-    conv1-bn1-relu (pruned, absorbed by conv2) -> conv2-bn2 + r0 -> relu -> GAP."""
+    conv1-bn1-relu (pruned, absorbed by conv2) -> conv2-bn2 + r0 -> relu -> GAP; ``folded``:
+    every BN folded into its Conv, as deployed exports have it."""
     rng = np.random.default_rng(4)
     inits: list = []
     n = [conv_node("ca", "x", 3, 8, rng, inits), bn_node("ba", "ca_y", 8, rng, inits)]
@@ -72,7 +74,11 @@ def residual_block() -> onnx.ModelProto:
     graph = helper.make_graph(
         n, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 6, 1, 1])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if folded:
+        normalize.fold_batchnorm(model)
+        assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)
+    return model
 
 
 def _error(model, out, x) -> float:
@@ -80,8 +86,9 @@ def _error(model, out, x) -> float:
                           - session(model).run(None, {"x": x})[0]) ** 2))
 
 
-def test_output_refit_lowers_the_error_and_cancels_the_shortcut_drift(monkeypatch):
-    model = residual_block()
+@pytest.mark.parametrize("folded", [False, True], ids=["bn-kept", "bn-folded"])
+def test_output_refit_lowers_the_error_and_cancels_the_shortcut_drift(monkeypatch, folded):
+    model = residual_block(folded)
     x = np.random.default_rng(5).normal(size=(64, 3, 8, 8)).astype(np.float32)
     errors, reports = {}, {}
     real_target = output_fit.output_target
@@ -113,3 +120,11 @@ def test_output_target_only_takes_plain_convs_reading_the_tensor():
     assert output_fit.output_target(ctx, nodes["c2"], "r0") is None  # not its input
     nodes["c2"].attribute.append(helper.make_attribute("group", 2))
     assert output_fit.output_target(ctx, nodes["c2"], "r1") is None
+
+
+def test_a_folded_conv_summed_by_a_residual_add_has_the_other_input_as_shortcut():
+    ctx = api.analyse(residual_block(folded=True), {"x": [1, 3, 8, 8]}).channels
+    nodes = {n.name: n for n in ctx.graph.node}
+    t = output_fit.output_target(ctx, nodes["c2"], "r1")
+    assert t is not None and t.batchnorm is None and t.shortcut == "r0"
+    assert output_fit.output_target(ctx, nodes["c0"], "ra").shortcut is None

@@ -62,8 +62,9 @@ SOURCES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "proxy-small": ({"moments": "proxy"}, {"CROP_AREA": (0.05, 0.5)}),
     "proxy-whole": ({"moments": "proxy"}, {"CROP_AREA": (0.6, 1.0)}),
     "oracle": ({}, {}),
+    "oracle-recon": ({"criterion": "recon"}, {}),
 }
-DATA_FREE = [s for s in SOURCES if s != "oracle"]
+DATA_FREE = [s for s in SOURCES if not s.startswith("oracle")]
 NOTES = "<!-- written by hand from here on: bench_proxy.py keeps it -->"
 
 
@@ -118,7 +119,7 @@ def run_point(path: Path, source: str, ratio: float, bits: int, seed: int,
         model, report = api.compress(
             str(path), target="fake", prune=ratio, method="udfc+", sequential=sequential,
             bits=bits, check=False, seed=seed,
-            calibration=calibration if source == "oracle" else None,
+            calibration=calibration if source.startswith("oracle") else None,
             **{"criterion": "auto", **options})
     seconds = time.perf_counter() - t
     top1, _ = bench_udfc.evaluate(model, name, x, y)

@@ -16,7 +16,9 @@ target also cancels the drift that arrives through the shortcut:
 
     Y = y_orig - (s~ - s) sqrt(var + eps) / gamma,
 
-so that ``BN(conv'(x~)) + s~`` matches the original block output ``BN(conv(x)) + s``.
+so that ``BN(conv'(x~)) + s~`` matches the original block output ``BN(conv(x)) + s``; with the
+BN folded into the Conv (deployed exports) the Conv's output is what the Add sums, and
+``Y = y_orig - (s~ - s)``.
 The data term is weighted per output channel by the BN gain ``gamma^2 / (var + eps)`` (what the
 fit changes is seen after the BN): an output the BN nearly silences stays near its old weights
 instead of growing huge, which 4-bit per-tensor scales cannot afford. On the NM ResNet-56
@@ -65,14 +67,16 @@ def output_target(ctx: ChannelAnalysis, node: onnx.NodeProto, tensor: str
         bn = None
     if bn is None and not has_bias:
         return None
+    # the tensor a residual Add sums: the BN's output, or the Conv's own with the BN folded
+    summed = bn.output[0] if bn is not None else node.output[0]
     shortcut = None
-    if bn is not None:
-        readers = ctx.consumers.get(bn.output[0], [])
-        if len(readers) == 1 and readers[0].op_type == "Add" and len(readers[0].input) == 2:
-            other = [i for i in readers[0].input if i != bn.output[0]]
-            if len(other) == 1 and other[0] not in ctx.inits and \
-                    ctx.shapes.get(other[0]) == ctx.shapes.get(bn.output[0]):
-                shortcut = other[0]
+    readers = ctx.consumers.get(summed, [])
+    if summed not in outputs and len(readers) == 1 and readers[0].op_type == "Add" \
+            and len(readers[0].input) == 2:
+        other = [i for i in readers[0].input if i != summed]
+        if len(other) == 1 and other[0] not in ctx.inits and \
+                ctx.shapes.get(other[0]) == ctx.shapes.get(summed):
+            shortcut = other[0]
     return OutputTarget(node, bn, shortcut)
 
 
@@ -142,13 +146,16 @@ def refit_output(ctx: ChannelAnalysis, original: onnx.ModelProto, target: Output
         gamma = tensor_array(inits[bn.input[1]]).astype(np.float64)
         eps = next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5)
         weight = gamma ** 2 / (bn_var + eps)
-    if bn is not None and shortcut_now is not None and shortcut_orig is not None \
-            and bn_var is not None:
-        gamma = tensor_array(inits[bn.input[1]]).astype(np.float64)
-        eps = next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5)
-        drift = np.moveaxis(shortcut_now - shortcut_orig, 1, -1).reshape(-1, w.shape[0])
-        safe = np.where(np.abs(gamma) > 1e-6 * np.abs(gamma).max(), gamma, np.inf)
-        y = y - drift.astype(np.float64) * np.sqrt(bn_var + eps) / safe
+    if shortcut_now is not None and shortcut_orig is not None:
+        drift = np.moveaxis(shortcut_now - shortcut_orig, 1, -1).reshape(
+            -1, w.shape[0]).astype(np.float64)
+        if bn is None:  # a folded BN: the Conv's output is what the Add sums
+            y = y - drift
+        elif bn_var is not None:
+            gamma = tensor_array(inits[bn.input[1]]).astype(np.float64)
+            eps = next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5)
+            safe = np.where(np.abs(gamma) > 1e-6 * np.abs(gamma).max(), gamma, np.inf)
+            y = y - drift * np.sqrt(bn_var + eps) / safe
     w0 = w[:, kept].reshape(w.shape[0], -1).T
     fitted, c = ridge_fit(p, y, w0, lam, weight)
     new = np.zeros_like(w)
