@@ -265,3 +265,16 @@ def test_eq9_scales_give_the_column_view_bits_in_the_weights_layout(monkeypatch,
     ctx = SimpleNamespace(inits={"w": onnx.numpy_helper.from_array(w, "w")})
     absorbers._scale_inputs(ctx, absorber, pos, scales)  # type: ignore[arg-type]
     assert tensor_array(ctx.inits["w"]).tobytes() == tensor_array(reference.inits["w"]).tobytes()
+
+
+def test_channel_classes_are_computed_once_until_slots_change(digits) -> None:
+    model, _ = digits
+    ctx = api.analyse(model).channels
+    first = ctx.roots()
+    assert ctx.roots() is first and not first.flags.writeable
+    a, b = ctx.new_slots(1), ctx.new_slots(1)
+    assert len(ctx.roots()) == len(first) + 2
+    ctx.union(a, b)
+    classes = ctx.roots()
+    assert classes[b[0]] == classes[a[0]] == a[0]
+    assert np.array_equal(classes[:len(first)], first)
