@@ -29,7 +29,7 @@ from onnx_udfc.moments.input_range import resolve_input_range
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.sampled import synthetic_inputs
 from onnx_udfc.moments.source import MomentSource
-from tests.test_input_range import trained_for
+from tests.helpers import trained_for
 
 STEM_RELU = "/stem/stem.2/Relu_output_0"
 STEM5_RELU = "/stem/stem.5/Relu_output_0"
