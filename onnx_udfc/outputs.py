@@ -161,7 +161,7 @@ def _compress_guarded(source: str | os.PathLike, config: CompressConfig, written
     plans = backoff_plans(config) if config.check.max_error is not None else [config]
     feeds: dict[str, dict[str, np.ndarray] | None] = {"data": None}
     attempts: list[dict] = []
-    input_range = None  # resolved once: every plan reads the same model
+    input_range = None  # of the first model read (every plan reads the same), measured once
     for plan in plans:
         model = io.load_model(source)
         shapes = shape_lists(working_input_shapes(model, config.graph.input_shapes))

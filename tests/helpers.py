@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_udfc import api
 from onnx_udfc.cli import main
+from onnx_udfc.moments.input_range import RANGES
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = "N"
@@ -212,6 +213,21 @@ def image(b: Builder, c: int = 3, hw: int = 8, batch: int | str = BATCH) -> str:
     """The graph input ``x``: a batch of ``c``-channel ``hw`` x ``hw`` images."""
     return b.input("x", [batch, c, hw, hw])
 
+
+def trained_for(range_name: str, batchnorm: bool = False) -> onnx.ModelProto:
+    """Conv -> (BN) -> Relu -> Conv whose first layer writes spreads near 1 on photographs in
+    ``range_name``, as a layer trained under BatchNorm does on its own inputs."""
+    b = Builder(seed=3)
+    x = image(b, hw=16)
+    h = b.conv(x, 3, 8, name="conv0")
+    if batchnorm:
+        h = b.bn(h, 8, "bn0")
+    b.output(b.conv(b.relu(h, "r0"), 8, 4, name="conv1"))
+    model = b.build()
+    weight = next(t for t in model.graph.initializer if t.name == "conv0.weight")
+    w = onnx.numpy_helper.to_array(weight) / RANGES[range_name][1]
+    weight.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), weight.name))
+    return model
 
 def bn_relu_convs(b: Builder, x: str, widths: Sequence[int]) -> str:
     """Conv (3x3) -> BN -> Relu per width, named ``c1``, ``bn1``, ...; returns the output."""

@@ -17,23 +17,7 @@ from onnx_udfc.moments import proxy
 from onnx_udfc.moments.comparison import guard_feeds
 from onnx_udfc.moments.input_range import PHOTO_MEAN, PHOTO_STD, RANGES, resolve_input_range
 from onnx_udfc.moments.sampled import synthetic_inputs
-from tests.helpers import Builder, image
-
-
-def trained_for(range_name: str, batchnorm: bool = False) -> onnx.ModelProto:
-    """Conv -> (BN) -> Relu -> Conv whose first layer writes spreads near 1 on photographs in
-    ``range_name``, as a layer trained under BatchNorm does on its own inputs."""
-    b = Builder(seed=3)
-    x = image(b, hw=16)
-    h = b.conv(x, 3, 8, name="conv0")
-    if batchnorm:
-        h = b.bn(h, 8, "bn0")
-    b.output(b.conv(b.relu(h, "r0"), 8, 4, name="conv1"))
-    model = b.build()
-    weight = next(t for t in model.graph.initializer if t.name == "conv0.weight")
-    w = onnx.numpy_helper.to_array(weight) / RANGES[range_name][1]
-    weight.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), weight.name))
-    return model
+from tests.helpers import Builder, trained_for
 
 
 @pytest.mark.parametrize("range_name", ["standardised", "0-1", "0-255"])

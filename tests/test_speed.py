@@ -1,29 +1,35 @@
 """The speed-ups of issue 17: reused probe runs in --sequential, row gathering for the
 measured moments, synthetic samples drawn once, moments of the pruned producers only, progress
-counters, --round-to auto."""
+counters, --round-to auto, the input range measured only when read, Eq. 9 scales applied in the
+weight's own layout."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
 from onnx_udfc import api, pipeline
+from onnx_udfc.channels import absorbers
+from onnx_udfc.channels.absorbers import Absorber, ColumnView
 from onnx_udfc.channels.activations import activation_tensor
 from onnx_udfc.channels.plan import make_plan
-from onnx_udfc.channels.stats import weight_layer
+from onnx_udfc.channels.stats import LayerWeights, weight_layer
 from onnx_udfc.config import CompressConfig, PruneOptions
 from onnx_udfc.core.errors import UdfcError
 from onnx_udfc.core.io import set_tensor_array, tensor_array
 from onnx_udfc.core.ort import conv_channel_block
 from onnx_udfc.methods import plus, sequential
 from onnx_udfc.methods.compensate import MethodRun, compensate_pruning
-from onnx_udfc.moments import measured
+from onnx_udfc.moments import input_range, measured
+from onnx_udfc.moments.input_range import resolve_input_range
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.sampled import synthetic_inputs
 from onnx_udfc.moments.source import MomentSource
+from tests.helpers import trained_for
 
 STEM_RELU = "/stem/stem.2/Relu_output_0"
 STEM5_RELU = "/stem/stem.5/Relu_output_0"
@@ -202,3 +208,73 @@ def test_round_to_accepts_auto_and_integers_only() -> None:
     CompressConfig.resolve(round_to="auto").validate()
     with pytest.raises(UdfcError, match="--round-to"):
         CompressConfig.resolve(round_to="fast").validate()
+
+
+def test_a_run_that_draws_no_data_free_input_never_measures_the_input_range(monkeypatch
+                                                                            ) -> None:
+    def measured_anyway(*_args, **_kwargs):
+        raise AssertionError("the input range was measured")
+
+    monkeypatch.setattr(input_range, "_spreads", measured_anyway)
+    _, report = api.compress(trained_for("0-255"), preset="fast", **{"check.verify": False})
+    assert report.input_range == {"range": None, "from": input_range.NOT_MEASURED}
+    assert "range " not in report.summary()
+
+
+def test_the_input_range_read_later_is_measured_on_the_original_model() -> None:
+    model = trained_for("0-255")
+    eager = resolve_input_range(onnx.ModelProto.FromString(model.SerializeToString()), "auto")
+    deferred = resolve_input_range(model, "auto")
+    assert not deferred.resolved
+    first = next(t for t in model.graph.initializer if t.name == "conv0.weight")
+    set_tensor_array(first, tensor_array(first) * 255.0)  # pruning or rounding changes weights
+    assert (deferred.name, deferred.origin) == (eager.name, eager.origin) == (
+        "0-255", eager.origin)
+    assert deferred.resolved
+    # A run that draws data-free inputs (udfc+ samples) measures it, as before.
+    _, report = api.compress(trained_for("0-255"), **{"check.verify": False})
+    assert report.input_range == eager.to_dict()
+
+
+@pytest.mark.parametrize(("op", "shape", "in_axis", "group", "positions"), [
+    ("Conv", (8, 6, 3, 3), 1, 1, [[0], [2], [5]]),
+    ("Conv", (8, 2, 3, 3), 1, 4, [[1], [4], [6]]),  # grouped: position 4 is group 2's first
+    ("Gemm", (12, 5), 0, 1, [[0, 1], [6, 7], [10, 11]]),  # a Flatten block of 2 per channel
+])
+def test_eq9_scales_give_the_column_view_bits_in_the_weights_layout(monkeypatch, op, shape,
+                                                                    in_axis, group,
+                                                                    positions) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w.flat[0] = -0.0
+    node = onnx.helper.make_node(op, ["x", "w"], ["y"], **({"group": group} if group > 1
+                                                         else {}))
+    absorber = Absorber(LayerWeights(node, "w", 1 - in_axis if op == "Gemm" else 0, in_axis),
+                        "x")
+    pos, scales = np.array(positions), rng.uniform(0.5, 2.0, len(positions))
+
+    reference = SimpleNamespace(inits={"w": onnx.numpy_helper.from_array(w, "w")})
+    view = ColumnView(reference, absorber)  # type: ignore[arg-type]
+    view.cols[pos] *= scales[:, None, None]
+    view.write()
+
+    def column_view(*_args, **_kwargs):
+        raise AssertionError("the whole weight went through a float64 column view")
+
+    monkeypatch.setattr(absorbers, "ColumnView", column_view)
+    ctx = SimpleNamespace(inits={"w": onnx.numpy_helper.from_array(w, "w")})
+    absorbers._scale_inputs(ctx, absorber, pos, scales)  # type: ignore[arg-type]
+    assert tensor_array(ctx.inits["w"]).tobytes() == tensor_array(reference.inits["w"]).tobytes()
+
+
+def test_channel_classes_are_computed_once_until_slots_change(digits) -> None:
+    model, _ = digits
+    ctx = api.analyse(model).channels
+    first = ctx.roots()
+    assert ctx.roots() is first and not first.flags.writeable
+    a, b = ctx.new_slots(1), ctx.new_slots(1)
+    assert len(ctx.roots()) == len(first) + 2
+    ctx.union(a, b)
+    classes = ctx.roots()
+    assert classes[b[0]] == classes[a[0]] == a[0]
+    assert np.array_equal(classes[:len(first)], first)

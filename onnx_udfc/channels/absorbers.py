@@ -22,7 +22,7 @@ import onnx
 from onnx_udfc.channels.activations import channel_separate, same_classes
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, follower_bias, weight_layer
-from onnx_udfc.core.io import set_tensor_array, tensor_array
+from onnx_udfc.core.io import set_tensor_array, tensor_array, tensor_dtype
 from onnx_udfc.ops.base import attr
 from onnx_udfc.ops.registry import Trait, op_spec
 
@@ -325,7 +325,7 @@ def _scale_bn(ctx: ChannelAnalysis, bn: onnx.NodeProto, positions: np.ndarray,
     new_beta[idx] = beta[idx] + (scales - 1.0) * gamma[idx] * shift[idx] / np.sqrt(var[idx] + eps)
     for name, value in ((bn.input[1], new_gamma), (bn.input[2], new_beta)):
         init = ctx.inits[name]
-        set_tensor_array(init, value.astype(tensor_array(init).dtype))
+        set_tensor_array(init, value.astype(tensor_dtype(init)))
 
 
 def _label(c: onnx.NodeProto) -> str:
@@ -496,10 +496,29 @@ def apply_scales(ctx: ChannelAnalysis, found: list[Absorber], classes: np.ndarra
         if ab.layer.node.op_type == "BatchNormalization":
             _scale_bn(ctx, ab.layer.node, pos, sc)
             continue
-        view = ColumnView(ctx, ab)
-        view.cols[pos] *= sc[:, None, None]
-        view.write()
+        _scale_inputs(ctx, ab, pos, sc)
     return []
+
+
+def _scale_inputs(ctx: ChannelAnalysis, absorber: Absorber, positions: np.ndarray,
+                  scales: np.ndarray) -> None:
+    """``W[:, p] *= s`` at every input position ``p`` of row i of ``positions`` (``[n, m]``)
+    with ``scales[i]``, in float64 like a :class:`ColumnView` (the same bits), in the weight's
+    own layout: no transposed copies. Other positions are multiplied by 1.0, which keeps
+    their bits; a grouped Conv's position is read by its own group's outputs only."""
+    init = ctx.inits[absorber.layer.weight]
+    w = tensor_array(init)
+    axis, groups = absorber.layer.in_axis, conv_groups(absorber)
+    factor = np.ones(w.shape[axis] * groups)
+    factor[positions] = scales[:, None]
+    if groups > 1:  # [O, C/g, k...]: output o reads positions (o // (O/g)) * C/g + [0, C/g)
+        per_output = np.repeat(factor.reshape(groups, w.shape[1]), w.shape[0] // groups, axis=0)
+        factor = per_output.reshape(*per_output.shape, *[1] * (w.ndim - 2))
+    else:
+        factor = factor.reshape([-1 if a == axis else 1 for a in range(w.ndim)])
+    scaled = w.astype(np.float64)
+    scaled *= factor
+    set_tensor_array(init, scaled.astype(w.dtype))
 
 
 def weight_uses(graph: onnx.GraphProto) -> dict[str, int]:

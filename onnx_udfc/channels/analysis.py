@@ -98,6 +98,7 @@ class ChannelAnalysis:
         self.producers: list[Producer] = []
         self.balance: list[tuple[np.ndarray, int]] = []
         self._parent: list[int] = []
+        self._roots: np.ndarray | None = None  # roots() until _parent changes
         self._source: list[int] = []
         self._fixed: dict[int, str] = {}
         self._opaque_cache: dict[tuple[str, int], np.ndarray] = {}
@@ -123,6 +124,7 @@ class ChannelAnalysis:
     # -- slots -------------------------------------------------------------------------------
     def new_slots(self, count: int, source: int = 0) -> np.ndarray:
         start = len(self._parent)
+        self._roots = None
         self._parent.extend(range(start, start + count))
         self._source.extend([source] * count)
         return np.arange(start, start + count, dtype=np.int64)
@@ -146,6 +148,7 @@ class ChannelAnalysis:
             rx, ry = self._find(x), self._find(y)
             if rx != ry:
                 self._parent[max(rx, ry)] = min(rx, ry)
+                self._roots = None
 
     def set(self, name: str, axis: int | None, slots: np.ndarray | None,
             opaque_reason: str = "") -> None:
@@ -195,24 +198,29 @@ class ChannelAnalysis:
 
     # -- results -----------------------------------------------------------------------------
     def roots(self) -> np.ndarray:
-        parent = np.asarray(self._parent, dtype=np.int64)
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                return parent
-            parent = nxt
+        """Each slot's class (read-only; kept until a slot is added or two are tied)."""
+        if self._roots is None:
+            parent = np.asarray(self._parent, dtype=np.int64)
+            while True:
+                nxt = parent[parent]
+                if np.array_equal(nxt, parent):
+                    break
+                parent = nxt
+            parent.flags.writeable = False
+            self._roots = parent
+        return self._roots
 
     def groups(self) -> list[ChannelGroup]:
         """The channel groups, each with its fixed classes and why."""
         root = self.roots()
         n = len(root)
         # Second union-find: classes sharing a tensor belong to one group.
-        gparent = np.arange(n, dtype=np.int64)
+        gparent = list(range(n))  # a list: indexing a NumPy array per element is 3x slower
 
         def gfind(x: int) -> int:
             while gparent[x] != x:
                 gparent[x] = gparent[gparent[x]]
-                x = int(gparent[x])
+                x = gparent[x]
             return x
 
         tensor_roots: dict[str, np.ndarray] = {}

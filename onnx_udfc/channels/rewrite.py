@@ -12,7 +12,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_udfc.channels.analysis import ChannelAnalysis
-from onnx_udfc.core.io import set_tensor_array, sync_initializer_inputs, tensor_array
+from onnx_udfc.core.io import (
+    set_tensor_array,
+    sync_initializer_inputs,
+    tensor_array,
+    tensor_dtype,
+)
 from onnx_udfc.ops.registry import op_spec
 
 
@@ -91,7 +96,7 @@ class Rewriter:
         name = node.input[index] if index < len(node.input) else ""
         copies = None
         if name in self.inits:
-            array = np.asarray(array, dtype=tensor_array(self.inits[name]).dtype)
+            array = np.asarray(array, dtype=tensor_dtype(self.inits[name]))
             copies = self.copies.setdefault(name, [])
             same = next((c for c in copies if _identical(c.array, array)), None)
             if self.uses[name] == 1:  # the last reader: the initializer itself changes

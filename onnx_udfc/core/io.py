@@ -130,9 +130,15 @@ _RAW_DTYPES = {
 }
 
 
+def tensor_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    """The dtype of :func:`tensor_array`'s values, without reading them (reading ``raw_data``
+    copies every byte)."""
+    return _RAW_DTYPES.get(tensor.data_type) or tensor_array(tensor).dtype
+
+
 def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     """Replace a tensor's values in place, keeping its name, type and doc string."""
-    new = numpy_helper.from_array(np.ascontiguousarray(array, dtype=tensor_array(tensor).dtype),
+    new = numpy_helper.from_array(np.ascontiguousarray(array, dtype=tensor_dtype(tensor)),
                                   tensor.name)
     doc = tensor.doc_string
     tensor.Clear()

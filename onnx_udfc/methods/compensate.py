@@ -17,7 +17,12 @@ from onnx_udfc.channels.absorbers import absorbers, weight_uses
 from onnx_udfc.channels.analysis import ChannelAnalysis, analyse
 from onnx_udfc.channels.stats import layer_stats, weight_layer
 from onnx_udfc.config import MethodOptions, QuantOptions
-from onnx_udfc.core.io import graph_inputs, infer_shapes, set_tensor_array, tensor_array
+from onnx_udfc.core.io import (
+    graph_inputs,
+    infer_shapes,
+    set_tensor_array,
+    tensor_dtype,
+)
 from onnx_udfc.core.normalize import BatchNormStats
 from onnx_udfc.methods import get_method
 from onnx_udfc.methods import plus as udfc_plus
@@ -53,12 +58,10 @@ class MethodRun:
     @property
     def plus(self) -> udfc_plus.PlusConfig:
         """The udfc+ hyperparameters with this run's choices."""
-        m, r = self.options, self.input_range
-        shifted = r is not None and r.shifts
+        m = self.options
         return dataclasses.replace(udfc_plus.DEFAULT, moments=m.moments,
                                    sequential=m.sequential, samples=self.samples, seed=m.seed,
-                                   input_mean=(r.mean,) if shifted else None,
-                                   input_std=(r.std,) if shifted else None)
+                                   input_range=self.input_range)
 
 
 @udfc_plus.plus_threads("cfg")
@@ -215,12 +218,12 @@ def _grid_values(ctx: ChannelAnalysis, layer: Any, filters: np.ndarray, grid: Qu
     """The layer's round-to-nearest grid values. Scales in the weight's own dtype: what
     integer storage writes, so the fake model and its integer (qdq) twin hold bit-identical
     weights."""
-    w = tensor_array(ctx.inits[layer.weight])
+    init = ctx.inits[layer.weight]
+    dtype = tensor_dtype(init)
     if grid.block_size:
-        moved = np.moveaxis(w, layer.out_axis, 0).shape
-        return quantize_blocks_params(filters.reshape(moved), bits, grid.quantizer,
-                                      grid.block_size, w.dtype)
-    return quantize_params(filters, bits, grid.quantizer, grid.granularity, w.dtype)
+        return quantize_blocks_params(filters.reshape(_filters_shape(init, layer)), bits,
+                                      grid.quantizer, grid.block_size, dtype)
+    return quantize_params(filters, bits, grid.quantizer, grid.granularity, dtype)
 
 
 def _keep(ctx: ChannelAnalysis, name: str, layer: Any, job: QuantJob, q: Any,
@@ -244,9 +247,13 @@ def _keep(ctx: ChannelAnalysis, name: str, layer: Any, job: QuantJob, q: Any,
     _write_filters(ctx, layer, job.rounded)
 
 
+def _filters_shape(init: onnx.TensorProto, layer: Any) -> tuple[int, ...]:
+    """The weight's shape with the output axis first (the layout of the filters)."""
+    dims = list(init.dims)
+    return (dims.pop(layer.out_axis), *dims)
+
+
 def _write_filters(ctx: ChannelAnalysis, layer, filters: np.ndarray) -> None:
     init = ctx.inits[layer.weight]
-    w = tensor_array(init)
-    moved_shape = np.moveaxis(w, layer.out_axis, 0).shape
-    new = np.moveaxis(filters.reshape(moved_shape), 0, layer.out_axis)
-    set_tensor_array(init, new.astype(w.dtype))
+    new = np.moveaxis(filters.reshape(_filters_shape(init, layer)), 0, layer.out_axis)
+    set_tensor_array(init, new.astype(tensor_dtype(init)))

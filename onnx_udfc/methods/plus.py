@@ -39,7 +39,8 @@ from onnx_udfc.channels.activations import activation_tensor, channel_axes, prun
 from onnx_udfc.channels.analysis import ChannelAnalysis
 from onnx_udfc.channels.stats import LayerWeights, follower_batchnorm, follower_bias, weight_layer
 from onnx_udfc.core.blas import single_blas_thread
-from onnx_udfc.core.io import set_tensor_array, tensor_array
+from onnx_udfc.core.io import set_tensor_array, tensor_array, tensor_dtype
+from onnx_udfc.moments.input_range import InputRange
 from onnx_udfc.moments.propagated import TensorMoments
 from onnx_udfc.moments.reconstruction import RIDGE, reconstruction
 from onnx_udfc.moments.source import MomentSource
@@ -57,8 +58,7 @@ class PlusConfig:
     const_scale: float = 0.85  # shrink the absorbed constant toward 0
     bias_correction: bool = True
     scale_correction: bool = False  # LS scale per output channel, folded into a following BN
-    input_mean: tuple[float, ...] | None = None
-    input_std: tuple[float, ...] | None = None
+    input_range: InputRange | None = None  # of the image input (standardised when None)
     moments: str = "auto"  # what the user asked for (onnx_udfc.moments.source.MOMENTS)
     sequential: bool = False  # onnx_udfc.methods.sequential
     seed: int = 0  # of the synthetic samples (and the inversion's start)
@@ -83,8 +83,7 @@ def moment_source(model: onnx.ModelProto, cfg: PlusConfig, calibration: Any = No
     the run removes channels and repairs them with the sequential fit, which ``auto``
     reads)."""
     return MomentSource(model, cfg.moments, calibration=calibration, seed=cfg.seed,
-                        samples=cfg.samples, input_mean=cfg.input_mean,
-                        input_std=cfg.input_std, spatial=cfg.spatial,
+                        samples=cfg.samples, input_range=cfg.input_range, spatial=cfg.spatial,
                         fit_spatial=cfg.fit_spatial, input_shapes=input_shapes,
                         sequential_pruning=sequential_pruning)
 
@@ -138,7 +137,7 @@ def add_output_bias(ctx: ChannelAnalysis, layer: LayerWeights, delta: np.ndarray
             return True
     if node.op_type not in ("Conv", "Gemm"):
         return False
-    dtype = tensor_array(inits[layer.weight]).dtype
+    dtype = tensor_dtype(inits[layer.weight])
     name = f"{layer.weight}__udfc_bias"
     while name in inits:
         name += "_"

@@ -19,8 +19,7 @@ only by a clear margin (:data:`MARGIN`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -38,14 +37,43 @@ RANGES: dict[str, tuple[float, float]] = {  # name -> (mean, std) of an input ch
     "0-255": (255.0 * PHOTO_MEAN, 255.0 * PHOTO_STD),
 }
 DEFAULT_RANGE = "standardised"  # RANGES names every choice of config.INPUT_RANGES but auto
+NOT_MEASURED = "not measured: the run drew no data-free input"
 MARGIN = math.log(2.0)  # another range must be this much closer to 1 than the default
 PROBE_IMAGES = 4
 
 
-@dataclass(frozen=True)
 class InputRange:
-    name: str
-    origin: str  # "given", or the measurement that chose it
+    """The values of the image input: ``name`` (a key of :data:`RANGES`) and ``origin``
+    ("given", or the measurement that chose it).
+
+    Built with ``measure`` instead, it is measured the first time it is read: a run that draws
+    no data-free input (``--preset fast`` without verification) never pays for the photographs
+    and the ONNX Runtime session (0.5 s on ResNet-50)."""
+
+    def __init__(self, name: str | None = None, origin: str = "given", *,
+                 measure: Callable[[], tuple[str, str]] | None = None) -> None:
+        assert (name is None) != (measure is None), "a range is either known or measured"
+        self._value = None if name is None else (name, origin)
+        self._measure = measure
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the range is known (given, or measured already)."""
+        return self._value is not None
+
+    def _resolved(self) -> tuple[str, str]:
+        if self._value is None:
+            assert self._measure is not None
+            self._value, self._measure = self._measure(), None  # the probe model is freed
+        return self._value
+
+    @property
+    def name(self) -> str:
+        return self._resolved()[0]
+
+    @property
+    def origin(self) -> str:
+        return self._resolved()[1]
 
     @property
     def mean(self) -> float:
@@ -59,31 +87,49 @@ class InputRange:
     def shifts(self) -> bool:
         return self.name != DEFAULT_RANGE
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | None]:
+        """For the report; a range never read (no data-free input drawn) is not measured."""
+        if not self.resolved:
+            return {"range": None, "from": NOT_MEASURED}
         return {"range": self.name, "from": self.origin}
+
+    def __repr__(self) -> str:
+        shown = f"{self.name!r}, {self.origin!r}" if self.resolved else "not measured yet"
+        return f"InputRange({shown})"
 
 
 def resolve_input_range(model: onnx.ModelProto, requested: str,
                         input_shapes: Mapping[str, Sequence[int]] | None = None) -> InputRange:
-    """``requested`` as given, or (``auto``) measured on the model's first convolution."""
+    """``requested`` as given, or (``auto``) measured on the model's first convolution the
+    first time the range is read. The probe (that layer and its weights) is copied out of
+    ``model`` now: a later change to ``model`` (pruning, rounding) does not change the range."""
     if requested != "auto":
         return InputRange(requested, "given")
     images = proxy.image_inputs(model, input_shapes)
     if len(images) != 1:
         return InputRange(DEFAULT_RANGE, "no single image input")
     (name, dims), = images.items()
-    probe = _first_layer(model, name)
-    if probe is None:
+    tensor = _first_layer(model, name)
+    if tensor is None:
         return InputRange(DEFAULT_RANGE, "no convolution reads the image input alone")
-    spreads = _spreads(model, probe, name, dims, input_shapes)
+    probe = _subgraph(model, name, tensor)
+    if input_shapes:
+        pin_inputs(probe, {k: v for k, v in input_shapes.items() if k == name})
+    return InputRange(measure=lambda: _measured(probe, tensor, name, dims))
+
+
+def _measured(probe: onnx.ModelProto, tensor: str, image: str, dims: Sequence[int]
+              ) -> tuple[str, str]:
+    """The range whose spreads of ``tensor`` (the output of ``probe``) are closest to 1."""
+    spreads = _spreads(probe, image, dims)
     if not spreads:
-        return InputRange(DEFAULT_RANGE, f"'{probe}' does not vary on photographs")
+        return DEFAULT_RANGE, f"'{tensor}' does not vary on photographs"
     distance = {r: abs(math.log(s)) for r, s in spreads.items()}
-    best = min(distance, key=distance.get)
+    best = min(distance, key=distance.get)  # type: ignore[arg-type]
     if best != DEFAULT_RANGE and distance[best] + MARGIN > distance[DEFAULT_RANGE]:
         best = DEFAULT_RANGE
     shown = ", ".join(f"{spreads[r]:.3g} at {r}" for r in RANGES)
-    return InputRange(best, f"auto: '{probe}' spreads {shown} on photographs")
+    return best, f"auto: '{tensor}' spreads {shown} on photographs"
 
 
 def _first_layer(model: onnx.ModelProto, image: str) -> str | None:
@@ -127,12 +173,9 @@ def _subgraph(model: onnx.ModelProto, image: str, tensor: str) -> onnx.ModelProt
                                   ir_version=model.ir_version)
 
 
-def _spreads(model: onnx.ModelProto, tensor: str, image: str, dims: Sequence[int],
-             input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, float]:
-    """Per range, the median over channels of ``tensor``'s spread on proxy photographs."""
-    probe = _subgraph(model, image, tensor)
-    if input_shapes:
-        pin_inputs(probe, {k: v for k, v in input_shapes.items() if k == image})
+def _spreads(probe: onnx.ModelProto, image: str, dims: Sequence[int]) -> dict[str, float]:
+    """Per range, the median over channels of the spread of ``probe``'s output on proxy
+    photographs."""
     runner = session(probe)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(probe.graph.input[0].type.tensor_type.elem_type)
     photos = proxy.proxy_batch(PROBE_IMAGES, *dims[1:], np.random.default_rng(0))

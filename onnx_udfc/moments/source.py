@@ -41,6 +41,7 @@ from onnx_udfc.core.io import infer_shapes
 from onnx_udfc.core.ort import refusals
 from onnx_udfc.moments import proxy
 from onnx_udfc.moments.feeds import fixed_inputs, undrawn_input_cause
+from onnx_udfc.moments.input_range import InputRange
 from onnx_udfc.moments.measured import load_calibration, measure
 from onnx_udfc.moments.propagated import TensorMoments, propagate
 from onnx_udfc.moments.sampled import sampled_moments, synthetic_inputs
@@ -101,15 +102,15 @@ class MomentSource:
     ``kind`` is what the next request will use; ``fallbacks`` lists every switch away from the
     kind first resolved, as ``{"from", "to", "cause", "stage"}``. ``samples`` is the fitted
     model-inversion batch of ``inverted`` (synthetic samples drawn with ``seed`` without it);
-    ``input_mean``/``input_std`` shape the synthetic inputs and the propagation's input model;
+    ``input_range`` (standardised when None) shapes the synthetic inputs and the propagation's
+    input model;
     ``spatial``/``fit_spatial`` are the propagation's patch correlation.
     """
 
     def __init__(self, model: onnx.ModelProto, requested: str = "auto", *,
                  calibration: Any = None, seed: int = 0,
                  samples: dict[str, np.ndarray] | None = None,
-                 input_mean: tuple[float, ...] | None = None,
-                 input_std: tuple[float, ...] | None = None,
+                 input_range: InputRange | None = None,
                  spatial: float = 0.5, fit_spatial: bool = False,
                  input_shapes: Mapping[str, Sequence[int]] | None = None,
                  sequential_pruning: bool = False) -> None:
@@ -118,7 +119,7 @@ class MomentSource:
         self.calibration = calibration
         self.seed = seed
         self.samples = samples
-        self.input_mean, self.input_std = input_mean, input_std
+        self.input_range = input_range  # read (measured, when auto) by the first draw only
         self.spatial, self.fit_spatial = spatial, fit_spatial
         self.input_shapes = dict(input_shapes or {})  # the run's working shapes
         self.kind = "measured" if calibration is not None else resolve(
@@ -131,6 +132,18 @@ class MomentSource:
         self.fit: dict[str, Any] | None = None  # how the drawn samples were fitted, if they were
         self.progress: Callable[[str], None] | None = None  # a progress bar's counter label
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
+
+    @property
+    def input_mean(self) -> tuple[float, ...] | None:
+        """The image input's channel mean, None when standardised."""
+        r = self.input_range
+        return (r.mean,) if r is not None and r.shifts else None
+
+    @property
+    def input_std(self) -> tuple[float, ...] | None:
+        """The image input's channel spread, None when standardised."""
+        r = self.input_range
+        return (r.std,) if r is not None and r.shifts else None
 
     def moments(self, model: onnx.ModelProto, shapes: dict, tensors: list[str], *,
                 stage: str, max_full: int = 512,

@@ -99,8 +99,9 @@ def _bshape(stat: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 def _absmax(x: np.ndarray, red: tuple[int, ...]) -> np.ndarray:
-    # initial=0 makes empty tensors and channels well-defined (range 0).
-    return np.max(np.abs(x), axis=red, initial=0.0)
+    # initial=0 makes empty tensors and channels well-defined (range 0). The larger of max and
+    # -min is max|x| without an |x| array; + 0.0 turns a -0.0 (an all-zero range) into 0.0.
+    return np.maximum(np.max(x, axis=red, initial=0.0), -np.min(x, axis=red, initial=0.0)) + 0.0
 
 
 def _storable(scale: np.ndarray, scale_dtype: np.dtype | type | None) -> np.ndarray:
@@ -154,9 +155,11 @@ def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None,
     sb = _bshape(scale, x, axis)
     steps = np.divide(x, sb, out=x)  # x is _prepare's own copy; rounded in place
     q = np.clip(np.round(steps, out=steps), -qmax, qmax, out=steps).astype(np.int8)
-    deq = np.multiply(q, sb, dtype=np.float64)
+    deq = q.astype(np.float64)  # not steps: a code 0 rounded from below holds -0.0 there
+    deq *= sb
     zp = np.zeros(np.shape(scale), dtype=np.int8)
-    return QuantResult(deq.astype(out_dtype), q, np.asarray(scale), zp, axis, b, "symmetric")
+    return QuantResult(deq.astype(out_dtype, copy=False), q, np.asarray(scale), zp, axis, b,
+                       "symmetric")
 
 
 def quantize_asymmetric_params(w: np.ndarray, bits: int, axis: int | None = None,

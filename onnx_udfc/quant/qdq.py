@@ -299,8 +299,7 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
         current = tensor_array(inits[name])
         plan = _codes_in_weight_layout(qw, current.shape)
         deq = dequantize(plan["q"], plan["scale"], plan["zero_point"], plan["attrs"])
-        tol = 4 * np.spacing(np.maximum(np.abs(current), np.abs(deq)).astype(np.float32))
-        if not np.all(np.abs(deq - current) <= tol):
+        if not _holds(current, deq):
             raise UdfcError(f"weight '{name}' no longer holds the quantizer's values (changed "
                             "after quantization); it cannot be stored as integers")
         plan["dtype"] = container_type(storage, qw.result.bits, qw.result.scheme)
@@ -362,6 +361,15 @@ def to_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedWeight],
     if redeclared:
         summary["outputs_redeclared"] = redeclared
     return model, summary
+
+
+def _holds(weight: np.ndarray, dequantized: np.ndarray) -> bool:
+    """Whether the weight still holds the quantizer's values, to float32 rounding. Equal is
+    the rule: one pass, before the six of the tolerance."""
+    if np.array_equal(weight, dequantized):
+        return True
+    tol = 4 * np.spacing(np.maximum(np.abs(weight), np.abs(dequantized)).astype(np.float32))
+    return bool(np.all(np.abs(dequantized - weight) <= tol))
 
 
 def _stored_bytes(t: TensorProto) -> int:

@@ -48,7 +48,8 @@ Report schema (all counts per single sample; ``flops = 2 * macs``)::
                                                   worked at (given by --input-shape, stated by
                                                   the model, or the default side)
     input_range: {range, from}                    the values the data-free image inputs take
-                                                  (standardised, 0-1, 0-255; given or auto)
+                                                  (standardised, 0-1, 0-255; given or auto;
+                                                  range null: auto, never needed, not measured)
     moments: {requested, used, fallbacks: [{from, to, cause, stage}]} | null
                                                   where the activation moments came from
                                                   (udfc+, --criterion recon, --budget-flops)
@@ -95,7 +96,7 @@ class Report:
     float_layers: list[dict[str, str]] = field(default_factory=list)
     duplicated_initializers: list[dict[str, Any]] = field(default_factory=list)
     input_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    input_range: dict[str, str] | None = None  # of the image input (moments/input_range.py)
+    input_range: dict[str, str | None] | None = None  # of the image input (moments/input_range.py)
     # Quantized weights outside the layer table (LSTM/GRU/RNN W and R), by ``node:W``.
     other_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
     mixed_precision: dict[str, Any] | None = None  # --budget-size: the allocation
@@ -159,7 +160,7 @@ class Report:
                 f"{name} worked at {'x'.join(map(str, v['shape']))} ({v['from']}; the output "
                 "keeps its dynamic dims, --input-shape sets the size)"
                 for name, v in chosen.items()))
-        if self.input_range and self.input_range["range"] != "standardised":
+        if self.input_range and self.input_range["range"] not in (None, "standardised"):
             lines.append(f"range   image input read as {self.input_range['range']} "
                          f"({self.input_range['from']}; --input-range sets it)")
         if self.latency:
