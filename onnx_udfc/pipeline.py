@@ -177,7 +177,8 @@ def _plan(state: RunState) -> None:
     state.source = moment_source(
         channels.model, cfg.plus,
         cfg.calibration if cfg.method == "udfc+" or p.criterion == "recon" and pruning else None,
-        state.working_shapes, pruning and cfg.method == "udfc+" and cfg.plus.sequential)
+        state.working_shapes, pruning and cfg.method == "udfc+" and cfg.plus.sequential,
+        pruning)
     state.source.progress = _detail(state)
     p = replace(p, criterion=resolve_criterion(p.criterion, cfg.method, state.source.kind,
                                                channels.model, state.working_shapes))

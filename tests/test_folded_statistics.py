@@ -132,3 +132,15 @@ def test_proxy_moments_of_a_folded_classifier_come_from_the_fitted_crops():
     drawn = source.sample_feed(model, 128)["x"]
     assert not np.allclose(drawn, proxy.proxy_inputs(model, seed=0)["x"])
     assert source.fallbacks == [] and source.to_dict()["fit"]["class_prior"]
+
+
+def test_quantization_alone_reads_the_crops_as_drawn():
+    model = bn_chain(with_bn=False)
+    source = MomentSource(model, "proxy", pruning=False)
+    np.testing.assert_array_equal(source.sample_feed(model, 128)["x"],
+                                  proxy.proxy_inputs(model, seed=0)["x"])
+    assert "fit" not in source.to_dict()
+    _, report = api.compress(model, target="int4")
+    assert report.moments["used"] == "proxy" and "fit" not in report.moments
+    _, report = api.compress(model, target="int4", prune=0.3)
+    assert report.moments["fit"]["class_prior"]

@@ -77,15 +77,16 @@ DEFAULT = PlusConfig()
 
 def moment_source(model: onnx.ModelProto, cfg: PlusConfig, calibration: Any = None,
                   input_shapes: dict[str, list[int]] | None = None,
-                  sequential_pruning: bool = False) -> MomentSource:
+                  sequential_pruning: bool = False, pruning: bool = True) -> MomentSource:
     """The run's moment source with udfc+'s settings (measured on ``calibration`` if given;
     ``input_shapes``: the run's working shapes of dynamic inputs; ``sequential_pruning``: whether
     the run removes channels and repairs them with the sequential fit, which ``auto``
-    reads)."""
+    reads; ``pruning``: whether it removes channels at all, which the proxy crops' fit
+    needs)."""
     return MomentSource(model, cfg.moments, calibration=calibration, seed=cfg.seed,
                         samples=cfg.samples, input_range=cfg.input_range, spatial=cfg.spatial,
                         fit_spatial=cfg.fit_spatial, input_shapes=input_shapes,
-                        sequential_pruning=sequential_pruning)
+                        sequential_pruning=sequential_pruning, pruning=pruning)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

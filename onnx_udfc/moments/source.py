@@ -113,7 +113,7 @@ class MomentSource:
                  input_range: InputRange | None = None,
                  spatial: float = 0.5, fit_spatial: bool = False,
                  input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 sequential_pruning: bool = False) -> None:
+                 sequential_pruning: bool = False, pruning: bool = True) -> None:
         check_request(requested)
         self.requested = requested
         self.calibration = calibration
@@ -129,6 +129,10 @@ class MomentSource:
         # model inversion first (docs/results/data_free.md)
         self.fit_noise = requested == "auto" and sequential_pruning and \
             self.kind == "sampled" and not folded_export(model)  # (not folded: BNs are left)
+        # the proxy crops' fit serves the pruning repair it was measured on; quantization
+        # alone reads them as drawn (the fit is most of a folded ResNet-50's int8 run and left
+        # quantized top-1 where it was, docs/results/data_free.md)
+        self.fit_crops = pruning
         self.fit: dict[str, Any] | None = None  # how the drawn samples were fitted, if they were
         self.progress: Callable[[str], None] | None = None  # a progress bar's counter label
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
@@ -232,7 +236,8 @@ class MomentSource:
             if self.kind == "proxy":
                 feed = proxy.proxy_inputs(model, self.seed, self.input_mean, self.input_std,
                                           self.input_shapes)
-                feed = self._fitted(model, feed, stage)
+                if self.fit_crops:
+                    feed = self._fitted(model, feed, stage)
             else:
                 feed = synthetic_inputs(model, self.seed, self.input_mean, self.input_std,
                                         self.input_shapes)
