@@ -16,8 +16,10 @@ images close to that (``input_mean``/``input_std`` then shift and scale it, as f
 noise). An input that is not an image (rank 4, 1 or 3 channels, sides >= 8) gets what
 :func:`~.sampled.synthetic_inputs` gives it.
 
-The crops are then fitted a few Adam steps towards what the network remembers of its training
-data (:func:`fitted_inputs`, the gradient from :mod:`~.inverted`):
+When the run removes channels, the crops are then fitted a few Adam steps towards what the
+network remembers of its training data (:func:`fitted_inputs`, the gradient from
+:mod:`~.inverted`; quantization alone reads them as drawn, see
+:class:`~.source.MomentSource`):
 
 * without BatchNorm nothing re-anchors what the crops do inside the network; a classifier's
   crops take :data:`PRIOR_STEPS` steps of :data:`PRIOR_LEARNING_RATE` towards DeepInversion's
