@@ -83,6 +83,12 @@ def test_auto_criterion_is_recon_for_udfc_plus_on_proxy_or_real_moments_without_
     # ResNet-56 at 50 %, 256 real images: l1 81.5, recon 88.2)
     assert resolve_criterion("auto", "udfc+", "measured", folded) == "recon"
     assert resolve_criterion("auto", "udfc+", "measured", kept) == "l1"
+    mlp = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")]))
+    assert resolve_criterion("auto", "udfc+", "measured", mlp) == "l1"  # no BN to fold
     assert resolve_criterion("auto", "prune", "proxy", folded) == "l1"
     assert resolve_criterion("l2", "udfc+", "proxy", folded) == "l2"
     _, report = api.compress(folded, prune=0.3, method="udfc+", bits=8, target="fake")

@@ -41,16 +41,19 @@ def resolve_criterion(requested: str, method: str, moments_kind: str,
                       model: onnx.ModelProto,
                       input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """The criterion ``requested`` stands for: ``auto`` is ``recon`` when udfc+ (``method``)
-    prunes a graph that folded its BatchNorms (:func:`~onnx_udfc.moments.source.folded_export`)
-    with moments (``moments_kind``) measured on the user's calibration data or on the proxy
-    photographs of an image input: l1 sees BN-scaled filters there, while the
-    reconstruction error reads activations and the next layers' columns, which folding
-    leaves alone (``docs/results/data_free.md``). Else ``l1``."""
+    prunes a convolutional graph that folded its BatchNorms
+    (:func:`~onnx_udfc.moments.source.folded_export`) with moments (``moments_kind``) measured
+    on the user's calibration data or on the proxy photographs of an image input: l1 sees
+    BN-scaled filters there, while the reconstruction error reads activations and the next
+    layers' columns, which folding leaves alone (``docs/results/data_free.md``). Else ``l1``
+    (an MLP has no BN folded into it: nothing was measured there)."""
     if requested != "auto":
         return requested
     read = moments_kind == "measured" or (
         moments_kind == "proxy" and proxy.not_image_cause(model, input_shapes) is None)
-    return "recon" if method == "udfc+" and read and folded_export(model) else "l1"
+    convolutional = any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
+    folded = convolutional and folded_export(model)
+    return "recon" if method == "udfc+" and read and folded else "l1"
 
 
 def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE
