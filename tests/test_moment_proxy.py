@@ -72,7 +72,7 @@ def test_crops_keep_a_flat_image_flat_and_follow_its_gradient():
 def test_feed_is_standardised_seeded_and_grey_for_one_channel():
     model = bn_chain()  # input (2, 3, 8, 8)
     feed = proxy.proxy_inputs(model, seed=3)["x"]
-    assert feed.shape == (128, 3, 8, 8) and feed.dtype == np.float32
+    assert feed.shape == (proxy.SAMPLES, 3, 8, 8) and feed.dtype == np.float32
     assert np.allclose(feed.mean((0, 2, 3)), 0, atol=1e-5)
     assert np.allclose(feed.std((0, 2, 3)), 1, atol=1e-4)
     assert np.array_equal(feed, proxy.proxy_inputs(model, seed=3)["x"])
