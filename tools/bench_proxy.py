@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--shared", type=Path, default=bench_udfc.DEFAULT_SHARED)
     ap.add_argument("--sources", default=",".join(SOURCES),
-                    help=f"comma-separated columns from {', '.join(SOURCES)}")
+                    help=f"comma-separated columns from {', '.join(SOURCES)}; empty: measure "
+                         "nothing, only tabulate the --merge runs")
     ap.add_argument("--ratios", default="0.3,0.5")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2")

@@ -140,7 +140,7 @@ def refit_output(ctx: ChannelAnalysis, original: onnx.ModelProto, target: Output
     y = np.moveaxis(y_orig, 1, -1).astype(np.float64, order="C").reshape(-1, w.shape[0])
     orig_inits = {t.name: t for t in original.graph.initializer}
     bn = target.batchnorm
-    weight = None
+    weight = gamma = None
     if bn is not None and bn_var is not None:
         # fit in the BN's output space: an output the BN scales down matters less there
         gamma = tensor_array(inits[bn.input[1]]).astype(np.float64)
@@ -151,9 +151,7 @@ def refit_output(ctx: ChannelAnalysis, original: onnx.ModelProto, target: Output
             -1, w.shape[0]).astype(np.float64)
         if bn is None:  # a folded BN: the Conv's output is what the Add sums
             y = y - drift
-        elif bn_var is not None:
-            gamma = tensor_array(inits[bn.input[1]]).astype(np.float64)
-            eps = next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5)
+        elif gamma is not None:  # the drift in the Conv's space: through the BN backwards
             safe = np.where(np.abs(gamma) > 1e-6 * np.abs(gamma).max(), gamma, np.inf)
             y = y - drift * np.sqrt(bn_var + eps) / safe
     w0 = w[:, kept].reshape(w.shape[0], -1).T
