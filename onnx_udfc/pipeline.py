@@ -98,6 +98,12 @@ class RunState:
     mixed: Any = None  # methods.mixed.MixedPlan under --budget-size or --float-share
     sensitivities: Sensitivities | None = None  # shared by --select-method's candidate runs
     flops_budget: dict[str, Any] | None = None  # --budget-flops: how groups were weighted
+    # normalise replaced weights (folded a BN or a Mul/Add): the old ones stay in the message's
+    # arena until a compact() copy
+    weights_replaced: bool = False
+    # the channel analysis reads ``model`` itself (its initializers and nodes are the model's
+    # own objects): quantize may reuse it (see _quantize)
+    analysis_current: bool = False
 
     @property
     def working_shapes(self) -> dict[str, list[int]]:
@@ -111,6 +117,7 @@ class RunState:
 
     def replace_model(self, model: onnx.ModelProto) -> None:
         self.model = model
+        self.analysis_current = False  # its initializers and nodes are the old model's
         self.channels.model, self.channels.graph = model, model.graph
 
 
@@ -133,13 +140,15 @@ def _load(state: RunState) -> None:
 
 
 def _normalise(state: RunState) -> None:
-    normalize.normalize(state.model)
+    counts = normalize.normalize(state.model)
     if state.config.graph.fold_bn:
         state.bn_stats = normalize.fold_batchnorm(state.model)
+    state.weights_replaced = bool(counts["affine"] or state.bn_stats)
 
 
 def _analyse(state: RunState) -> None:
     state.analysis = analyse(state.model, state.working_shapes)
+    state.analysis_current = True
     state.layers_before = layer_stats(state.model, state.analysis.shapes)
     state.params_before = count_params(state.model)
     state.method_config = method_config(state.config)
@@ -212,7 +221,11 @@ def _compensate(state: RunState) -> None:
 def _rewrite(state: RunState) -> None:
     assert state.plan is not None
     state.duplicated = apply_removal(state.channels, state.plan.removed).duplicated()
-    state.replace_model(compact(state.model))
+    # Nothing removed: no rule rewrote a node or a weight, so the copy would free nothing
+    # (unless normalise replaced weights) and the analysis still describes the model, which
+    # spares quantize a second one.
+    if state.plan.removed.any() or state.weights_replaced:
+        state.replace_model(compact(state.model))
 
 
 def _quantize(state: RunState) -> None:
@@ -232,9 +245,13 @@ def _quantize(state: RunState) -> None:
                                                tick, state.sensitivities)
         bits_for = state.mixed.bits
     reason = {"float_reason": state.mixed.float_reason} if state.mixed else {}
+    # The stages' analysis when it still describes the model (nothing was pruned): the same
+    # rules on the same graph, and nothing after the analyse stage edits its slots.
+    analysis = state.channels if state.analysis_current else None
     state.quantization = quantize_model(state.model, cfg, state.working_shapes or None,
                                         state.bn_stats, exclude, state.kept, state.source,
-                                        state.float_layers, bits_for, _detail(state), **reason)
+                                        state.float_layers, bits_for, _detail(state),
+                                        analysis=analysis, **reason)
     io.sync_initializer_inputs(state.model)  # a bias correction may add a bias (IR < 4)
     state.replace_model(compact(state.model))
 

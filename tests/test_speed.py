@@ -278,3 +278,207 @@ def test_channel_classes_are_computed_once_until_slots_change(digits) -> None:
     classes = ctx.roots()
     assert classes[b[0]] == classes[a[0]] == a[0]
     assert np.array_equal(classes[:len(first)], first)
+
+
+# -- fast int8 (issue 17: at most 1.5x quantize_dynamic): the same bits with fewer passes ------
+
+def _old_symmetric(w: np.ndarray, bits: int, axis: int | None, scale_dtype) -> tuple:
+    """quantize_symmetric_params before: a float64 copy divided in place, clipped, and the
+    int8 codes converted back to float64."""
+    x = np.asarray(w).astype(np.float64)
+    red = tuple(range(x.ndim)) if axis is None else tuple(range(1, x.ndim))
+    qmax = 2 ** (bits - 1) - 1
+    m = np.maximum(np.max(x, axis=red, initial=0.0), -np.min(x, axis=red, initial=0.0)) + 0.0
+    scale = np.where(m > 0, m / qmax, 1.0)
+    if scale_dtype is not None:
+        rounded = np.asarray(scale).astype(scale_dtype).astype(np.float64)
+        scale = np.where((rounded > 0) & np.isfinite(rounded), rounded, 1.0)
+    sb = scale.reshape(()) if axis is None else scale.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    steps = np.divide(x, sb, out=x)
+    q = np.clip(np.round(steps, out=steps), -qmax, qmax, out=steps).astype(np.int8)
+    deq = q.astype(np.float64)
+    deq *= sb
+    out_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.dtype(np.float64)
+    return deq.astype(out_dtype, copy=False), q, np.asarray(scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_symmetric_grid_has_the_bits_of_the_int8_round_trip(dtype) -> None:
+    from onnx_udfc.quant.grids import quantize_symmetric_params
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, d = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+        w = (rng.standard_normal((n, d)) * rng.uniform(0.01, 3.0)).astype(dtype)
+        w[rng.random((n, d)) < 0.05] = 0.0
+        w[0] = 0.0 if trial % 4 == 0 else w[0]  # an all-zero channel: scale 1
+        w[-1, :3] = -1e-9  # codes 0 rounded from below: -0.0 before the +0.0
+        before = w.copy()
+        for bits in (2, 4, 8):
+            for axis in (None, 0):
+                for scale_dtype in (None, np.float32):
+                    new = quantize_symmetric_params(w, bits, axis, scale_dtype)
+                    deq, q, scale = _old_symmetric(w, bits, axis, scale_dtype)
+                    assert new.dequantized.dtype == deq.dtype
+                    assert new.dequantized.tobytes() == deq.tobytes()
+                    assert new.q.tobytes() == q.tobytes()
+                    assert np.asarray(new.scale).tobytes() == scale.tobytes()
+        assert w.tobytes() == before.tobytes()  # the caller's float64 filters are not copied
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_symmetric_grid_refuses_a_non_finite_weight_from_its_range(bad, axis) -> None:
+    from onnx_udfc.quant.grids import quantize_symmetric_params
+
+    w = np.ones((3, 4))
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="must be finite"):
+        quantize_symmetric_params(w, 8, axis)
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 1 << 15])
+def test_eq14_scales_in_blocks_of_rows_equal_the_whole_matrix_products(monkeypatch, chunk
+                                                                       ) -> None:
+    from onnx_udfc.channels.stats import ChannelStats
+    from onnx_udfc.methods import equations
+    from onnx_udfc.quant.grids import quantize_symmetric_params
+
+    monkeypatch.setattr(equations, "_EQ14_CHUNK", chunk)
+    rng = np.random.default_rng(1)
+    for n, d in [(1, 5), (7, 40), (33, 300), (64, 1100)]:
+        f = rng.standard_normal((n, d))
+        fq = quantize_symmetric_params(f, 4, 0, np.float32).dequantized
+        gamma = rng.standard_normal(n)
+        gamma[0] = 0.0  # a channel with no signal: denominator k2 only
+        stats = ChannelStats(gamma, rng.standard_normal(n), rng.standard_normal(n),
+                             rng.uniform(0.1, 2.0, n), 1e-5)
+        r, rq = equations.folded_filters(f, stats), equations.folded_filters(fq, stats)
+        k2 = 0.008 * equations.folded_bias(None, stats) ** 2
+        num = np.einsum("nd,nd->n", rq, r) + k2
+        den = np.einsum("nd,nd->n", rq, rq) + k2
+        old = np.divide(num, den, out=np.ones_like(num), where=den > 0)
+        assert equations.eq14_21_quantization_scale(f, fq, stats, 0.008).tobytes() == \
+            old.tobytes()
+
+
+def test_filter_norms_block_size_changes_no_bit() -> None:
+    from onnx_udfc.channels.analysis import filter_norms
+
+    rng = np.random.default_rng(2)
+    for shape in [(5, 3, 3, 3), (300, 64, 3, 3), (40, 2000), (3, 70000)]:
+        f = rng.standard_normal(shape).astype(np.float32)
+        whole = filter_norms(f, chunk=1 << 30)
+        for chunk in (1, 1000, 1 << 16):
+            part = filter_norms(f, chunk=chunk)
+            assert part[0].tobytes() == whole[0].tobytes()
+            assert part[1].tobytes() == whole[1].tobytes()
+
+
+def test_channel_positions_from_one_sort_equal_a_scan_per_class() -> None:
+    from onnx_udfc.channels.absorbers import channel_positions
+    from onnx_udfc.channels.analysis import TensorChannels
+
+    def scan(roots: np.ndarray, classes: np.ndarray) -> np.ndarray | None:
+        pos = [np.flatnonzero(roots == c) for c in classes.tolist()]
+        if not pos or len({len(p) for p in pos}) != 1 or len(pos[0]) == 0:
+            return None
+        return np.stack(pos)
+
+    rng = np.random.default_rng(3)
+    for trial in range(500):
+        if trial % 2:  # every class m times (a Flatten block), shuffled
+            roots = np.repeat(rng.permutation(60)[:int(rng.integers(1, 20))],
+                              int(rng.integers(1, 4)))
+        else:  # uneven counts
+            roots = rng.integers(0, 10, int(rng.integers(0, 30)))
+        roots = rng.permutation(roots).astype(np.int64)
+        classes = rng.choice(np.arange(64), int(rng.integers(0, 6)), replace=False)
+        if trial % 3 == 0 and len(roots):  # classes that are there, repeated too
+            classes = rng.choice(roots, int(rng.integers(1, 6)))
+        ctx = SimpleNamespace(tensors={"x": TensorChannels(1, np.arange(len(roots)))},
+                              roots=lambda r=roots: r)
+        got, want = channel_positions(ctx, "x", classes), scan(roots, classes)  # type: ignore[arg-type]
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_dequantize_without_zero_point_has_the_int32_bits(dtype) -> None:
+    from onnx_udfc.quant.qdq import dequantize
+
+    rng = np.random.default_rng(4)
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, (6, 5, 3, 3)).astype(dtype)
+    scale = rng.uniform(1e-4, 1.0, 6)
+    for zp in (None, np.zeros(6, dtype=dtype)):
+        got = dequantize(q, scale, zp, {"axis": 0})
+        s = scale.astype(np.float32).reshape(-1, 1, 1, 1)
+        want = (q.astype(np.int32) - 0).astype(np.float32) * s
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("preset", ["fast", "balanced"])
+def test_quantize_reuses_the_stages_analysis_when_nothing_is_pruned(digits_model: Path,
+                                                                    monkeypatch, preset) -> None:
+    from onnx_udfc.methods import compensate
+
+    model = onnx.load(str(digits_model))
+    before = api.compress(model, preset=preset, **{"check.verify": False})
+    analysed: list[bool] = []
+    real = compensate.analyse
+
+    def counted(*args, **kwargs):
+        analysed.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compensate, "analyse", counted)
+    again = api.compress(model, preset=preset, **{"check.verify": False})
+    assert not analysed  # the analyse stage's analysis served quantize
+    pruned = api.compress(model, preset=preset, prune=0.3, **{"check.verify": False})
+    assert analysed  # pruning changed the graph: quantize analysed it again
+    assert pruned[1].params_after < pruned[1].params_before
+    monkeypatch.undo()
+    real_quantize = pipeline.quantize_model
+
+    def own_analysis(*args, **kwargs):
+        kwargs["analysis"] = None
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_model", own_analysis)
+    fresh = api.compress(model, preset=preset, **{"check.verify": False})
+    # the same model and report as with quantize's own analysis
+    assert again[0].SerializeToString() == fresh[0].SerializeToString() == \
+        before[0].SerializeToString()
+    timeless = [{k: v for k, v in r.to_dict().items() if k != "timings"}
+                for r in (again[1], fresh[1])]
+    assert timeless[0] == timeless[1]
+
+
+def test_quantize_model_refuses_an_analysis_of_another_model(digits_model: Path) -> None:
+    from onnx_udfc.methods.compensate import MethodRun, quantize_model
+
+    model = onnx.load(str(digits_model))
+    other = api.analyse(onnx.load(str(digits_model))).channels
+    cfg = MethodRun(CompressConfig.resolve("fast").method, CompressConfig.resolve("fast").quant)
+    with pytest.raises(ValueError, match="another model"):
+        quantize_model(model, cfg, analysis=other)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_eq9_scales_in_one_pass_have_the_float64_round_trip_bits(dtype) -> None:
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(dtype)
+    w.flat[:5] = -0.0
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
+    absorber = Absorber(LayerWeights(node, "w", 0, 1), "x")
+    pos, scales = np.array([[1], [4], [7]]), rng.uniform(0.5, 2.0, 3)
+    ctx = SimpleNamespace(inits={"w": onnx.numpy_helper.from_array(w, "w")})
+    absorbers._scale_inputs(ctx, absorber, pos, scales)  # type: ignore[arg-type]
+    factor = np.ones(8)
+    factor[pos[:, 0]] = scales
+    want = w.astype(np.float64)
+    want *= factor.reshape(1, -1, 1, 1)
+    got = tensor_array(ctx.inits["w"])
+    assert got.dtype == dtype and got.tobytes() == want.astype(dtype).tobytes()

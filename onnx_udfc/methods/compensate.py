@@ -150,7 +150,8 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
                    float_layers: list[dict[str, str]] | None = None,
                    bits_for: dict[str, int | None] | None = None,
                    detail: Callable[[str], None] | None = None,
-                   float_reason: str = "kept in float by the mixed-precision plan"
+                   float_reason: str = "kept in float by the mixed-precision plan",
+                   analysis: ChannelAnalysis | None = None,
                    ) -> dict[str, dict]:
     """Fake-quantize every weight layer in graph order; with ``udfc`` each layer's Eq. 21
     scales go into the layers that read it before those are quantized in turn. Recurrent
@@ -163,8 +164,13 @@ def quantize_model(model: onnx.ModelProto, cfg: MethodRun,
     from ``cfg`` when None). ``bits_for`` (a mixed-precision plan, :mod:`onnx_udfc.methods.mixed`)
     overrides the bits per layer name; None there keeps the layer in float, listed with
     ``float_reason`` (the plan's own, ``MixedPlan.float_reason``). ``detail`` receives a
-    per-layer counter."""
-    ctx = analyse(model, infer_shapes(model, input_shapes), norms=False)
+    per-layer counter. ``analysis``: a channel analysis of ``model`` as it is (its own
+    initializer and node objects, e.g. the pipeline's when nothing was pruned), used instead
+    of analysing the model again."""
+    if analysis is not None and analysis.model is not model:
+        raise ValueError("the analysis given to quantize_model is of another model")
+    ctx = analysis if analysis is not None else \
+        analyse(model, infer_shapes(model, input_shapes), norms=False)
     method, grid = get_method(cfg.method), cfg.quant
     run = RunContext(ctx, cfg, folded or {}, {o.name for o in model.graph.output}, None,
                      source)

@@ -192,11 +192,26 @@ def eq14_21_quantization_scale(
     ``s~_m = (Rq_m . R_m + alpha2 K_m^2) / (Rq_m . Rq_m + alpha2 K_m^2)``; 1 where the
     denominator is 0 (nothing to rescale).
     """
-    r, rq = folded_filters(F, stats), folded_filters(Fq, stats)
+    f = np.asarray(F, dtype=np.float64).reshape(stats.n, -1)
+    fq = np.asarray(Fq, dtype=np.float64).reshape(stats.n, -1)
+    g = (stats.gamma / stats.sigma)[:, None]
+    dots, squares = np.empty(stats.n), np.empty(stats.n)
+    # A few rows at a time: the BN-scaled rows (folded_filters' products) stay in cache
+    # instead of two [N, D] float64 temporaries. Each row's products and sum are those of the
+    # whole-matrix einsum (one row's reduction never reads another row).
+    rows = max(1, _EQ14_CHUNK // max(1, f.shape[1]))
+    for start in range(0, stats.n, rows):
+        part = slice(start, start + rows)
+        r, rq = f[part] * g[part], fq[part] * g[part]
+        dots[part] = np.einsum("nd,nd->n", rq, r)
+        squares[part] = np.einsum("nd,nd->n", rq, rq)
     k2 = alpha2 * folded_bias(None, stats) ** 2
-    num = np.einsum("nd,nd->n", rq, r) + k2
-    den = np.einsum("nd,nd->n", rq, rq) + k2
+    num = dots + k2
+    den = squares + k2
     return np.divide(num, den, out=np.ones_like(num), where=den > 0)
+
+
+_EQ14_CHUNK = 1 << 15  # elements per block of rows in Eq. 14 (256 KiB of float64)
 
 
 def eq9_apply_quantization_scale(Wn: ArrayLike, scales: ArrayLike) -> np.ndarray:

@@ -76,19 +76,30 @@ def _check_bits(bits: object) -> int:
     return int(bits)
 
 
-def _prepare(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
-    """Validate and return (float64 copy, output dtype, reduction axes)."""
+def _prepare(w: np.ndarray, axis: int | None, finite: bool = True
+             ) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
+    """Validate and return (float64 values, output dtype, reduction axes).
+
+    The values are ``w`` itself when it is float64 already (the filters usually are): the
+    quantizers never write into them, and a copy of a large layer costs as much as rounding
+    it. ``finite=False`` leaves the NaN/inf check to the caller (:func:`_check_finite` on a
+    range it computes anyway)."""
     arr = np.asarray(w)
     if axis not in (None, 0):
         raise ValueError(f"axis must be None (per tensor) or 0 (per channel), got {axis!r}")
     if axis == 0 and arr.ndim == 0:
         raise ValueError("per-channel quantization needs an array with at least one axis")
     out_dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.dtype(np.float64)
-    x = arr.astype(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("weights to quantize must be finite (found NaN or inf)")
+    x = np.asarray(arr, dtype=np.float64)
+    if finite:
+        _check_finite(x)
     red = tuple(range(x.ndim)) if axis is None else tuple(range(1, x.ndim))
     return x, out_dtype, red
+
+
+def _check_finite(values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        raise ValueError("weights to quantize must be finite (found NaN or inf)")
 
 
 def _bshape(stat: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
@@ -147,15 +158,28 @@ def quantize_symmetric_params(w: np.ndarray, bits: int, axis: int | None = None,
     """Symmetric integer grid ``-(2^(b-1)-1)..2^(b-1)-1``, ``scale = max|w| / qmax``
     (rounded to ``scale_dtype`` when given, see :func:`_storable`)."""
     b = _check_bits(bits)
-    x, out_dtype, red = _prepare(w, axis)
+    x, out_dtype, red = _prepare(w, axis, finite=False)
     qmax = 2 ** (b - 1) - 1
     m = _absmax(x, red)
+    # max and min propagate NaN, and an inf gives an infinite range: the range is finite
+    # exactly when every weight is (one check per channel instead of one per weight)
+    _check_finite(m)
     # A zero range would give scale 0; 1.0 keeps codes at 0 and the scale storable.
     scale = _storable(np.where(m > 0, m / qmax, 1.0), scale_dtype)
     sb = _bshape(scale, x, axis)
-    steps = np.divide(x, sb, out=x)  # x is _prepare's own copy; rounded in place
-    q = np.clip(np.round(steps, out=steps), -qmax, qmax, out=steps).astype(np.int8)
-    deq = q.astype(np.float64)  # not steps: a code 0 rounded from below holds -0.0 there
+    steps = np.divide(x, sb)  # a new array (x may be the caller's), rounded in place
+    np.round(steps, out=steps)
+    # Dividing by a positive scale and rounding are monotone and odd, so round(m / scale) is
+    # the largest |code| of each channel: the clip acts only where that exceeds qmax (a scale
+    # rounded down to its storage dtype), and is a no-op pass everywhere else.
+    if np.any(np.round(m / scale) > qmax):
+        np.clip(steps, -qmax, qmax, out=steps)
+    q = steps.astype(np.int8)
+    # The codes as float64 are ``steps`` itself but for the sign of zero: a code 0 rounded
+    # from below holds -0.0 there, which q.astype(np.float64) would not. Adding +0.0 turns
+    # -0.0 into +0.0 and keeps every other value, so the product below has the bits of
+    # ``q.astype(np.float64) * sb`` without converting the int8 codes back.
+    deq = np.add(steps, 0.0, out=steps)
     deq *= sb
     zp = np.zeros(np.shape(scale), dtype=np.int8)
     return QuantResult(deq.astype(out_dtype, copy=False), q, np.asarray(scale), zp, axis, b,
