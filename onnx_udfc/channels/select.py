@@ -39,21 +39,27 @@ from onnx_udfc.moments.source import folded_export
 
 def resolve_criterion(requested: str, method: str, moments_kind: str,
                       model: onnx.ModelProto,
-                      input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+                      input_shapes: Mapping[str, Sequence[int]] | None = None,
+                      noise_with_crops: bool = False) -> str:
     """The criterion ``requested`` stands for: ``auto`` is ``recon`` when udfc+ (``method``)
     prunes a convolutional graph that folded its BatchNorms
     (:func:`~onnx_udfc.moments.source.folded_export`) with moments (``moments_kind``) measured
     on the user's calibration data or on the proxy photographs of an image input: l1 sees
     BN-scaled filters there, while the reconstruction error reads activations and the next
-    layers' columns, which folding leaves alone (``docs/results/data_free.md``). Else ``l1``
-    (an MLP has no BN folded into it: nothing was measured there)."""
+    layers' columns, which folding leaves alone (``docs/results/data_free.md``). It is
+    ``recon`` too on the fitted pink noise with proxy crops beside it (``noise_with_crops``,
+    :meth:`~onnx_udfc.moments.source.MomentSource.noise_with_crops`: a BN-kept network
+    under the sequential fit), where it gained on three of the four CIFAR cells and lost
+    0.3 points on the fourth (fifth round). Else ``l1`` (an MLP has no BN folded into it:
+    nothing was measured there; on the pink noise alone recon lost 1.9 points on
+    ResNet-56)."""
     if requested != "auto":
         return requested
     read = moments_kind == "measured" or (
         moments_kind == "proxy" and proxy.not_image_cause(model, input_shapes) is None)
     convolutional = any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
     folded = convolutional and folded_export(model)
-    return "recon" if method == "udfc+" and read and folded else "l1"
+    return "recon" if method == "udfc+" and (read and folded or noise_with_crops) else "l1"
 
 
 def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE

@@ -14,9 +14,11 @@ The user asks for ``auto``, ``sampled``, ``proxy``, ``propagated`` or ``inverted
 * ``propagated``: the analytic propagation (:mod:`~.propagated`), which needs no run;
 * ``auto``: ``proxy`` for a convolutional network that reads an image and has no BatchNorm or
   fewer than half as many as Convs (a folded export), ``sampled`` for the other convolutional
-  ones (when the sequential fit prunes a BN-kept network, the pink noise first takes a few
-  steps of model inversion, recorded as ``fit``: a BN-kept network that is only quantized
-  loses nothing to plain pink noise, and the one-shot fit gains too little for the time),
+  ones (when the sequential fit prunes a BN-kept network, the pink noise, with as many proxy
+  crops beside it in the batch when every drawn input is an image (recorded as
+  ``proxy_crops``), first takes a few steps of model inversion, recorded as ``fit``: a
+  BN-kept network that is only quantized loses nothing to plain pink noise, and the one-shot
+  fit gains too little for the time),
   ``sampled`` for a graph without Conv whose MatMuls read token sequences, ``propagated``
   for a plain MLP (measured on the NM ResNet-56, ResNet-20 and LeNet-300-100, see README and
   ``docs/results/data_free.md``; the share on PP-OCRv4's detector, see :func:`folded_export`).
@@ -134,6 +136,7 @@ class MomentSource:
         # quantized top-1 where it was, docs/results/data_free.md)
         self.fit_crops = pruning
         self.fit: dict[str, Any] | None = None  # how the drawn samples were fitted, if they were
+        self.crops = 0  # proxy crops drawn beside the pink noise (auto's fitted noise)
         self.progress: Callable[[str], None] | None = None  # a progress bar's counter label
         self._drawn: tuple[tuple, dict[str, np.ndarray]] | None = None  # (key, feed)
 
@@ -165,6 +168,14 @@ class MomentSource:
         return propagate(model, shapes, spatial=self.spatial, fit_spatial=self.fit_spatial,
                          max_full=max_full, input_mean=self.input_mean,
                          input_std=self.input_std, keep=tensors)
+
+    def noise_with_crops(self, model: onnx.ModelProto) -> bool:
+        """Whether the drawn batch is auto's fitted pink noise with proxy crops beside it
+        (:func:`~.proxy.with_crops`); draws it (and fits it) when it has not been drawn yet."""
+        if not (self.fit_noise and self.kind == "sampled" and proxy.NOISE_WITH_CROPS):
+            return False
+        self._drawn_feed(model, "plan")
+        return self.kind == "sampled" and self.crops > 0
 
     @property
     def anchored(self) -> bool:
@@ -199,6 +210,8 @@ class MomentSource:
                                      "fallbacks": [dict(f) for f in self.fallbacks]}
         if self.fit is not None and self.kind in ("proxy", "sampled"):
             described["fit"] = dict(self.fit)
+        if self.crops and self.kind == "sampled":
+            described["proxy_crops"] = self.crops
         return described
 
     def _sample(self, model: onnx.ModelProto, shapes: dict, tensors: list[str],
@@ -242,7 +255,12 @@ class MomentSource:
                 feed = synthetic_inputs(model, self.seed, self.input_mean, self.input_std,
                                         self.input_shapes)
                 if self.fit_noise and self.kind == "sampled":
-                    feed = self._fitted(model, feed, stage)
+                    mixed = proxy.with_crops(model, feed, self.seed, self.input_mean,
+                                             self.input_std, self.input_shapes) \
+                        if proxy.NOISE_WITH_CROPS else None
+                    if mixed is not None:
+                        self.crops = sum(len(mixed[k]) - len(feed[k]) for k in feed)
+                    feed = self._fitted(model, mixed or feed, stage)
             self._drawn = (key, feed)
         feed = self._drawn[1]
         return feed, undrawn_input_cause(model, feed)

@@ -292,7 +292,8 @@ def _duplicated_note(copies: list[dict[str, Any]]) -> str:
 
 
 def _moments_note(moments: dict[str, Any]) -> str:
-    """`sampled`, `proxy (fitted: model inversion, 10 steps)`, or
+    """`sampled`, `proxy (fitted: model inversion, 10 steps)`, `sampled (with 128 proxy crops;
+    fitted: model inversion, 10 steps)`, or
     `propagated (fallback in plan: sampled failed: <cause>)`."""
     notes = [f"fallback in {f['stage']}: {f['from']} failed: {_clip(f['cause'])}"
              for f in moments["fallbacks"]]
@@ -300,6 +301,8 @@ def _moments_note(moments: dict[str, Any]) -> str:
     if fit:
         what = "model inversion" if fit["batchnorms"] else "class prior"
         notes.insert(0, f"fitted: {what}, {fit['steps']} steps")
+    if moments.get("proxy_crops"):
+        notes.insert(0, f"with {moments['proxy_crops']} proxy crops")
     return moments["used"] + (f" ({'; '.join(notes)})" if notes else "")
 
 
