@@ -189,10 +189,8 @@ def _plan(state: RunState) -> None:
         state.working_shapes, pruning and cfg.method == "udfc+" and cfg.plus.sequential,
         pruning)
     state.source.progress = _detail(state)
-    mixed = p.criterion == "auto" and cfg.method == "udfc+" and pruning and \
-        state.source.noise_with_crops(channels.model)
     p = replace(p, criterion=resolve_criterion(p.criterion, cfg.method, state.source.kind,
-                                               channels.model, state.working_shapes, mixed))
+                                               channels.model, state.working_shapes))
     recon = p.criterion == "recon" and pruning
     if recon or p.budget_flops is not None:
         state.moments = pruning_moments(channels, state.source, "plan")

@@ -482,3 +482,64 @@ def test_eq9_scales_in_one_pass_have_the_float64_round_trip_bits(dtype) -> None:
     want *= factor.reshape(1, -1, 1, 1)
     got = tensor_array(ctx.inits["w"])
     assert got.dtype == dtype and got.tobytes() == want.astype(dtype).tobytes()
+
+
+def _old_greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float) -> tuple:
+    """channels/select.py greedy_removal before its rows were updated in place (vstack and
+    fancy-index copies every step)."""
+    c = cov.shape[0]
+    d = float(np.mean(np.diag(cov))) if c else 0.0
+    lam = np.linalg.inv(cov + (ridge * d + 1e-12 * max(d, 1e-30)) * np.eye(c))
+    lam = (lam + lam.T) / 2
+    m = (gram + gram.T) / 2
+    order, errors, free = [], [], np.ones(c, dtype=bool)
+    b, u_all, v_all, total = np.zeros((0, 0)), np.zeros((0, c)), np.zeros((0, c)), 0.0
+    for _ in range(c):
+        p = np.asarray(order, dtype=np.int64)
+        s = np.diag(lam) - np.einsum("pc,pc->c", lam[p], u_all)
+        gain = (np.einsum("pc,pc->c", u_all, v_all) - 2 * np.einsum("pc,pc->c", m[p], u_all)
+                + np.diag(m))
+        inc = np.where(free & (s > 0), gain / np.where(s > 0, s, 1.0), np.inf)
+        j = int(np.argmin(inc))
+        if not np.isfinite(inc[j]):
+            break
+        u = u_all[:, j]
+        r = (lam[j] - lam[j, p] @ u_all) / s[j]
+        mu = m[np.ix_(p, p)] @ u if p.size else np.zeros(0)
+        u_new = np.vstack([u_all - np.outer(u, r), r])
+        v_top = v_all - np.outer(mu, r) + np.outer(m[p, j], r)
+        v_new = np.vstack([v_top, m[j, p] @ (u_all - np.outer(u, r)) + m[j, j] * r])
+        b_new = np.empty((p.size + 1, p.size + 1))
+        b_new[:-1, :-1] = b + np.outer(u, u) / s[j]
+        b_new[:-1, -1] = b_new[-1, :-1] = -u / s[j]
+        b_new[-1, -1] = 1.0 / s[j]
+        b, u_all, v_all = b_new, u_new, v_new
+        total += max(float(inc[j]), 0.0)
+        order.append(j)
+        errors.append(total)
+        free[j] = False
+    rest = np.flatnonzero(free)
+    for j in rest[np.argsort(np.diag(cov)[rest] * np.diag(m)[rest], kind="stable")]:
+        total += float(np.diag(cov)[j] * m[j, j])
+        order.append(int(j))
+        errors.append(total)
+    return np.asarray(order, dtype=np.int64), np.asarray(errors)
+
+
+def test_greedy_removal_in_place_has_the_bits_of_the_copying_loop() -> None:
+    """recon's greedy removal (the plan's cost on wide layers) updates its rows in place: the
+    same order and errors, bit for bit, including a dead channel and a rank-deficient Gram."""
+    from onnx_udfc.channels.select import RIDGE, greedy_removal
+
+    rng = np.random.default_rng(4)
+    for c in (1, 2, 3, 7, 40, 130):
+        for trial in range(4):
+            a = rng.standard_normal((c, 3 * c + 5))
+            cov = a @ a.T / a.shape[1]
+            g = rng.standard_normal((c, max(1, c // 2) if trial == 2 else 2 * c))
+            gram = g @ g.T
+            if trial == 1:
+                cov[:, 0] = cov[0, :] = 0.0  # a channel that never fires
+            new, old = greedy_removal(cov, gram), _old_greedy_removal(cov, gram, RIDGE)
+            assert new[0].tobytes() == old[0].tobytes()
+            assert new[1].tobytes() == old[1].tobytes()

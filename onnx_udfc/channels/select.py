@@ -39,27 +39,23 @@ from onnx_udfc.moments.source import folded_export
 
 def resolve_criterion(requested: str, method: str, moments_kind: str,
                       model: onnx.ModelProto,
-                      input_shapes: Mapping[str, Sequence[int]] | None = None,
-                      noise_with_crops: bool = False) -> str:
+                      input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """The criterion ``requested`` stands for: ``auto`` is ``recon`` when udfc+ (``method``)
     prunes a convolutional graph that folded its BatchNorms
     (:func:`~onnx_udfc.moments.source.folded_export`) with moments (``moments_kind``) measured
     on the user's calibration data or on the proxy photographs of an image input: l1 sees
     BN-scaled filters there, while the reconstruction error reads activations and the next
-    layers' columns, which folding leaves alone (``docs/results/data_free.md``). It is
-    ``recon`` too on the fitted pink noise with proxy crops beside it (``noise_with_crops``,
-    :meth:`~onnx_udfc.moments.source.MomentSource.noise_with_crops`: a BN-kept network
-    under the sequential fit), where it gained on three of the four CIFAR cells and lost
-    0.3 points on the fourth (fifth round). Else ``l1`` (an MLP has no BN folded into it:
-    nothing was measured there; on the pink noise alone recon lost 1.9 points on
-    ResNet-56)."""
+    layers' columns, which folding leaves alone (``docs/results/data_free.md``). Else ``l1``
+    (an MLP has no BN folded into it: nothing was measured there; on a BN-kept network recon
+    gained on the fitted noise with crops but its greedy removal costs minutes on wide
+    layers, fifth round)."""
     if requested != "auto":
         return requested
     read = moments_kind == "measured" or (
         moments_kind == "proxy" and proxy.not_image_cause(model, input_shapes) is None)
     convolutional = any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
     folded = convolutional and folded_export(model)
-    return "recon" if method == "udfc+" and (read and folded or noise_with_crops) else "l1"
+    return "recon" if method == "udfc+" and read and folded else "l1"
 
 
 def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE
@@ -80,29 +76,39 @@ def greedy_removal(cov: np.ndarray, gram: np.ndarray, ridge: float = RIDGE
     errors: list[float] = []
     free = np.ones(c, dtype=bool)
     b = np.zeros((0, 0))  # S_P = (Lambda_PP)^-1
-    u_all = np.zeros((0, c))  # S_P Lambda_P,:
-    v_all = np.zeros((0, c))  # M_PP S_P Lambda_P,:
+    # Rows for the removed channels P, filled in removal order: S_P Lambda_P,: (u),
+    # M_PP S_P Lambda_P,: (v) and the rows of Lambda and M they read. Updated in place, so a
+    # step costs a few passes over |P| x C instead of new arrays (vstack, fancy-index copies)
+    # each time: the same operations on the same values, so the same bits.
+    u_rows, v_rows, lam_rows, m_rows, outer = (np.empty((c, c)) for _ in range(5))
+    lam_diag, m_diag = np.diag(lam), np.diag(m)
     total = 0.0
-    for _ in range(c):
+    for k in range(c):
         p = np.asarray(order, dtype=np.int64)
-        s = np.diag(lam) - np.einsum("pc,pc->c", lam[p], u_all)
-        gain = (np.einsum("pc,pc->c", u_all, v_all) - 2 * np.einsum("pc,pc->c", m[p], u_all)
-                + np.diag(m))
+        u_all, v_all = u_rows[:k], v_rows[:k]
+        s = lam_diag - np.einsum("pc,pc->c", lam_rows[:k], u_all)
+        gain = (np.einsum("pc,pc->c", u_all, v_all) - 2 * np.einsum("pc,pc->c", m_rows[:k], u_all)
+                + m_diag)
         inc = np.where(free & (s > 0), gain / np.where(s > 0, s, 1.0), np.inf)
         j = int(np.argmin(inc))
         if not np.isfinite(inc[j]):
             break
-        u = u_all[:, j]  # S_P Lambda_Pj
+        u = u_all[:, j].copy()  # S_P Lambda_Pj, read before u_all changes
         r = (lam[j] - lam[j, p] @ u_all) / s[j]  # new last row of S Lambda
         mu = m[np.ix_(p, p)] @ u if p.size else np.zeros(0)
-        u_new = np.vstack([u_all - np.outer(u, r), r])
-        v_top = v_all - np.outer(mu, r) + np.outer(m[p, j], r)
-        v_new = np.vstack([v_top, m[j, p] @ (u_all - np.outer(u, r)) + m[j, j] * r])
+        m_pj = m[p, j]
+        step = outer[:k]
+        u_all -= np.multiply(u[:, None], r[None, :], out=step)
+        u_rows[k] = r
+        v_all -= np.multiply(mu[:, None], r[None, :], out=step)
+        v_all += np.multiply(m_pj[:, None], r[None, :], out=step)
+        v_rows[k] = m[j, p] @ u_all + m[j, j] * r
+        lam_rows[k], m_rows[k] = lam[j], m[j]
         b_new = np.empty((p.size + 1, p.size + 1))
         b_new[:-1, :-1] = b + np.outer(u, u) / s[j]
         b_new[:-1, -1] = b_new[-1, :-1] = -u / s[j]
         b_new[-1, -1] = 1.0 / s[j]
-        b, u_all, v_all = b_new, u_new, v_new
+        b = b_new
         total += max(float(inc[j]), 0.0)
         order.append(j)
         errors.append(total)

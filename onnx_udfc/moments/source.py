@@ -169,14 +169,6 @@ class MomentSource:
                          max_full=max_full, input_mean=self.input_mean,
                          input_std=self.input_std, keep=tensors)
 
-    def noise_with_crops(self, model: onnx.ModelProto) -> bool:
-        """Whether the drawn batch is auto's fitted pink noise with proxy crops beside it
-        (:func:`~.proxy.with_crops`); draws it (and fits it) when it has not been drawn yet."""
-        if not (self.fit_noise and self.kind == "sampled" and proxy.NOISE_WITH_CROPS):
-            return False
-        self._drawn_feed(model, "plan")
-        return self.kind == "sampled" and self.crops > 0
-
     @property
     def anchored(self) -> bool:
         """Whether the network runs with its BatchNorms re-anchored to each batch (drawn
