@@ -60,6 +60,11 @@ CONFIGS: dict[str, list[str] | None] = {
     # FLOPs budgets: per-group ratios weighted by each group's measured output drift
     "flops-0.85": ["--budget-flops", "0.85"],
     "flops-0.85-best": ["--preset", "best", "--budget-flops", "0.85"],
+    # the same budget without the repair, with the paper's repair, and with the pink noise that
+    # was the data-free source before issue 16 (equal FLOPs: what the data-free statistics add)
+    "flops-0.85-prune": ["--budget-flops", "0.85", "--method", "prune"],
+    "flops-0.85-udfc": ["--budget-flops", "0.85", "--method", "udfc"],
+    "flops-0.85-sampled": ["--budget-flops", "0.85", "--moments", "sampled"],
     "budget-0.2-flops-0.85": ["--budget-size", "0.2", "--budget-flops", "0.85"],
 }
 COUNTS = {"orientation": 240, "detector": 30, "ocr-detector": 40, "recogniser": 200}  # per task
