@@ -35,7 +35,8 @@ network remembers of its training data (:func:`fitted_inputs`, the gradient from
   :mod:`~.sampled` when the sequential fit prunes a BN-kept network: the photographs are out
   of domain for some tasks (rendered text), the network's own statistics are not. As many
   crops go beside that noise into the same batch (:func:`with_crops`,
-  :data:`NOISE_WITH_CROPS`): a fit on both sees directions neither covers alone.
+  :data:`NOISE_WITH_CROPS`): alone, the crops win on some networks and the noise on others;
+  the batch of both read as the better of the two on every CIFAR cell measured.
 
 Both measured in ``docs/results/data_free.md``.
 """
