@@ -183,11 +183,18 @@ def proxy_inputs(model: onnx.ModelProto, seed: int = 0,
     feed = synthetic_inputs(model, seed, input_mean, input_std, input_shapes)
     rng = np.random.default_rng(seed)
     for name, dims in image_inputs(model, input_shapes).items():
-        x = proxy_batch(sample_count(dims, SAMPLES, POSITIONS), *dims[1:], rng)
-        if not UNIT_RANGE:
-            x = standardise(x, input_mean, input_std)
-        feed[name] = x.astype(np.float32)
+        feed[name] = _crops(sample_count(dims, SAMPLES, POSITIONS), dims, rng, input_mean,
+                            input_std).astype(np.float32)
     return feed
+
+
+def _crops(n: int, dims: Sequence[int], rng: np.random.Generator,
+           input_mean: tuple[float, ...] | None, input_std: tuple[float, ...] | None
+           ) -> np.ndarray:
+    """``n`` crops for an image input of shape ``dims``, standardised unless
+    :data:`UNIT_RANGE`."""
+    x = proxy_batch(n, *dims[1:], rng)
+    return x if UNIT_RANGE else standardise(x, input_mean, input_std)
 
 
 def with_crops(model: onnx.ModelProto, feed: dict[str, np.ndarray], seed: int = 0,
@@ -207,10 +214,8 @@ def with_crops(model: onnx.ModelProto, feed: dict[str, np.ndarray], seed: int = 
     mixed = dict(feed)
     for name in drawn:
         noise = feed[name]
-        x = proxy_batch(len(noise), *images[name][1:], rng)
-        if not UNIT_RANGE:
-            x = standardise(x, input_mean, input_std)
-        mixed[name] = np.concatenate([noise, x.astype(noise.dtype)])
+        crops = _crops(len(noise), images[name], rng, input_mean, input_std)
+        mixed[name] = np.concatenate([noise, crops.astype(noise.dtype)])
     return mixed
 
 
